@@ -1,0 +1,174 @@
+"""KoLeoDinoConfig: the backbone plus every DINO / iBOT / KoLeo-proto model hyper-parameter."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from huggingface_hub.errors import StrictDataclassError
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+SUPPORTED_BACKBONES = ("dinov2", "vit")
+CENTRING_METHODS = ("ema", "sinkhorn_knopp")
+KOLEO_PROTO_TARGETS = ("cls", "patch", "both")
+
+
+class KoLeoDinoConfig(PreTrainedConfig):
+    r"""Configuration of :class:`KoLeoDinoModel` and :class:`KoLeoDinoForPreTraining`.
+
+    Args:
+        backbone_config (`dict` or `PreTrainedConfig`, *optional*):
+            The ViT backbone: a `Dinov2Config` (default: ``Dinov2Config()``, ViT-B/14) or a
+            `ViTConfig`, or a dict of either with its ``model_type``.
+        num_prototypes (`int`, *optional*, defaults to 65536):
+            K, the number of prototypes (rows of the weight-normalised last layer) of the DINO
+            head. 65536 for DINO, 8192 for iBOT.
+        head_hidden_size (`int`, *optional*, defaults to 2048):
+            Width of the hidden layers of the head MLP.
+        head_bottleneck_size (`int`, *optional*, defaults to 256):
+            Output width of the head MLP; the prototypes live in this space.
+        head_num_layers (`int`, *optional*, defaults to 3):
+            Linear layers in the head MLP (GELU between them).
+        norm_last_layer (`bool`, *optional*, defaults to `True`):
+            Fix the prototype scale to 1 (logits are cosine similarities), as DINO does for ViTs.
+        shared_head (`bool`, *optional*, defaults to `True`):
+            Whether the iBOT patch tokens use the DINO (CLS) head. If `False`, a separate patch
+            head with `num_patch_prototypes` prototypes is built.
+        num_patch_prototypes (`int`, *optional*):
+            K of the separate patch head; defaults to `num_prototypes`. Ignored when `shared_head`.
+        student_temperature (`float`, *optional*, defaults to 0.1):
+            Temperature of the student softmax.
+        centring (`str`, *optional*, defaults to `"ema"`):
+            Teacher centring: `"ema"` (subtract an EMA of teacher logits, DINO) or
+            `"sinkhorn_knopp"` (DINOv2).
+        centre_momentum (`float`, *optional*, defaults to 0.9):
+            Momentum of the EMA centre, in [0, 1).
+        sinkhorn_iterations (`int`, *optional*, defaults to 3):
+            Sinkhorn-Knopp iterations.
+        ibot_loss_weight (`float`, *optional*, defaults to 0.0):
+            Weight of the iBOT masked-patch loss; 0 trains plain DINO. When > 0, `forward` needs
+            `masks`.
+        mask_ratio_min_max (`tuple[float, float]`, *optional*, defaults to `(0.1, 0.5)`):
+            Range of the fraction of patches masked in a masked global crop.
+        mask_probability (`float`, *optional*, defaults to 0.5):
+            Probability that a global crop is masked at all.
+        koleo_proto_weight (`float`, *optional*, defaults to 0.0):
+            Weight of the KoLeo-proto regulariser on the prototypes; 0 disables it.
+        koleo_proto_on (`str`, *optional*, defaults to `"cls"`):
+            Which prototypes KoLeo-proto spreads: `"cls"`, `"patch"` (the separate patch head,
+            or the shared head) or `"both"` (mean of the two; the same as `"cls"` with a shared
+            head).
+        koleo_weight (`float`, *optional*, defaults to 0.0):
+            Weight of DINOv2's KoLeo regulariser on the student CLS features within a batch.
+        initializer_range (`float`, *optional*, defaults to 0.02):
+            Std of the truncated normal initialisation of the head.
+
+    Example:
+
+    ```python
+    >>> from hf_koleo import KoLeoDinoConfig, KoLeoDinoForPreTraining
+    >>> config = KoLeoDinoConfig(
+    ...     backbone_config={"model_type": "dinov2", "hidden_size": 32, "num_hidden_layers": 2,
+    ...                      "num_attention_heads": 2, "image_size": 32, "patch_size": 8},
+    ...     num_prototypes=128, head_hidden_size=64, head_bottleneck_size=16,
+    ...     koleo_proto_weight=0.1,
+    ... )
+    >>> model = KoLeoDinoForPreTraining(config)
+    ```
+    """
+
+    model_type = "koleo_dino"
+    sub_configs_defaults = {
+        "backbone_config": SubConfigSpec(config_class=AutoConfig, model_type="dinov2"),
+    }
+
+    backbone_config: dict | PreTrainedConfig | None = None
+    num_prototypes: int = 65536
+    head_hidden_size: int = 2048
+    head_bottleneck_size: int = 256
+    head_num_layers: int = 3
+    norm_last_layer: bool = True
+    shared_head: bool = True
+    num_patch_prototypes: int | None = None
+    student_temperature: float = 0.1
+    centring: str = "ema"
+    centre_momentum: float = 0.9
+    sinkhorn_iterations: int = 3
+    ibot_loss_weight: float = 0.0
+    mask_ratio_min_max: list[float] | tuple[float, float] = (0.1, 0.5)
+    mask_probability: float = 0.5
+    koleo_proto_weight: float = 0.0
+    koleo_proto_on: str = "cls"
+    koleo_weight: float = 0.0
+    initializer_range: float = 0.02
+
+    def __post_init__(self, **kwargs: Any) -> None:
+        try:
+            super().__post_init__(**kwargs)
+        except StrictDataclassError as error:
+            raise ValueError(f"KoLeoDinoConfig.backbone_config is invalid: {error}") from error
+        if self.num_patch_prototypes is None:
+            self.num_patch_prototypes = self.num_prototypes
+        mask_range = self.mask_ratio_min_max
+        _require(
+            "mask_ratio_min_max",
+            mask_range,
+            isinstance(mask_range, (list, tuple)) and all(_is_number(value) for value in mask_range),
+            "two numbers 0 <= min <= max < 1",
+        )
+        self.mask_ratio_min_max = tuple(float(value) for value in mask_range)
+        self._check_values()
+
+    def _check_values(self) -> None:
+        backbone_type = getattr(self.backbone_config, "model_type", None)
+        _require(
+            "backbone_config.model_type",
+            backbone_type,
+            backbone_type in SUPPORTED_BACKBONES,
+            f"one of {SUPPORTED_BACKBONES}",
+        )
+        mask_range = self.mask_ratio_min_max
+        rules = {
+            "num_prototypes": (_is_int_at_least(2), "an integer >= 2"),
+            "num_patch_prototypes": (_is_int_at_least(2), "an integer >= 2"),
+            "head_hidden_size": (_is_int_at_least(1), "an integer >= 1"),
+            "head_bottleneck_size": (_is_int_at_least(1), "an integer >= 1"),
+            "head_num_layers": (_is_int_at_least(1), "an integer >= 1"),
+            "sinkhorn_iterations": (_is_int_at_least(1), "an integer >= 1"),
+            "norm_last_layer": (lambda value: isinstance(value, bool), "True or False"),
+            "shared_head": (lambda value: isinstance(value, bool), "True or False"),
+            "student_temperature": (lambda value: _is_number(value) and value > 0, "a number > 0"),
+            "centring": (lambda value: value in CENTRING_METHODS, f"one of {CENTRING_METHODS}"),
+            "centre_momentum": (lambda value: _is_number(value) and 0 <= value < 1, "a number in [0, 1)"),
+            "ibot_loss_weight": (_is_non_negative, "a number >= 0"),
+            "koleo_proto_weight": (_is_non_negative, "a number >= 0"),
+            "koleo_weight": (_is_non_negative, "a number >= 0"),
+            "initializer_range": (_is_non_negative, "a number >= 0"),
+            "mask_probability": (lambda value: _is_number(value) and 0 <= value <= 1, "a number in [0, 1]"),
+            "koleo_proto_on": (lambda value: value in KOLEO_PROTO_TARGETS, f"one of {KOLEO_PROTO_TARGETS}"),
+        }
+        for name, (is_valid, allowed) in rules.items():
+            _require(name, getattr(self, name), is_valid(getattr(self, name)), allowed)
+        _require(
+            "mask_ratio_min_max",
+            mask_range,
+            len(mask_range) == 2 and 0 <= mask_range[0] <= mask_range[1] < 1,
+            "two numbers 0 <= min <= max < 1",
+        )
+
+
+def _is_int_at_least(minimum: int):
+    return lambda value: isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def _is_non_negative(value: Any) -> bool:
+    return _is_number(value) and value >= 0
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+
+
+def _require(name: str, value: Any, condition: bool, allowed: str) -> None:
+    if not condition:
+        raise ValueError(f"KoLeoDinoConfig.{name} must be {allowed}, got {value!r}")

@@ -1,0 +1,218 @@
+"""The DINO-family losses as pure functions of tensors.
+
+Shapes use ``batch`` for images, ``K`` for prototypes and ``d`` for the prototype (bottleneck)
+dimension. Nothing here holds state: centres, EMA teachers and optimisers live in the model or
+the trainer, which call these functions.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+# Extra memory for the blocked nearest-neighbour search is about ``block_size * K`` floats; this
+# many floats (128 MiB in float32) keeps K = 65536 well under 1 GiB while leaving the matmuls big
+# enough to run at full speed.
+_SEARCH_BLOCK_ELEMENTS = 1 << 25
+
+KOLEO_EPSILON = 1e-8
+
+
+def _distributed_world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum ``tensor`` in place over all processes when ``torch.distributed`` is initialised."""
+    if _distributed_world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def dino_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor, student_temperature: float) -> torch.Tensor:
+    """Cross-entropy between teacher and student views, averaged over every valid pair.
+
+    Args:
+        student_logits: ``(batch, n_student_crops, K)``; the first ``n_global`` crops are the same
+            global views the teacher saw, in the same order, followed by the local crops.
+        teacher_probs: ``(batch, n_global, K)`` centred and sharpened teacher distributions.
+        student_temperature: divides the student logits before the softmax.
+
+    Returns:
+        Scalar: the mean over the batch and over all (teacher view ``t``, student view ``s``)
+        pairs with ``s != t`` of ``-sum_k teacher_probs[t, k] * log_softmax(student[s] / T)[k]``.
+    """
+    batch, n_student, _ = student_logits.shape
+    n_global = teacher_probs.shape[1]
+    if teacher_probs.shape[0] != batch or teacher_probs.shape[2] != student_logits.shape[2]:
+        raise ValueError(
+            f"teacher_probs {tuple(teacher_probs.shape)} does not match student_logits {tuple(student_logits.shape)}"
+        )
+    if n_student < n_global or n_student < 2:
+        raise ValueError(
+            f"the student needs every teacher view plus at least one more, got {n_student} student "
+            f"views for {n_global} teacher views"
+        )
+    student_log_probs = F.log_softmax(student_logits.float() / student_temperature, dim=-1)
+    # (n_global, n_student) matrix of batch-averaged cross-entropies, one per view pair.
+    pair_losses = -torch.einsum("btk,bsk->ts", teacher_probs.float(), student_log_probs) / batch
+    same_view = torch.eye(n_global, n_student, dtype=torch.bool, device=pair_losses.device)
+    return pair_losses.masked_fill(same_view, 0.0).sum() / (n_global * n_student - n_global)
+
+
+def masked_patch_weights(masks: torch.Tensor) -> torch.Tensor:
+    """Per-masked-patch weights for :func:`ibot_patch_loss`.
+
+    Args:
+        masks: ``(n_images, n_patches)`` bool, True where a patch is masked.
+
+    Returns:
+        ``(n_masked,)`` weights in the order of ``masks.nonzero()``: each image's masked patches
+        share ``1 / n_images`` equally, so the loss is a mean over images of a mean over patches.
+    """
+    masks = masks.bool()
+    per_image = masks.sum(dim=1, keepdim=True).clamp(min=1).float()
+    weights = (1.0 / per_image).expand_as(masks)[masks]
+    return weights / masks.shape[0]
+
+
+def ibot_patch_loss(
+    student_patch_logits: torch.Tensor,
+    teacher_patch_probs: torch.Tensor,
+    patch_weights: torch.Tensor,
+    student_temperature: float,
+) -> torch.Tensor:
+    """iBOT masked-image-modelling loss over the masked patch tokens only.
+
+    Args:
+        student_patch_logits: ``(n_masked, K)`` student logits of the masked patches.
+        teacher_patch_probs: ``(n_masked, K)`` teacher distributions of the same (unmasked) patches.
+        patch_weights: ``(n_masked,)`` from :func:`masked_patch_weights`.
+        student_temperature: divides the student logits before the softmax.
+
+    Returns:
+        Scalar: ``sum_i patch_weights[i] * CE(teacher_i, student_i)``.
+    """
+    if student_patch_logits.shape != teacher_patch_probs.shape:
+        raise ValueError(
+            f"student_patch_logits {tuple(student_patch_logits.shape)} and teacher_patch_probs "
+            f"{tuple(teacher_patch_probs.shape)} must have the same shape"
+        )
+    log_probs = F.log_softmax(student_patch_logits.float() / student_temperature, dim=-1)
+    cross_entropy = -(teacher_patch_probs.float() * log_probs).sum(dim=-1)
+    return (cross_entropy * patch_weights).sum()
+
+
+def centred_teacher_probs(
+    teacher_logits: torch.Tensor, centre: torch.Tensor, teacher_temperature: float
+) -> torch.Tensor:
+    """DINO centring and sharpening: ``softmax((logits - centre) / T)`` over the last axis."""
+    return F.softmax((teacher_logits.float() - centre) / teacher_temperature, dim=-1)
+
+
+def batch_centre(teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Mean teacher logit over every row of ``(..., K)`` on every process: ``(1, K)``."""
+    flat = teacher_logits.detach().float().reshape(-1, teacher_logits.shape[-1])
+    total = all_reduce_sum(flat.sum(dim=0, keepdim=True))
+    count = all_reduce_sum(torch.tensor(float(flat.shape[0]), device=flat.device))
+    return total / count
+
+
+def ema_centre(centre: torch.Tensor, new_centre: torch.Tensor, momentum: float) -> torch.Tensor:
+    """``momentum * centre + (1 - momentum) * new_centre``."""
+    return centre * momentum + new_centre * (1.0 - momentum)
+
+
+@torch.no_grad()
+def sinkhorn_knopp(teacher_logits: torch.Tensor, teacher_temperature: float, n_iterations: int = 3) -> torch.Tensor:
+    """Sinkhorn-Knopp teacher assignments (SwAV / DINOv2 centring), across all processes.
+
+    Args:
+        teacher_logits: ``(n_samples, K)`` local teacher logits.
+        teacher_temperature: sharpening temperature.
+        n_iterations: alternating normalisations.
+
+    Returns:
+        ``(n_samples, K)`` rows that sum to one, with prototype marginals pushed towards uniform
+        over the global batch.
+    """
+    logits = teacher_logits.float() / teacher_temperature
+    # Subtracting the global max is a no-op after normalisation but keeps exp() finite.
+    global_max = logits.max().clone()
+    if _distributed_world_size() > 1:
+        dist.all_reduce(global_max, op=dist.ReduceOp.MAX)
+    scores = torch.exp(logits - global_max).t()  # (K, n_samples)
+    n_prototypes = scores.shape[0]
+    n_samples = all_reduce_sum(torch.tensor(float(scores.shape[1]), device=scores.device))
+    scores /= all_reduce_sum(scores.sum())
+    for _ in range(n_iterations):
+        scores /= all_reduce_sum(scores.sum(dim=1, keepdim=True)).clamp(min=1e-30)
+        scores /= n_prototypes
+        scores /= scores.sum(dim=0, keepdim=True).clamp(min=1e-30)
+        scores /= n_samples
+    scores *= n_samples
+    return scores.t()
+
+
+def _search_block_size(n_rows: int, n_columns: int) -> int:
+    return max(1, min(n_rows, _SEARCH_BLOCK_ELEMENTS // max(1, n_columns)))
+
+
+@torch.no_grad()
+def nearest_neighbours(unit_vectors: torch.Tensor, block_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Index of and distance to each row's nearest other row, without the ``K x K`` matrix.
+
+    Args:
+        unit_vectors: ``(K, d)`` L2-normalised rows.
+        block_size: rows per block (extra memory ``block_size * K``); chosen automatically if None.
+
+    Returns:
+        ``(indices, distances)``, each ``(K,)``: for row ``i`` the row ``j != i`` maximising the
+        cosine similarity (equivalently minimising the Euclidean distance) and that distance.
+    """
+    n_rows = unit_vectors.shape[0]
+    if n_rows < 2:
+        raise ValueError(f"nearest neighbours need at least 2 vectors, got {n_rows}")
+    search = unit_vectors.detach()
+    if search.dtype in (torch.float16, torch.bfloat16):
+        search = search.float()
+    block_size = block_size or _search_block_size(n_rows, n_rows)
+    indices = torch.empty(n_rows, dtype=torch.long, device=search.device)
+    similarities = torch.empty(n_rows, dtype=search.dtype, device=search.device)
+    for start in range(0, n_rows, block_size):
+        stop = min(start + block_size, n_rows)
+        block = search[start:stop] @ search.t()  # (block, K)
+        rows = torch.arange(stop - start, device=search.device)
+        block[rows, rows + start] = -float("inf")
+        similarities[start:stop], indices[start:stop] = block.max(dim=1)
+    distances = (2.0 - 2.0 * similarities).clamp(min=0.0).sqrt()
+    return indices, distances
+
+
+def koleo_loss(vectors: torch.Tensor, block_size: int | None = None) -> torch.Tensor:
+    """Kozachenko-Leonenko entropy regulariser of a set of vectors (to be minimised).
+
+    ``-(1/K) * sum_i log(min_{j != i} ||v_i - v_j||_2 + 1e-8)`` with ``v_i`` the L2-normalised
+    rows. The nearest neighbours are found without gradient in row blocks (extra memory
+    ``O(block_size * K)``, never ``K x K``); only the ``K`` neighbour distances are
+    differentiated, which gives exactly the gradient of the dense formula.
+
+    Args:
+        vectors: ``(K, d)``, any scale (rows are normalised here).
+        block_size: rows per search block; automatic if None.
+
+    Returns:
+        Scalar in the dtype of ``vectors``.
+    """
+    if vectors.dim() != 2:
+        raise ValueError(f"koleo_loss expects a (K, d) matrix, got shape {tuple(vectors.shape)}")
+    unit_vectors = F.normalize(vectors, p=2, dim=-1)
+    neighbour_index, _ = nearest_neighbours(unit_vectors, block_size)
+    distances = torch.linalg.vector_norm(unit_vectors - unit_vectors[neighbour_index], dim=-1)
+    return -torch.log(distances + KOLEO_EPSILON).mean()
+
+
+def koleo_proto_loss(prototypes: torch.Tensor, block_size: int | None = None) -> torch.Tensor:
+    """KoLeo-proto (arXiv 2410.14060): :func:`koleo_loss` applied to the ``(K, d)`` prototypes."""
+    return koleo_loss(prototypes, block_size)
