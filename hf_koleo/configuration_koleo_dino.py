@@ -103,9 +103,11 @@ class KoLeoDinoConfig(PreTrainedConfig):
     initializer_range: float = 0.02
 
     def __post_init__(self, **kwargs: Any) -> None:
+        if isinstance(self.backbone_config, dict) and "model_type" not in self.backbone_config:
+            self.backbone_config = {"model_type": "dinov2", **self.backbone_config}
         try:
             super().__post_init__(**kwargs)
-        except StrictDataclassError as error:
+        except (StrictDataclassError, KeyError, TypeError) as error:
             raise ValueError(f"KoLeoDinoConfig.backbone_config is invalid: {error}") from error
         if self.num_patch_prototypes is None:
             self.num_patch_prototypes = self.num_prototypes

@@ -193,7 +193,18 @@ class KoLeoDinoForPreTraining(KoLeoDinoPreTrainedModel):
         self.register_buffer("patch_centre", torch.zeros(1, config.num_patch_prototypes))
         for parameter in self._branch_modules("teacher").parameters():
             parameter.requires_grad_(False)
+        self._freeze_unused_student_parameters()
         self.post_init()
+
+    def _freeze_unused_student_parameters(self) -> None:
+        """Parameters no loss reaches get no gradient (DDP would otherwise wait for them)."""
+        if self.config.ibot_loss_weight > 0:
+            return
+        mask_token = getattr(self.student.backbone.embeddings, "mask_token", None)
+        if mask_token is not None:
+            mask_token.requires_grad_(False)
+        if self.student_patch_head is not None and self.config.koleo_proto_on == "cls":
+            self.student_patch_head.requires_grad_(False)
 
     def _build_head(self, num_prototypes: int) -> DINOHead:
         config = self.config

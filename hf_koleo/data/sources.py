@@ -1,0 +1,142 @@
+"""Name a data source with one string and get a streamed ``datasets.IterableDataset``.
+
+Accepted names:
+
+* built-ins: ``demo`` / ``demo:train`` / ``demo:test`` (the Fashion-MNIST slice shipped in the
+  package), ``fashion_mnist:train``, ``fashion_mnist:test``, ``fashion_mnist:train_lt<R>``
+  (long-tailed, imbalance ratio R, e.g. ``train_lt100``), prepared from Debian's IDX files into
+  ``$HF_KOLEO_CACHE`` (default ``~/.cache/hf_koleo``) on first use;
+* a local parquet file or a folder of parquet shards;
+* a local image folder (``imagefolder`` layout: one sub-folder per class);
+* webdataset tar shards: a ``.tar`` file or a glob such as ``shards/train-*.tar``;
+* anything else is a Hub dataset id (``owner/name``, optionally ``owner/name:split``), streamed.
+
+Every source comes back with an ``image`` column left undecoded (``{"bytes", "path"}``; decoding
+happens later so a corrupt record is skipped, not fatal) and, where the source has one, ``label``.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+from pathlib import Path
+
+import datasets
+
+from .fashion_mnist import prepare_fashion_mnist
+
+EMBEDDED_DIR = Path(__file__).parent / "embedded"
+EMBEDDED = {
+    "demo": "fashion_mnist_demo_train",
+    "demo:train": "fashion_mnist_demo_train",
+    "demo:test": "fashion_mnist_demo_test",
+}
+IMAGE_COLUMNS = ("image", "img", "jpg", "jpeg", "png", "webp", "pixel_values")
+LABEL_COLUMNS = ("label", "labels", "cls", "class", "fine_label")
+_FASHION_MNIST = re.compile(r"^fashion_mnist:(train|test)(?:_lt(\d+(?:\.\d+)?))?$")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("HF_KOLEO_CACHE", Path.home() / ".cache" / "hf_koleo"))
+
+
+def fashion_mnist_dir(name: str) -> Path:
+    """Folder of prepared parquet shards for a ``fashion_mnist:...`` name (prepared if missing)."""
+    match = _FASHION_MNIST.match(name)
+    if match is None:
+        raise ValueError(f"unknown Fashion-MNIST source {name!r}: use fashion_mnist:train, :test or :train_lt<R>")
+    split, ratio = match.group(1), match.group(2)
+    target = cache_dir() / "fashion_mnist" / (split if ratio is None else f"{split}_lt{ratio}")
+    if not (target / "metadata.json").exists():
+        # Prepare into a temporary folder and rename, so an interrupted run never leaves half a dataset.
+        staging = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+        prepare_fashion_mnist(staging, split, imbalance_ratio=float(ratio) if ratio else None)
+        if not (target / "metadata.json").exists():
+            os.replace(staging, target)
+    return target
+
+
+def resolve_data_files(name: str) -> tuple[str, dict]:
+    """``(builder, load_dataset keyword arguments)`` for a source name (no I/O but file globbing)."""
+    if name in EMBEDDED:
+        return "parquet", {"data_files": sorted(str(p) for p in (EMBEDDED_DIR / EMBEDDED[name]).glob("*.parquet"))}
+    if name.startswith("fashion_mnist:"):
+        return "parquet", {"data_files": sorted(str(p) for p in fashion_mnist_dir(name).glob("*.parquet"))}
+    path = Path(name).expanduser()
+    if any(character in name for character in "*?[") or name.endswith(".tar"):
+        files = sorted(glob.glob(str(path)))
+        if not files:
+            raise FileNotFoundError(f"data source {name!r} matches no files")
+        builder = "webdataset" if files[0].endswith(".tar") else "parquet"
+        return builder, {"data_files": files}
+    if path.is_file():
+        if path.suffix != ".parquet":
+            raise ValueError(f"data source {name!r}: a single file must be .parquet or .tar")
+        return "parquet", {"data_files": [str(path)]}
+    if path.is_dir():
+        parquet = sorted(str(p) for p in path.rglob("*.parquet"))
+        if parquet:
+            return "parquet", {"data_files": parquet}
+        tars = sorted(str(p) for p in path.rglob("*.tar"))
+        if tars:
+            return "webdataset", {"data_files": tars}
+        return "imagefolder", {"data_dir": str(path)}
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:  # a path, not owner/name
+        raise FileNotFoundError(f"data source {name!r} does not exist")
+    hub_id, _, split = name.partition(":")
+    return hub_id, {"split_override": split or None}
+
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+def count_records(name: str) -> int | None:
+    """Number of records of a local source when it is cheap to know (parquet metadata, file count)."""
+    try:
+        builder, kwargs = resolve_data_files(name)
+    except (FileNotFoundError, ValueError):
+        return None
+    if builder == "parquet":
+        import pyarrow.parquet as pq
+
+        return sum(pq.read_metadata(path).num_rows for path in kwargs["data_files"])
+    if builder == "imagefolder":
+        return sum(1 for path in Path(kwargs["data_dir"]).rglob("*") if path.suffix.lower() in IMAGE_SUFFIXES)
+    return None
+
+
+def load_source(name: str, split: str = "train", streaming: bool = True) -> datasets.IterableDataset:
+    """Open a data source by name (see the module docstring) as a streamed dataset.
+
+    Returns:
+        An ``IterableDataset`` (or ``Dataset`` when ``streaming=False``) with columns ``image``
+        (undecoded) and, if the source has labels, ``label``.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"a data source must be a non-empty string, got {name!r}")
+    builder, kwargs = resolve_data_files(name)
+    split = kwargs.pop("split_override", None) or split
+    if builder in ("parquet", "webdataset", "imagefolder"):
+        split = "train"  # local files always load as one "train" split
+    dataset = datasets.load_dataset(builder, split=split, streaming=streaming, **kwargs)
+    return standardise_columns(dataset, name)
+
+
+def standardise_columns(dataset, name: str = "dataset"):
+    """Rename the image / label columns to ``image`` / ``label``, keep only those, never decode."""
+    features = dataset.features or {}
+    columns = list(features) if features else list(dataset.column_names or [])
+    image_column = next((c for c in columns if isinstance(features.get(c), datasets.Image)), None)
+    image_column = image_column or next((c for c in IMAGE_COLUMNS if c in columns), None)
+    if image_column is None:
+        raise ValueError(f"data source {name!r} has no image column; columns are {columns}")
+    label_column = next((c for c in LABEL_COLUMNS if c in columns), None)
+    keep = {image_column: "image", **({label_column: "label"} if label_column else {})}
+    dataset = dataset.select_columns(list(keep))
+    renames = {old: new for old, new in keep.items() if old != new}
+    if renames:
+        dataset = dataset.rename_columns(renames)
+    if isinstance((dataset.features or {}).get("image"), datasets.Image):
+        dataset = dataset.cast_column("image", datasets.Image(decode=False))
+    return dataset

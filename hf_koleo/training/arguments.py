@@ -1,0 +1,193 @@
+"""Run hyper-parameters (everything that is not saved with the model), loaded from YAML + CLI.
+
+A YAML config holds these keys at the top level and the :class:`KoLeoDinoConfig` arguments
+under ``model:``. Command-line ``--key value`` pairs override the YAML; ``--model.key value``
+(dotted, e.g. ``--model.backbone_config.hidden_size 64``) overrides model keys. Unknown keys are
+rejected with the list of valid ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from transformers import HfArgumentParser
+
+from ..configuration_koleo_dino import KoLeoDinoConfig
+from ..data.augment import MultiCropConfig
+
+TRACKERS = ("tensorboard", "trackio", "none", "all")
+PRECISIONS = ("no", "fp16", "bf16")
+
+
+@dataclass
+class PretrainingArguments(MultiCropConfig):
+    """Everything about a pretraining run except the model (see :class:`KoLeoDinoConfig`)."""
+
+    data: str = field(default="demo", metadata={"help": "Data source: built-in name, local path or Hub id."})
+    output_dir: str = field(default="outputs/run", metadata={"help": "Checkpoints, logs and the exported backbone."})
+    max_steps: int = field(default=0, metadata={"help": "Optimisation steps; 0 = derive from epochs."})
+    epochs: float = field(default=0.0, metadata={"help": "Passes over the data (needs a known dataset size)."})
+    dataset_size: int = field(default=0, metadata={"help": "Images in the source; 0 = read it from parquet metadata."})
+    per_device_batch_size: int = 64
+    gradient_accumulation_steps: int = 1
+    base_lr: float = field(default=5e-4, metadata={"help": "Peak lr = base_lr * global_batch / 256."})
+    min_lr: float = 1e-6
+    warmup_epochs: float = 10.0
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.4
+    teacher_momentum: float = 0.996
+    teacher_momentum_end: float = 1.0
+    teacher_temperature_start: float = 0.04
+    teacher_temperature: float = 0.07
+    teacher_temperature_warmup_epochs: float = 30.0
+    freeze_last_layer_epochs: float = 1.0
+    clip_grad: float = field(default=3.0, metadata={"help": "Max gradient norm; 0 disables clipping."})
+    mixed_precision: str = field(default="", metadata={"help": "no, fp16 or bf16; empty = accelerate's setting."})
+    seed: int = 0
+    num_workers: int = 2
+    shuffle_buffer: int = 1000
+    split_strategy: str = field(default="auto", metadata={"help": "datasets split_dataset_by_node strategy."})
+    log_every: int = 10
+    proto_every: int = 100
+    proto_eps: list[float] = field(default_factory=lambda: [0.01, 0.025, 0.05, 0.1])
+    save_every: int = 500
+    keep_last: int = 2
+    resume: str = field(default="", metadata={"help": "'latest' or a checkpoint folder; empty starts fresh."})
+    report_to: str = field(default="tensorboard", metadata={"help": "tensorboard, trackio, all or none."})
+    report_images: int = field(default=512, metadata={"help": "Images embedded for the final prototype report."})
+
+    def check(self) -> None:
+        """Raise ``ValueError`` naming the first invalid value."""
+        self.check_augmentation()
+        positive = ("per_device_batch_size", "gradient_accumulation_steps", "log_every", "proto_every",
+                    "save_every", "keep_last")  # fmt: skip
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        non_negative = ("max_steps", "epochs", "dataset_size", "base_lr", "min_lr", "warmup_epochs", "weight_decay",
+                        "weight_decay_end", "teacher_temperature_warmup_epochs", "freeze_last_layer_epochs",
+                        "clip_grad", "num_workers", "shuffle_buffer", "report_images")  # fmt: skip
+        for name in non_negative:
+            value = getattr(self, name)
+            if not value >= 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
+        if self.max_steps == 0 and self.epochs == 0:
+            raise ValueError("set max_steps or epochs (both are 0)")
+        for name in ("teacher_momentum", "teacher_momentum_end"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        for name in ("teacher_temperature_start", "teacher_temperature"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.report_to not in TRACKERS:
+            raise ValueError(f"report_to must be one of {TRACKERS}, got {self.report_to!r}")
+        if self.mixed_precision not in ("", *PRECISIONS):
+            raise ValueError(f"mixed_precision must be one of {PRECISIONS} (or empty), got {self.mixed_precision!r}")
+        if self.split_strategy not in ("auto", "shards", "examples"):
+            raise ValueError(f"split_strategy must be auto, shards or examples, got {self.split_strategy!r}")
+
+    def global_batch_size(self, num_processes: int) -> int:
+        return self.per_device_batch_size * self.gradient_accumulation_steps * num_processes
+
+    def peak_lr(self, num_processes: int) -> float:
+        return self.base_lr * self.global_batch_size(num_processes) / 256
+
+    def steps_per_epoch(self, num_processes: int, dataset_size: int) -> float:
+        return dataset_size / self.global_batch_size(num_processes) if dataset_size else 0.0
+
+    def total_steps(self, steps_per_epoch: float) -> int:
+        if self.max_steps:
+            return self.max_steps
+        if not steps_per_epoch:
+            raise ValueError("epochs needs the dataset size: set dataset_size (or use max_steps)")
+        return max(1, math.ceil(self.epochs * steps_per_epoch))
+
+
+def _to_argv(settings: dict[str, Any]) -> list[str]:
+    argv: list[str] = []
+    for key, value in settings.items():
+        if value is None:
+            continue
+        argv.append(f"--{key}")
+        if isinstance(value, (list, tuple)):
+            argv.extend(str(item) for item in value)
+        else:
+            argv.append(str(value))
+    return argv
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    for name in parents:
+        tree = tree.setdefault(name, {})
+        if not isinstance(tree, dict):
+            raise ValueError(f"--model.{dotted}: {name} is not a mapping")
+    tree[leaf] = value
+
+
+def _config_fields(config_class) -> set[str]:
+    return {f.name for f in dataclasses.fields(config_class)}
+
+
+def build_model_config(settings: dict[str, Any]) -> KoLeoDinoConfig:
+    """``KoLeoDinoConfig(**settings)``, rejecting keys that neither it nor its backbone define."""
+    unknown = set(settings) - _config_fields(KoLeoDinoConfig)
+    if unknown:
+        raise ValueError(f"unknown model keys {sorted(unknown)}; valid keys: {sorted(_config_fields(KoLeoDinoConfig))}")
+    config = KoLeoDinoConfig(**settings)
+    backbone_settings = settings.get("backbone_config") or {}
+    if isinstance(backbone_settings, dict):
+        allowed = _config_fields(type(config.backbone_config)) | {"model_type"}
+        unknown = set(backbone_settings) - allowed
+        if unknown:
+            raise ValueError(f"unknown model.backbone_config keys {sorted(unknown)}; valid keys: {sorted(allowed)}")
+    return config
+
+
+def parse_pretraining_args(argv: list[str]) -> tuple[PretrainingArguments, KoLeoDinoConfig]:
+    """``--config file.yaml`` plus ``--key value`` / ``--model.key value`` overrides."""
+    argv = list(argv)
+    config_path = None
+    if "--config" in argv:
+        index = argv.index("--config")
+        if index + 1 >= len(argv):
+            raise ValueError("--config needs a YAML file")
+        config_path = argv[index + 1]
+        del argv[index : index + 2]
+    if "--resume" in argv:  # a bare --resume means the latest checkpoint
+        index = argv.index("--resume")
+        if index + 1 == len(argv) or argv[index + 1].startswith("--"):
+            argv.insert(index + 1, "latest")
+    settings: dict[str, Any] = {}
+    if config_path is not None:
+        path = Path(config_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {config_path} not found")
+        settings = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(settings, dict):
+            raise ValueError(f"{config_path} must hold a mapping of keys to values")
+    model_settings = dict(settings.pop("model", None) or {})
+    run_argv = _to_argv(settings)
+    index = 0
+    while index < len(argv):
+        token = argv[index]
+        if token.startswith("--model."):
+            if index + 1 >= len(argv):
+                raise ValueError(f"{token} needs a value")
+            _set_dotted(model_settings, token[len("--model.") :], yaml.safe_load(argv[index + 1]))
+            index += 2
+        else:
+            run_argv.append(token)
+            index += 1
+    parser = HfArgumentParser(PretrainingArguments, allow_abbrev=False)
+    arguments, remaining = parser.parse_args_into_dataclasses(args=run_argv, return_remaining_strings=True)
+    if remaining:
+        valid = sorted(f.name for f in dataclasses.fields(PretrainingArguments))
+        raise ValueError(f"unknown option(s) {remaining}; valid keys: {valid} (model keys go under model:)")
+    arguments.check()
+    return arguments, build_model_config(model_settings)

@@ -1,0 +1,183 @@
+"""The pretraining loop, read top to bottom: batch -> forward -> backward -> step -> EMA -> log -> checkpoint."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+
+from ..configuration_koleo_dino import KoLeoDinoConfig
+from ..hub import export_backbone
+from ..modeling_koleo_dino import KoLeoDinoForPreTraining
+from ..prototypes import prototype_report
+from .arguments import PretrainingArguments
+from .checkpoint import TrainerState, load_checkpoint, resolve_resume, save_checkpoint
+from .pipeline import DataPipeline
+from .steps import (
+    ScheduleValues,
+    apply_schedules,
+    build_optimizer,
+    cancel_last_layer_gradients,
+    prototype_metrics,
+    schedule_values,
+)
+
+logger = logging.getLogger(__name__)
+LOSS_TERMS = ("loss", "dino_loss", "ibot_loss", "koleo_proto_loss", "koleo_loss", "teacher_entropy")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or infinite; a diagnostic checkpoint was saved first."""
+
+
+def _trackers(report_to: str) -> list[str] | None:
+    return {"none": None, "all": ["tensorboard", "trackio"]}.get(report_to, [report_to])
+
+
+def pretrain(arguments: PretrainingArguments, model_config: KoLeoDinoConfig) -> dict[str, Any]:
+    """Run (or resume) pretraining; returns a summary with the final prototype report.
+
+    Ends with a checkpoint in ``output_dir/checkpoints``, the exported stock backbone in
+    ``output_dir/backbone`` and ``output_dir/prototype_report.json``.
+    """
+    output_dir = Path(arguments.output_dir)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=arguments.gradient_accumulation_steps,
+        mixed_precision=arguments.mixed_precision or None,
+        log_with=_trackers(arguments.report_to),
+        project_dir=str(output_dir),
+    )
+    set_seed(arguments.seed)
+    model = KoLeoDinoForPreTraining(model_config)
+    optimizer = build_optimizer(model, arguments.weight_decay)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    unwrapped: KoLeoDinoForPreTraining = accelerator.unwrap_model(model)
+
+    state = TrainerState()
+    resume_from = resolve_resume(output_dir, arguments.resume)
+    if resume_from is not None:
+        state = load_checkpoint(accelerator, resume_from)
+        logger.info("resumed from %s at step %d", resume_from, state.step)
+    data = DataPipeline(arguments, model_config, accelerator, tuple(state.position))
+    steps_per_epoch = arguments.steps_per_epoch(accelerator.num_processes, data.dataset_size)
+    total_steps = arguments.total_steps(steps_per_epoch)
+    peak_lr = arguments.peak_lr(accelerator.num_processes)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    accelerator.init_trackers("hf_koleo", config=_tracker_config(arguments, model_config))
+
+    progress = tqdm(total=total_steps, initial=state.step, disable=not accelerator.is_local_main_process,
+                    desc="pretraining", dynamic_ncols=True)  # fmt: skip
+    assignment_counts = torch.zeros(model_config.num_prototypes, device=accelerator.device, dtype=torch.long)
+    window_start, window_images = time.perf_counter(), 0
+    output = None
+    for step in range(state.step, total_steps):
+        values = schedule_values(arguments, step, total_steps, steps_per_epoch, peak_lr)
+        apply_schedules(optimizer, values)
+        for _ in range(arguments.gradient_accumulation_steps):
+            batch = data.next_batch(state)
+            with accelerator.accumulate(model):
+                output = model(
+                    batch["global_crops"], batch.get("local_crops"), batch.get("masks"),
+                    teacher_temperature=values.teacher_temperature,
+                )  # fmt: skip
+                _stop_if_not_finite(accelerator, output, state, arguments, model_config, batch)
+                accelerator.backward(output.loss)
+                if accelerator.sync_gradients:
+                    if step < values.freeze_last_layer_steps:
+                        cancel_last_layer_gradients(unwrapped)
+                    if arguments.clip_grad > 0:
+                        accelerator.clip_grad_norm_(model.parameters(), arguments.clip_grad)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            assignment_counts += torch.bincount(output.teacher_cls_assignments.flatten(),
+                                                minlength=model_config.num_prototypes)  # fmt: skip
+            images = batch["global_crops"].shape[0] * accelerator.num_processes
+            state.images_seen += images
+            window_images += images
+        unwrapped.update_teacher(values.teacher_momentum)
+        state.step = step + 1
+        progress.update(1)
+
+        if state.step % arguments.log_every == 0 or state.step == total_steps:
+            elapsed = time.perf_counter() - window_start
+            metrics = _loss_metrics(accelerator, output)
+            metrics.update(asdict(values), images_per_second=window_images / max(elapsed, 1e-9),
+                           epoch=state.position[0], corrupt_records=state.corrupt_records)  # fmt: skip
+            accelerator.log(metrics, step=state.step)
+            progress.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{metrics['images_per_second']:.1f}")
+            window_start, window_images = time.perf_counter(), 0
+        if state.step % arguments.proto_every == 0 or state.step == total_steps:
+            counts = accelerator.reduce(assignment_counts, reduction="sum")
+            if accelerator.is_main_process:
+                metrics = prototype_metrics(unwrapped, counts, arguments.proto_eps)
+                accelerator.log(metrics, step=state.step)
+                logger.info("step %d prototypes: %s", state.step, json.dumps(metrics))
+            assignment_counts.zero_()
+        if state.step % arguments.save_every == 0 or state.step == total_steps:
+            save_checkpoint(accelerator, output_dir, state, model_config, arguments.keep_last)
+    progress.close()
+    summary = _finish(accelerator, unwrapped, arguments, data, state)
+    accelerator.end_training()
+    return summary
+
+
+def _loss_metrics(accelerator: Accelerator, output) -> dict[str, float]:
+    terms = torch.stack([output[name].detach().float() for name in LOSS_TERMS])
+    terms = accelerator.reduce(terms, reduction="mean")
+    return {name: float(value) for name, value in zip(LOSS_TERMS, terms.tolist())}
+
+
+def _stop_if_not_finite(accelerator, output, state, arguments, model_config, batch) -> None:
+    finite = torch.isfinite(output.loss.detach()).reshape(1).float()
+    if bool(accelerator.gather(finite).all()):
+        return
+    terms = {name: float(output[name].detach()) for name in LOSS_TERMS}
+    path = save_checkpoint(accelerator, arguments.output_dir, state, model_config, arguments.keep_last,
+                           name=f"diagnostic-nonfinite-step-{state.step:08d}")  # fmt: skip
+    if accelerator.is_main_process:
+        from safetensors.torch import save_file
+
+        tensors = {key: value.detach().contiguous().cpu() for key, value in batch.items() if torch.is_tensor(value)}
+        save_file(tensors, str(path / "batch.safetensors"))
+    raise NonFiniteLossError(
+        f"the loss became non-finite at step {state.step} ({terms}); the model before this step, the "
+        f"optimiser and the offending batch are saved in {path}. Lower base_lr, raise clip_grad, or use "
+        "bf16 instead of fp16."
+    )
+
+
+def _tracker_config(arguments: PretrainingArguments, model_config: KoLeoDinoConfig) -> dict[str, Any]:
+    flat = {key: value for key, value in asdict(arguments).items() if isinstance(value, (int, float, str, bool))}
+    model_values = model_config.to_dict()
+    flat.update({f"model.{key}": value for key, value in model_values.items()
+                 if isinstance(value, (int, float, str, bool))})  # fmt: skip
+    return flat
+
+
+def _finish(accelerator, model, arguments, data: DataPipeline, state: TrainerState) -> dict[str, Any]:
+    summary: dict[str, Any] = {"steps": state.step, "images_seen": state.images_seen,
+                               "corrupt_records": state.corrupt_records}  # fmt: skip
+    if not accelerator.is_main_process:
+        return summary
+    output_dir = Path(arguments.output_dir)
+    backbone_dir = export_backbone(model, output_dir / "backbone", arguments.global_crops_size,
+                                   arguments.image_mean, arguments.image_std)  # fmt: skip
+    pixel_values = data.report_images(arguments.report_images).to(accelerator.device)
+    model.eval()
+    report = prototype_report(model, pixel_values=pixel_values, eps=0.025)
+    model.train()
+    (output_dir / "prototype_report.json").write_text(json.dumps(report, indent=2))
+    summary.update(backbone=str(backbone_dir), prototype_report=report)
+    return summary
+
+
+__all__ = ["NonFiniteLossError", "ScheduleValues", "pretrain"]

@@ -1,0 +1,29 @@
+"""Pretrain a ViT with DINO / iBOT + KoLeo-proto.
+
+accelerate launch scripts/pretrain.py --config configs/demo.yaml [--key value ...] [--model.key value ...]
+python scripts/pretrain.py --config configs/fashion_mnist.yaml --max_steps 100 --resume
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+from hf_koleo.training.arguments import parse_pretraining_args
+from hf_koleo.training.trainer import pretrain
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        arguments, model_config = parse_pretraining_args(sys.argv[1:] if argv is None else argv)
+    except (ValueError, FileNotFoundError) as error:
+        sys.exit(f"pretrain.py: error: {error}")
+    summary = pretrain(arguments, model_config)
+    if "prototype_report" in summary:
+        print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()
