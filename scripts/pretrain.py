@@ -11,10 +11,12 @@ import logging
 import sys
 
 from hf_koleo.training.arguments import parse_pretraining_args
+from hf_koleo.training.launch import relaunch_as_cpu_processes
 from hf_koleo.training.trainer import pretrain
 
 
 def main(argv: list[str] | None = None) -> None:
+    relaunch_as_cpu_processes(__file__, sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         arguments, model_config = parse_pretraining_args(sys.argv[1:] if argv is None else argv)

@@ -84,7 +84,7 @@ def balanced_indices(labels: np.ndarray, per_class: int, seed: int = 0) -> np.nd
 
 def _png_bytes(pixels: np.ndarray) -> bytes:
     buffer = io.BytesIO()
-    Image.fromarray(pixels, mode="L").save(buffer, format="PNG", optimize=True)
+    Image.fromarray(pixels).save(buffer, format="PNG", optimize=True)
     return buffer.getvalue()
 
 

@@ -27,7 +27,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
         else:
             low, high = float(values.min()), float(values.max())
             scaled = (values - low) * (255.0 / (high - low)) if high > low else np.zeros_like(values)
-        return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), mode="L").convert("RGB")
+        return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8)).convert("RGB")
     has_alpha = image.mode in ("LA", "RGBA", "PA", "La", "RGBa") or (image.mode == "P" and "transparency" in image.info)
     if has_alpha:
         rgba = image.convert("RGBA")

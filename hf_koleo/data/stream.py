@@ -4,7 +4,8 @@ Every process iterates its own split of the source (``datasets.distributed.split
 Records are grouped into batches in stream order; with ``W`` DataLoader workers, worker ``w``
 decodes and augments the batches whose running number is ``w`` modulo ``W`` and only counts the
 others, so the DataLoader's round-robin returns them in stream order whatever ``W`` and however
-many shards the source has. A position ``(epoch, batch_index)`` resumes the stream exactly.
+many shards the source has. Records are shuffled with a buffer seeded by ``(seed, epoch)``.
+A position ``(epoch, batch_index)`` resumes the stream exactly.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from datasets.distributed import split_dataset_by_node
 
@@ -34,6 +36,39 @@ class MaskSettings:
     probability: float = 0.5
 
 
+def _records(source) -> Iterator[dict]:
+    """Every record of ``source``, also inside a DataLoader worker.
+
+    ``IterableDataset.__iter__`` hands each worker a subset of shards; ``iter(batch_size)`` does
+    not, which is what the batch-level worker split of :class:`MultiCropStream` needs.
+    """
+    if not hasattr(source, "iter"):
+        yield from source
+        return
+    for columns in source.iter(batch_size=256):
+        names = list(columns)
+        for values in zip(*(columns[name] for name in names)):
+            yield dict(zip(names, values))
+
+
+def buffer_shuffle(records: Iterator[dict], buffer_size: int, generator: np.random.Generator) -> Iterator[dict]:
+    """Approximate shuffling with a ``buffer_size`` reservoir (as ``IterableDataset.shuffle`` does).
+
+    Done here rather than with ``datasets``' shuffle, whose parquet path sleeps 5 s at the end of
+    every pass (a guard for apache/arrow#45214), a stall at every epoch boundary.
+    """
+    buffer: list[dict] = []
+    for record in records:
+        if len(buffer) < buffer_size:
+            buffer.append(record)
+            continue
+        index = int(generator.integers(buffer_size))
+        yield buffer[index]
+        buffer[index] = record
+    generator.shuffle(buffer)
+    yield from buffer
+
+
 def sample_seed(seed: int, epoch: int, image: Any) -> int:
     """A 63-bit seed from the run seed, the epoch and the record's own bytes (or path)."""
     digest = hashlib.blake2b(digest_size=8, key=f"{seed}:{epoch}".encode())
@@ -45,10 +80,8 @@ def sample_seed(seed: int, epoch: int, image: Any) -> int:
     return int.from_bytes(digest.digest(), "little") >> 1
 
 
-def shard_source(source, seed: int, shuffle_buffer: int, rank: int, world_size: int, strategy: str = "auto"):
-    """Shuffle (buffer ``shuffle_buffer``; 0 keeps the order) and keep this process's split."""
-    if shuffle_buffer > 0:
-        source = source.shuffle(seed=seed, buffer_size=shuffle_buffer)
+def shard_source(source, rank: int, world_size: int, strategy: str = "auto"):
+    """Keep this process's split of the source (``split_dataset_by_node``)."""
     if world_size > 1:
         source = split_dataset_by_node(source, rank=rank, world_size=world_size, strategy=strategy)
     return source
@@ -61,8 +94,8 @@ class MultiCropStream(torch.utils.data.IterableDataset):
     ``(B, 2, 7)``, optionally ``local_crops`` / ``local_params``, ``masks`` ``(B, 2, n_patches)``
     bool (when masking is on), ``labels`` ``(B,)`` (-1 where unknown), ``n_corrupt`` (records
     of this batch skipped as undecodable) and ``position``: the ``(epoch, batch_index)`` to
-    resume from *after* this batch. ``B`` may be smaller than ``batch_size`` (or 0) when
-    records were corrupt.
+    resume from *after* this batch (a list once through a DataLoader). ``B`` may be smaller than
+    ``batch_size`` (or 0) when records were corrupt.
     """
 
     def __init__(
@@ -73,6 +106,7 @@ class MultiCropStream(torch.utils.data.IterableDataset):
         seed: int = 0,
         masking: MaskSettings | None = None,
         position: tuple[int, int] = (0, 0),
+        shuffle_buffer: int = 0,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -82,7 +116,8 @@ class MultiCropStream(torch.utils.data.IterableDataset):
         self.batch_size = batch_size
         self.seed = seed
         self.masking = masking
-        self.position = position
+        self.position = tuple(position)
+        self.shuffle_buffer = shuffle_buffer
 
     def _raw_batches(self) -> Iterator[tuple[int, int, list[dict]]]:
         epoch, start_batch = self.position
@@ -91,7 +126,10 @@ class MultiCropStream(torch.utils.data.IterableDataset):
                 self.source.set_epoch(epoch)
             records: list[dict] = []
             batch_index = 0
-            for record in self.source:
+            stream = _records(self.source)
+            if self.shuffle_buffer > 1:
+                stream = buffer_shuffle(stream, self.shuffle_buffer, np.random.default_rng([self.seed, epoch]))
+            for record in stream:
                 records.append(record)
                 if len(records) < self.batch_size:
                     continue

@@ -46,9 +46,9 @@ class DataPipeline:
             masking = MaskSettings(arguments.global_crops_size // patch, tuple(model_config.mask_ratio_min_max),
                                    model_config.mask_probability)  # fmt: skip
         stream = MultiCropStream(
-            shard_source(self.source, arguments.seed, arguments.shuffle_buffer, accelerator.process_index,
-                         accelerator.num_processes, arguments.split_strategy),
+            shard_source(self.source, accelerator.process_index, accelerator.num_processes, arguments.split_strategy),
             self.augmentation, arguments.per_device_batch_size, arguments.seed, masking, position,
+            arguments.shuffle_buffer,
         )  # fmt: skip
         self.loader = torch.utils.data.DataLoader(
             stream,

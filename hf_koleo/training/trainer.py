@@ -20,6 +20,7 @@ from ..modeling_koleo_dino import KoLeoDinoForPreTraining
 from ..prototypes import prototype_report
 from .arguments import PretrainingArguments
 from .checkpoint import TrainerState, load_checkpoint, resolve_resume, save_checkpoint
+from .launch import needs_cpu_backend
 from .pipeline import DataPipeline
 from .steps import (
     ScheduleValues,
@@ -50,6 +51,7 @@ def pretrain(arguments: PretrainingArguments, model_config: KoLeoDinoConfig) -> 
     """
     output_dir = Path(arguments.output_dir)
     accelerator = Accelerator(
+        cpu=needs_cpu_backend(),
         gradient_accumulation_steps=arguments.gradient_accumulation_steps,
         mixed_precision=arguments.mixed_precision or None,
         log_with=_trackers(arguments.report_to),

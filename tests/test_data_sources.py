@@ -1,0 +1,100 @@
+import json
+
+import pytest
+from data_fixtures import write_fake_fashion_mnist, write_imagefolder, write_parquet, write_webdataset
+
+from hf_koleo.data.fashion_mnist import long_tailed_counts, prepare_fashion_mnist, read_idx
+from hf_koleo.data.images import decode_image
+from hf_koleo.data.sources import count_records, load_source, resolve_data_files
+
+
+def first_records(dataset, n):
+    return [record for _, record in zip(range(n), dataset)]
+
+
+def test_embedded_demo_slice_streams_labelled_images():
+    dataset = load_source("demo")
+    assert count_records("demo") == 3000 and count_records("demo:test") == 1000
+    record = next(iter(dataset))
+    assert set(record) == {"image", "label"} and decode_image(record["image"]).size == (28, 28)
+
+
+def test_parquet_file_and_folder(tmp_path):
+    write_parquet(tmp_path / "shards" / "a.parquet", 5)
+    write_parquet(tmp_path / "shards" / "b.parquet", 4, start_seed=100)
+    assert len(first_records(load_source(str(tmp_path / "shards" / "a.parquet")), 100)) == 5
+    folder = load_source(str(tmp_path / "shards"))
+    assert folder.num_shards == 2 and len(first_records(folder, 100)) == 9
+    assert count_records(str(tmp_path / "shards")) == 9
+
+
+def test_imagefolder_gives_labels_from_folders(tmp_path):
+    records = first_records(load_source(str(write_imagefolder(tmp_path / "images"))), 100)
+    assert len(records) == 6 and {record["label"] for record in records} == {0, 1}
+    assert all(decode_image(record["image"]) is not None for record in records)
+
+
+def test_webdataset_tar_shards(tmp_path):
+    write_webdataset(tmp_path / "wds" / "train-0000.tar")
+    write_webdataset(tmp_path / "wds" / "train-0001.tar")
+    records = first_records(load_source(str(tmp_path / "wds" / "train-*.tar")), 100)
+    assert len(records) == 12 and {record["label"] for record in records} == {0, 1}
+    assert decode_image(records[0]["image"]).mode == "RGB"
+
+
+def test_hub_ids_resolve_to_a_streamed_hub_dataset():
+    assert resolve_data_files("someone/some-images") == ("someone/some-images", {"split_override": None})
+    assert resolve_data_files("someone/some-images:validation")[1] == {"split_override": "validation"}
+
+
+@pytest.mark.parametrize("name", ["./missing_dir", "/no/such/path/here", "data/*.parquet"])
+def test_missing_local_paths_raise_file_not_found(name):
+    with pytest.raises(FileNotFoundError, match="data source"):
+        load_source(name)
+
+
+def test_read_idx_and_truncation_error(tmp_path):
+    raw = write_fake_fashion_mnist(tmp_path / "raw")
+    images = read_idx(raw / "train-images-idx3-ubyte.gz")
+    assert images.shape == (200, 28, 28)
+    (tmp_path / "bad.idx").write_bytes(bytes([0, 0, 8, 1, 0, 0, 0, 9, 1, 2]))
+    with pytest.raises(ValueError, match="truncated"):
+        read_idx(tmp_path / "bad.idx")
+
+
+def test_long_tailed_profile_is_exponential():
+    counts = long_tailed_counts(5000, 10, 100)
+    assert counts[0] == 5000 and counts[-1] == 50
+    assert all(a > b for a, b in zip(counts, counts[1:]))
+
+
+def test_prepare_long_tailed_records_counts(tmp_path):
+    raw = write_fake_fashion_mnist(tmp_path / "raw", n_per_class=20)
+    output = prepare_fashion_mnist(tmp_path / "lt", "train", imbalance_ratio=10, n_shards=2, raw_dir=raw)
+    metadata = json.loads((output / "metadata.json").read_text())
+    assert metadata["class_counts"] == long_tailed_counts(20, 10, 10)
+    assert "MIT" in metadata["license"]
+    assert count_records(str(output)) == sum(metadata["class_counts"])
+
+
+def test_builtin_fashion_mnist_is_prepared_into_the_cache(tmp_path, monkeypatch):
+    raw = write_fake_fashion_mnist(tmp_path / "raw", n_per_class=5)
+    monkeypatch.setenv("HF_KOLEO_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr("hf_koleo.data.fashion_mnist.RAW_DIR", raw)
+    monkeypatch.setattr(
+        "hf_koleo.data.sources.prepare_fashion_mnist",
+        lambda output, split, imbalance_ratio=None: prepare_fashion_mnist(output, split, imbalance_ratio, raw_dir=raw),
+    )
+    assert count_records("fashion_mnist:test") == 50
+    assert (tmp_path / "cache" / "fashion_mnist" / "test" / "metadata.json").exists()
+    assert count_records("fashion_mnist:train_lt5") == sum(long_tailed_counts(5, 10, 5))
+
+
+def test_missing_fashion_mnist_files_explain_how_to_install(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_KOLEO_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(
+        "hf_koleo.data.sources.prepare_fashion_mnist",
+        lambda output, split, imbalance_ratio=None: prepare_fashion_mnist(output, split, raw_dir=tmp_path / "none"),
+    )
+    with pytest.raises(FileNotFoundError, match="apt-get install -y dataset-fashion-mnist"):
+        load_source("fashion_mnist:train")

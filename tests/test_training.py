@@ -1,0 +1,187 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from data_fixtures import write_parquet
+from safetensors.torch import load_file
+from transformers import AutoModel
+
+from hf_koleo import KoLeoDinoForPreTraining
+from hf_koleo.training.arguments import parse_pretraining_args
+from hf_koleo.training.checkpoint import list_checkpoints
+from hf_koleo.training.schedules import cosine_schedule, linear_warmup
+from hf_koleo.training.trainer import NonFiniteLossError, pretrain
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_RUN = [
+    "--max_steps", "4", "--per_device_batch_size", "4", "--num_workers", "0", "--report_to", "none",
+    "--global_crops_size", "8", "--local_crops_size", "4", "--local_crops_number", "2", "--warmup_epochs", "0",
+    "--teacher_temperature_warmup_epochs", "0", "--freeze_last_layer_epochs", "0", "--base_lr", "0.05",
+    "--log_every", "1", "--proto_every", "2", "--save_every", "2", "--keep_last", "5", "--report_images", "8",
+    "--shuffle_buffer", "0", "--seed", "7",
+    "--model.backbone_config", "{hidden_size: 16, num_hidden_layers: 1, num_attention_heads: 2, mlp_ratio: 2, "
+    "image_size: 8, patch_size: 4}",
+    "--model.num_prototypes", "32", "--model.head_hidden_size", "16", "--model.head_bottleneck_size", "8",
+    "--model.ibot_loss_weight", "1.0", "--model.mask_probability", "1.0", "--model.koleo_proto_weight", "0.1",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def data_path(tmp_path_factory):
+    return write_parquet(tmp_path_factory.mktemp("data") / "train.parquet", 48)
+
+
+def run(data_path, output_dir, *extra):
+    arguments, model_config = parse_pretraining_args([*TINY_RUN, "--data", str(data_path), "--output_dir",
+                                                      str(output_dir), *extra])  # fmt: skip
+    return pretrain(arguments, model_config)
+
+
+def student_parameters(checkpoint: Path) -> dict[str, torch.Tensor]:
+    return {key: value for key, value in load_file(str(checkpoint / "model.safetensors")).items()}
+
+
+def test_schedules_warm_up_then_follow_a_cosine():
+    assert cosine_schedule(0, 100, 1.0, 0.0, warmup_steps=10) == 0.0
+    assert cosine_schedule(5, 100, 1.0, 0.0, warmup_steps=10) == pytest.approx(0.5)
+    assert cosine_schedule(10, 100, 1.0, 0.0, warmup_steps=10) == pytest.approx(1.0)
+    assert cosine_schedule(99, 100, 1.0, 0.0, warmup_steps=10) == pytest.approx(0.0)
+    assert cosine_schedule(0, 10, 0.996, 1.0) == pytest.approx(0.996)
+    assert linear_warmup(15, 30, 0.04, 0.07) == pytest.approx(0.055) and linear_warmup(40, 30, 0.04, 0.07) == 0.07
+
+
+def test_yaml_config_with_cli_overrides_and_unknown_keys(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        "max_steps: 10\nbase_lr: 0.1\nmodel:\n  num_prototypes: 64\n  backbone_config:\n    hidden_size: 32\n"
+    )
+    arguments, model_config = parse_pretraining_args(["--config", str(config), "--base_lr", "0.2",
+                                                      "--model.num_prototypes", "128"])  # fmt: skip
+    assert (arguments.max_steps, arguments.base_lr) == (10, 0.2)
+    assert model_config.num_prototypes == 128 and model_config.backbone_config.hidden_size == 32
+    config.write_text("max_steps: 10\nlearning_rate: 0.1\n")
+    with pytest.raises(ValueError, match=r"unknown option\(s\).*learning_rate"):
+        parse_pretraining_args(["--config", str(config)])
+    with pytest.raises(ValueError, match="unknown model keys"):
+        parse_pretraining_args(["--max_steps", "1", "--model.prototypes", "3"])
+    with pytest.raises(ValueError, match="set max_steps or epochs"):
+        parse_pretraining_args([])
+
+
+@pytest.mark.parametrize("name", ["demo", "fashion_mnist", "fashion_mnist_lt", "vits16_in1k", "vitb16_inat18"])
+def test_shipped_configs_parse(name):
+    arguments, model_config = parse_pretraining_args(["--config", str(ROOT / "configs" / f"{name}.yaml")])
+    assert arguments.data and model_config.num_prototypes >= 2
+
+
+def test_run_ends_with_checkpoint_backbone_and_report(data_path, tmp_path):
+    summary = run(data_path, tmp_path / "run")
+    assert summary["steps"] == 4 and summary["images_seen"] == 16
+    assert [path.name for path in list_checkpoints(tmp_path / "run")] == ["checkpoint-00000002", "checkpoint-00000004"]
+    report = json.loads((tmp_path / "run" / "prototype_report.json").read_text())
+    assert report["teacher/cls"]["num_prototypes"] == 32 and "utilisation" in report["teacher/cls"]
+    backbone = AutoModel.from_pretrained(tmp_path / "run" / "backbone")
+    assert type(backbone).__name__ == "Dinov2Model"
+    checkpoint_model = KoLeoDinoForPreTraining.from_pretrained(list_checkpoints(tmp_path / "run")[-1])
+    pixels = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(backbone(pixels).pooler_output, checkpoint_model.teacher(pixels).pooler_output, atol=1e-5)
+
+
+def test_resume_gives_the_same_parameters_as_a_straight_run(data_path, tmp_path, monkeypatch):
+    run(data_path, tmp_path / "straight")
+    import hf_koleo.training.trainer as trainer
+
+    original_save = trainer.save_checkpoint
+
+    def save_then_die(*args, **kwargs):
+        original_save(*args, **kwargs)
+        raise KeyboardInterrupt("killed after the step-2 checkpoint")
+
+    monkeypatch.setattr(trainer, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run(data_path, tmp_path / "resumed")
+    monkeypatch.undo()
+    run(data_path, tmp_path / "resumed", "--resume")
+    straight = student_parameters(list_checkpoints(tmp_path / "straight")[-1])
+    resumed = student_parameters(list_checkpoints(tmp_path / "resumed")[-1])
+    assert straight.keys() == resumed.keys()
+    for key in straight:
+        assert torch.equal(straight[key], resumed[key]), key
+    state = json.loads((list_checkpoints(tmp_path / "resumed")[-1] / "trainer_state.json").read_text())
+    assert state["step"] == 4 and state["position"] == [0, 4]
+
+
+def test_interrupted_save_leaves_the_latest_checkpoint_readable(data_path, tmp_path, monkeypatch):
+    from accelerate import Accelerator
+
+    original_save_state = Accelerator.save_state
+
+    def crash_on_second_save(self, output_dir, **kwargs):
+        if "00000004" in str(output_dir):
+            Path(output_dir, "model.safetensors").write_bytes(b"partial")
+            raise KeyboardInterrupt("killed during save")
+        return original_save_state(self, output_dir, **kwargs)
+
+    monkeypatch.setattr(Accelerator, "save_state", crash_on_second_save)
+    with pytest.raises(KeyboardInterrupt):
+        run(data_path, tmp_path / "run")
+    monkeypatch.undo()
+    assert [path.name for path in list_checkpoints(tmp_path / "run")] == ["checkpoint-00000002"]
+    KoLeoDinoForPreTraining.from_pretrained(list_checkpoints(tmp_path / "run")[-1])
+    summary = run(data_path, tmp_path / "run", "--resume")
+    assert summary["steps"] == 4
+
+
+def test_non_finite_loss_stops_with_a_diagnostic_checkpoint(data_path, tmp_path, monkeypatch):
+    original_forward = KoLeoDinoForPreTraining.forward
+    calls = []
+
+    def poisoned_forward(self, *args, **kwargs):
+        output = original_forward(self, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == 3:
+            output.loss = output.loss * float("nan")
+        return output
+
+    monkeypatch.setattr(KoLeoDinoForPreTraining, "forward", poisoned_forward)
+    with pytest.raises(NonFiniteLossError, match="non-finite at step 2"):
+        run(data_path, tmp_path / "run")
+    diagnostic = tmp_path / "run" / "checkpoints" / "diagnostic-nonfinite-step-00000002"
+    assert (diagnostic / "model.safetensors").exists() and (diagnostic / "batch.safetensors").exists()
+    assert load_file(str(diagnostic / "batch.safetensors"))["global_crops"].shape == (4, 2, 3, 8, 8)
+
+
+def launch(data_path, output_dir, num_processes, batch_size):
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", str(num_processes),
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               str(ROOT / "scripts" / "pretrain.py"), *TINY_RUN, "--data", str(data_path), "--output_dir",
+               str(output_dir), "--max_steps", "1", "--per_device_batch_size", str(batch_size),
+               "--split_strategy", "examples"]  # fmt: skip
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return student_parameters(list_checkpoints(output_dir)[-1])
+
+
+def test_one_step_on_two_cpu_processes_equals_one_process_at_the_same_global_batch(data_path, tmp_path):
+    single = launch(data_path, tmp_path / "one", num_processes=1, batch_size=8)
+    double = launch(data_path, tmp_path / "two", num_processes=2, batch_size=4)
+    for key in single:
+        assert torch.allclose(single[key], double[key], atol=1e-5, rtol=1e-4), key
+    assert not torch.equal(single["student_head.prototypes"], single["teacher_head.prototypes"])
+
+
+def test_accelerate_cpu_launch_without_mpirun_is_detected():
+    from hf_koleo.training.launch import requested_cpu_processes
+
+    single_started = {"ACCELERATE_USE_CPU": "True", "MASTER_ADDR": "127.0.0.1"}
+    launcher = ["accelerate", "launch", "--cpu", "--num_processes", "2", "scripts/pretrain.py"]
+    assert requested_cpu_processes(single_started, launcher) == 2
+    assert requested_cpu_processes(single_started, ["accelerate", "launch", "--num_processes=3", "x.py"]) == 3
+    assert requested_cpu_processes({**single_started, "WORLD_SIZE": "2"}, launcher) == 1
+    assert requested_cpu_processes({"ACCELERATE_USE_CPU": "False", "MASTER_ADDR": "x"}, launcher) == 1
