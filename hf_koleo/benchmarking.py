@@ -91,3 +91,27 @@ def measure_koleo_proto(
         "threads": threads,
         **result,
     }
+
+
+def measure_data_pipeline(argv: list[str], n_batches: int = 20) -> dict[str, Any]:
+    """Images per second of stream -> decode -> multi-crop -> device photometric, for a run config.
+
+    ``argv`` is what ``scripts/pretrain.py`` would get (e.g. ``["--config", "configs/demo.yaml"]``).
+    The first batch (worker start-up) is not timed.
+    """
+    from accelerate import Accelerator
+
+    from .training.arguments import parse_pretraining_args
+    from .training.checkpoint import TrainerState
+    from .training.pipeline import DataPipeline
+
+    arguments, model_config = parse_pretraining_args(argv)
+    pipeline = DataPipeline(arguments, model_config, Accelerator(cpu=True))
+    state = TrainerState()
+    pipeline.next_batch(state)
+    start, images = time.perf_counter(), 0
+    for _ in range(n_batches):
+        images += pipeline.next_batch(state)["global_crops"].shape[0]
+    seconds = time.perf_counter() - start
+    return {"images_per_second": images / seconds, "batches": n_batches, "batch_size": arguments.per_device_batch_size,
+            "num_workers": arguments.num_workers, "local_crops": arguments.local_crops_number}  # fmt: skip
