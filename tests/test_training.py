@@ -8,7 +8,7 @@ import pytest
 import torch
 from data_fixtures import write_parquet
 from safetensors.torch import load_file
-from transformers import AutoModel
+from transformers import AutoImageProcessor, AutoModel
 
 from hf_koleo import KoLeoDinoForPreTraining
 from hf_koleo.training.arguments import parse_pretraining_args
@@ -86,10 +86,15 @@ def test_run_ends_with_checkpoint_backbone_and_report(data_path, tmp_path):
     assert report["teacher/cls"]["num_prototypes"] == 32 and "utilisation" in report["teacher/cls"]
     backbone = AutoModel.from_pretrained(tmp_path / "run" / "backbone")
     assert type(backbone).__name__ == "Dinov2Model"
-    checkpoint_model = KoLeoDinoForPreTraining.from_pretrained(list_checkpoints(tmp_path / "run")[-1])
+    checkpoint = list_checkpoints(tmp_path / "run")[-1]
+    checkpoint_model = KoLeoDinoForPreTraining.from_pretrained(checkpoint)
+    checkpoint_backbone = AutoModel.from_pretrained(checkpoint)  # KoLeoDinoModel: the teacher backbone
+    assert AutoImageProcessor.from_pretrained(checkpoint).crop_size == {"height": 8, "width": 8}
     pixels = torch.randn(2, 3, 8, 8)
     with torch.no_grad():
-        assert torch.allclose(backbone(pixels).pooler_output, checkpoint_model.teacher(pixels).pooler_output, atol=1e-5)
+        expected = checkpoint_model.teacher(pixels).pooler_output
+        assert torch.allclose(backbone(pixels).pooler_output, expected, atol=1e-5)
+        assert torch.allclose(checkpoint_backbone(pixels).pooler_output, expected, atol=1e-5)
 
 
 def test_resume_gives_the_same_parameters_as_a_straight_run(data_path, tmp_path, monkeypatch):

@@ -59,12 +59,14 @@ def resolve_resume(output_dir: str | os.PathLike, resume: str) -> Path | None:
 
 def save_checkpoint(
     accelerator: Accelerator, output_dir: str | os.PathLike, state: TrainerState, model_config, keep_last: int,
-    name: str | None = None,
+    name: str | None = None, image_processor=None,
 ) -> Path:  # fmt: skip
     """Save model, optimiser, RNG states, trainer state and model config; atomically.
 
     Every process takes part (Accelerate writes per-process RNG states). The folder is loadable
-    with ``KoLeoDinoForPreTraining.from_pretrained`` (``model.safetensors`` + ``config.json``).
+    with ``KoLeoDinoForPreTraining.from_pretrained`` (``model.safetensors`` + ``config.json``),
+    and with ``AutoModel`` + ``AutoImageProcessor`` (teacher backbone) when ``image_processor``
+    is given.
     """
     folder = checkpoint_dir(output_dir)
     final = folder / (name or f"checkpoint-{state.step:08d}")
@@ -76,6 +78,8 @@ def save_checkpoint(
     accelerator.save_state(str(staging), safe_serialization=True)
     if accelerator.is_main_process:
         model_config.save_pretrained(staging)
+        if image_processor is not None:
+            image_processor.save_pretrained(staging)
         (staging / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
         if final.exists():
             shutil.rmtree(final)

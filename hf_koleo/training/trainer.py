@@ -15,7 +15,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from ..configuration_koleo_dino import KoLeoDinoConfig
-from ..hub import export_backbone
+from ..hub import build_image_processor, export_backbone
 from ..modeling_koleo_dino import KoLeoDinoForPreTraining
 from ..prototypes import prototype_report
 from .arguments import PretrainingArguments
@@ -78,6 +78,8 @@ def pretrain(arguments: PretrainingArguments, model_config: KoLeoDinoConfig) -> 
 
     progress = tqdm(total=total_steps, initial=state.step, disable=not accelerator.is_local_main_process,
                     desc="pretraining", dynamic_ncols=True)  # fmt: skip
+    image_processor = build_image_processor(model_config.backbone_config.model_type, arguments.global_crops_size,
+                                            arguments.image_mean, arguments.image_std)  # fmt: skip
     assignment_counts = torch.zeros(model_config.num_prototypes, device=accelerator.device, dtype=torch.long)
     window_start, window_images = time.perf_counter(), 0
     output = None
@@ -125,7 +127,8 @@ def pretrain(arguments: PretrainingArguments, model_config: KoLeoDinoConfig) -> 
                 logger.info("step %d prototypes: %s", state.step, json.dumps(metrics))
             assignment_counts.zero_()
         if state.step % arguments.save_every == 0 or state.step == total_steps:
-            save_checkpoint(accelerator, output_dir, state, model_config, arguments.keep_last)
+            save_checkpoint(accelerator, output_dir, state, model_config, arguments.keep_last,
+                            image_processor=image_processor)  # fmt: skip
     progress.close()
     summary = _finish(accelerator, unwrapped, arguments, data, state)
     accelerator.end_training()

@@ -1,0 +1,89 @@
+"""One evaluation run: features -> protocols -> a JSON result the model card can turn into model-index."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+import transformers
+
+from .features import PIXELS, extract_features
+from .protocols import PROTOCOLS, run_protocols
+
+
+def evaluate_backbone(
+    protocol: str,
+    model: str,
+    train_data: str,
+    test_data: str,
+    batch_size: int = 64,
+    limit_train: int | None = None,
+    limit_test: int | None = None,
+    device: str = "cpu",
+    seed: int = 0,
+    use_cache: bool = True,
+) -> dict[str, Any]:
+    """Run ``protocol`` (``knn``, ``linear``, ``fewshot`` or ``all``) and return the result record."""
+    names = list(PROTOCOLS) if protocol == "all" else [protocol]
+    if protocol != "all" and protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {sorted(PROTOCOLS)} or 'all', got {protocol!r}")
+    train = extract_features(model, train_data, batch_size, limit_train, device, use_cache=use_cache)
+    # Raw pixels of the test set are resized to the training images' size.
+    pixel_size = int(math.isqrt(train.cls.shape[1] // 3)) if model == PIXELS else None
+    test = extract_features(model, test_data, batch_size, limit_test, device, pixel_size, use_cache=use_cache)
+    result = {
+        "model": model,
+        "data": {"train": train_data, "test": test_data, "n_train": len(train.labels), "n_test": len(test.labels),
+                 "skipped_train": train.skipped, "skipped_test": test.skipped,
+                 "limit_train": limit_train, "limit_test": limit_test},
+        "feature_dim": {"cls": train.cls.shape[1], "probe": train.probe_features().shape[1]},
+        "seed": seed,
+        "protocols": run_protocols(names, train, test, seed),
+        "environment": {"transformers": transformers.__version__, "python": platform.python_version()},
+    }  # fmt: skip
+    result["model_index"] = model_index_results(result)
+    return result
+
+
+def model_index_results(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """``model-index`` entries (huggingface_hub ``EvalResult`` fields) for one result record."""
+    metrics: list[dict[str, Any]] = []
+    protocols = result["protocols"]
+    if "knn" in protocols:
+        knn = protocols["knn"]
+        k = "20" if "20" in knn["by_k"] else str(knn["best_k"])
+        metrics.append({"type": "accuracy", "name": f"kNN top-1 (k={k})", "value": knn["by_k"][k]["accuracy"]})
+        metrics.append({"type": "balanced_accuracy", "name": f"kNN balanced accuracy (k={k})",
+                        "value": knn["by_k"][k]["balanced_accuracy"]})  # fmt: skip
+    if "linear" in protocols:
+        test = protocols["linear"]["test"]
+        metrics.append({"type": "accuracy", "name": "linear probe top-1", "value": test["accuracy"]})
+        metrics.append({"type": "balanced_accuracy", "name": "linear probe balanced accuracy",
+                        "value": test["balanced_accuracy"]})  # fmt: skip
+    if "fewshot" in protocols:
+        for shots, row in protocols["fewshot"]["by_shots"].items():
+            metrics.append({"type": "accuracy", "name": f"{shots}-shot linear top-1 (mean)",
+                            "value": row["accuracy_mean"]})  # fmt: skip
+    data = result["data"]
+    dataset_type = data["test"].split(":")[0]
+    return [{
+        "task_type": "image-classification",
+        "task_name": "Frozen-feature classification",
+        "dataset_type": dataset_type,
+        "dataset_name": data["test"],
+        "dataset_split": data["test"].split(":")[1] if ":" in data["test"] else "test",
+        "metric_type": metric["type"],
+        "metric_name": metric["name"],
+        "metric_value": round(metric["value"], 2),
+    } for metric in metrics]  # fmt: skip
+
+
+def write_result(result: dict[str, Any], output: str | os.PathLike) -> Path:
+    path = Path(output)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2))
+    return path
