@@ -1,12 +1,20 @@
-"""Export the teacher backbone as a stock transformers checkpoint (no hf_koleo needed to load it)."""
+"""Export the teacher backbone as a stock transformers checkpoint, write its model card, push it.
+
+Data flow: pretraining checkpoint -> :func:`export_checkpoint` (stock ``Dinov2Model`` /
+``ViTModel`` + image processor, optionally the full pretraining model with ``auto_map``) ->
+:func:`write_model_card` (metadata, ``model-index`` from evaluation JSON files, prototype
+statistics, plot) -> :func:`push_folder` (``create_repo`` + ``upload_folder``).
+"""
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import logging
 import os
+import shutil
 from pathlib import Path
-
-from transformers import AutoImageProcessor
+from typing import Any
 
 from .modeling_koleo_dino import KoLeoDinoForPreTraining
 
@@ -14,12 +22,13 @@ logger = logging.getLogger(__name__)
 
 # The stock image processor each backbone type pairs with on the Hub.
 PROCESSOR_TYPES = {"dinov2": "BitImageProcessor", "vit": "ViTImageProcessor"}
+PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+REMOTE_CODE_FILES = ("configuration_koleo_dino.py", "modeling_koleo_dino.py", "losses.py")
+RUN_ARGUMENTS_FILE = "run_arguments.json"
 
 
 def build_image_processor(model_type: str, image_size: int, image_mean, image_std):
     """The stock processor for ``model_type``: resize the short side, centre-crop, normalise."""
-    import importlib.util
-
     import transformers
 
     name = PROCESSOR_TYPES[model_type]
@@ -27,49 +36,140 @@ def build_image_processor(model_type: str, image_size: int, image_mean, image_st
     if importlib.util.find_spec("torchvision") is None:
         name = f"{name}Pil"
     processor_class = getattr(transformers, name)
-    settings = dict(
-        do_resize=True,
-        do_center_crop=True,
-        crop_size={"height": image_size, "width": image_size},
-        do_normalize=True,
-        image_mean=list(image_mean),
-        image_std=list(image_std),
-        do_convert_rgb=True,
-    )
+    settings: dict[str, Any] = dict(do_resize=True, do_normalize=True, image_mean=list(image_mean),
+                                    image_std=list(image_std), do_convert_rgb=True)  # fmt: skip
     if model_type == "vit":  # ViTImageProcessor resizes to a fixed size
         settings["size"] = {"height": image_size, "width": image_size}
-        settings.pop("do_center_crop")
-        settings.pop("crop_size")
     else:
-        settings["size"] = {"shortest_edge": image_size}
+        settings.update(size={"shortest_edge": image_size}, do_center_crop=True,
+                        crop_size={"height": image_size, "width": image_size})  # fmt: skip
     return processor_class(**settings)
 
 
+def load_pretraining_model(path: str | os.PathLike, allow_pickle: bool = False) -> KoLeoDinoForPreTraining:
+    """Load a pretraining checkpoint from safetensors; a pickle-only checkpoint needs ``allow_pickle``.
+
+    Pickle files can run arbitrary code when loaded, so they are refused unless the caller trusts them.
+    """
+    folder = Path(path)
+    has_safetensors = any(folder.glob("*.safetensors"))
+    has_pickle = any((folder / name).exists() for name in PICKLE_WEIGHTS)
+    if not has_safetensors and has_pickle and not allow_pickle:
+        raise ValueError(
+            f"{folder} holds only pickle weights (pytorch_model.bin), which can execute code when loaded; "
+            "convert them to safetensors or pass allow_pickle=True (--allow-pickle) if you trust the file"
+        )
+    if not has_safetensors and not has_pickle:
+        raise FileNotFoundError(f"{folder} holds no model weights (model.safetensors)")
+    return KoLeoDinoForPreTraining.from_pretrained(folder, use_safetensors=has_safetensors)
+
+
 def export_backbone(
-    model_or_path: KoLeoDinoForPreTraining | str | os.PathLike,
+    model: KoLeoDinoForPreTraining,
     output_dir: str | os.PathLike,
     image_size: int,
     image_mean=(0.485, 0.456, 0.406),
     image_std=(0.229, 0.224, 0.225),
 ) -> Path:
-    """Write the teacher backbone as a stock ``Dinov2Model`` / ``ViTModel`` plus its image processor.
-
-    ``AutoModel.from_pretrained(output_dir)`` then loads it with plain transformers.
-    """
-    model = (
-        model_or_path
-        if isinstance(model_or_path, KoLeoDinoForPreTraining)
-        else KoLeoDinoForPreTraining.from_pretrained(model_or_path)
-    )
+    """Write the teacher backbone as a stock ``Dinov2Model`` / ``ViTModel`` plus its image processor."""
     output_dir = Path(output_dir)
     backbone = model.teacher.backbone
     backbone.config.architectures = [type(backbone).__name__]
-    backbone.save_pretrained(output_dir)
-    processor = build_image_processor(backbone.config.model_type, image_size, image_mean, image_std)
-    processor.save_pretrained(output_dir)
+    backbone.save_pretrained(output_dir, safe_serialization=True)
+    build_image_processor(backbone.config.model_type, image_size, image_mean, image_std).save_pretrained(output_dir)
     logger.info("exported the teacher backbone to %s", output_dir)
     return output_dir
 
 
-def load_image_processor(path: str | os.PathLike):
-    return AutoImageProcessor.from_pretrained(path)
+def export_pretraining_model(model: KoLeoDinoForPreTraining, output_dir: str | os.PathLike) -> Path:
+    """The full model (student, teacher, heads, prototypes, centres) with code for ``trust_remote_code``."""
+    output_dir = Path(output_dir)
+    model.config.auto_map = {
+        "AutoConfig": "configuration_koleo_dino.KoLeoDinoConfig",
+        "AutoModel": "modeling_koleo_dino.KoLeoDinoModel",
+        "AutoModelForPreTraining": "modeling_koleo_dino.KoLeoDinoForPreTraining",
+    }
+    model.save_pretrained(output_dir, safe_serialization=True)
+    for name in REMOTE_CODE_FILES:
+        shutil.copy(Path(__file__).parent / name, output_dir / name)
+    return output_dir
+
+
+def export_checkpoint(
+    checkpoint: str | os.PathLike, output_dir: str | os.PathLike, include_pretraining_model: bool = False,
+    allow_pickle: bool = False,
+) -> Path:  # fmt: skip
+    """Export a pretraining checkpoint folder (as written by the trainer) for the Hub.
+
+    The image size and normalisation come from the checkpoint's ``preprocessor_config.json``.
+    Copies ``prototype_report.json`` and ``run_arguments.json`` when present, for the card.
+    """
+    from transformers import AutoImageProcessor
+
+    checkpoint = Path(checkpoint)
+    model = load_pretraining_model(checkpoint, allow_pickle)
+    try:
+        processor = AutoImageProcessor.from_pretrained(checkpoint)
+        size = (
+            processor.crop_size["height"] if getattr(processor, "do_center_crop", False) else processor.size["height"]
+        )
+        mean, std = processor.image_mean, processor.image_std
+    except OSError:
+        logger.warning(
+            "%s has no preprocessor_config.json: using the backbone image size and ImageNet stats", checkpoint
+        )
+        size, mean, std = model.config.backbone_config.image_size, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    output_dir = export_backbone(model, output_dir, size, mean, std)
+    for name in (RUN_ARGUMENTS_FILE, "prototype_report.json"):
+        for candidate in (checkpoint / name, checkpoint.parent.parent / name):
+            if candidate.exists():
+                shutil.copy(candidate, output_dir / name)
+                break
+    if include_pretraining_model:
+        export_pretraining_model(model, output_dir / "pretraining")
+    return output_dir
+
+
+def push_folder(
+    folder: str | os.PathLike,
+    repo_id: str,
+    private: bool = False,
+    revision: str | None = None,
+    commit_message: str = "Upload hf_koleo backbone",
+    token: str | None = None,
+) -> str:
+    """``create_repo`` (existing is fine) + ``upload_folder``; honours ``HF_TOKEN`` and ``HF_ENDPOINT``.
+
+    Returns the commit URL.
+    """
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    if revision and revision != "main":
+        api.create_branch(repo_id, branch=revision, exist_ok=True)
+    commit = api.upload_folder(folder_path=str(folder), repo_id=repo_id, revision=revision,
+                               commit_message=commit_message)  # fmt: skip
+    return str(commit)
+
+
+def prepare_upload_folder(
+    checkpoint: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    model_id: str,
+    evaluation_files=(),
+    include_pretraining_model: bool = False,
+    allow_pickle: bool = False,
+    license: str = "apache-2.0",
+) -> Path:  # fmt: skip
+    """Export + model card: the exact folder that gets uploaded."""
+    from .model_card import build_model_card
+
+    output_dir = export_checkpoint(checkpoint, output_dir, include_pretraining_model, allow_pickle)
+    optional = {name: json.loads((output_dir / name).read_text()) if (output_dir / name).exists() else None
+                for name in (RUN_ARGUMENTS_FILE, "prototype_report.json")}  # fmt: skip
+    build_model_card(
+        output_dir, model_id, load_pretraining_model(checkpoint, allow_pickle), optional["prototype_report.json"],
+        optional[RUN_ARGUMENTS_FILE], evaluation_files, license,
+    )  # fmt: skip
+    return output_dir

@@ -59,7 +59,7 @@ def resolve_resume(output_dir: str | os.PathLike, resume: str) -> Path | None:
 
 def save_checkpoint(
     accelerator: Accelerator, output_dir: str | os.PathLike, state: TrainerState, model_config, keep_last: int,
-    name: str | None = None, image_processor=None,
+    name: str | None = None, image_processor=None, run_arguments: dict | None = None,
 ) -> Path:  # fmt: skip
     """Save model, optimiser, RNG states, trainer state and model config; atomically.
 
@@ -80,6 +80,8 @@ def save_checkpoint(
         model_config.save_pretrained(staging)
         if image_processor is not None:
             image_processor.save_pretrained(staging)
+        if run_arguments is not None:
+            (staging / "run_arguments.json").write_text(json.dumps(run_arguments, indent=2))
         (staging / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
         if final.exists():
             shutil.rmtree(final)

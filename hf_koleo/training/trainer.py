@@ -128,7 +128,7 @@ def pretrain(arguments: PretrainingArguments, model_config: KoLeoDinoConfig) -> 
             assignment_counts.zero_()
         if state.step % arguments.save_every == 0 or state.step == total_steps:
             save_checkpoint(accelerator, output_dir, state, model_config, arguments.keep_last,
-                            image_processor=image_processor)  # fmt: skip
+                            image_processor=image_processor, run_arguments=asdict(arguments))  # fmt: skip
     progress.close()
     summary = _finish(accelerator, unwrapped, arguments, data, state)
     accelerator.end_training()

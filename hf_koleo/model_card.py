@@ -1,0 +1,167 @@
+"""Model cards for exported backbones: metadata, model-index, training setup, collapse statistics, plot."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from .prototypes import nearest_neighbour_distances, unique_prototype_curve
+
+TEMPLATE = Path(__file__).parent / "model_cards" / "koleo_backbone.md"
+PLOT_FILE = "prototype_collapse.png"
+TRAINING_KEYS = ("data", "max_steps", "epochs", "per_device_batch_size", "gradient_accumulation_steps", "base_lr",
+                 "global_crops_size", "local_crops_number", "local_crops_size", "teacher_temperature",
+                 "teacher_momentum", "mixed_precision")  # fmt: skip
+MODEL_KEYS = ("num_prototypes", "koleo_proto_weight", "koleo_proto_on", "ibot_loss_weight", "centring",
+              "student_temperature", "head_bottleneck_size")  # fmt: skip
+
+
+def usage_snippet(model_id: str) -> str:
+    return (
+        "import torch\n"
+        "from PIL import Image\n"
+        "from transformers import AutoImageProcessor, AutoModel, pipeline\n\n"
+        f'processor = AutoImageProcessor.from_pretrained("{model_id}")\n'
+        f'model = AutoModel.from_pretrained("{model_id}").eval()\n'
+        'image = Image.new("RGB", (64, 64), (120, 60, 200))  # your image here\n'
+        "with torch.no_grad():\n"
+        '    features = model(**processor(images=image, return_tensors="pt")).pooler_output  # CLS feature\n'
+        "print(features.shape)\n"
+        f'extractor = pipeline("image-feature-extraction", model="{model_id}")\n'
+        "print(len(extractor(image)[0]))  # tokens"
+    )
+
+
+def plot_prototypes(model, output_path: str | os.PathLike, eps_values) -> Path:
+    """Unique prototypes vs eps (teacher and student) and the teacher's nearest-neighbour distances."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (curve_axis, histogram_axis) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for branch, style in (("teacher", "-o"), ("student", "--s")):
+        curve = unique_prototype_curve(getattr(model, f"{branch}_head").prototypes, eps_values)
+        curve_axis.plot(list(curve), list(curve.values()), style, label=branch)
+    curve_axis.axhline(model.config.num_prototypes, color="grey", linewidth=0.8, linestyle=":", label="K")
+    curve_axis.set(
+        xscale="log",
+        xlabel="eps",
+        ylabel="unique prototypes",
+        title="Unique prototypes vs eps",
+        ylim=(0, model.config.num_prototypes * 1.05),
+    )
+    curve_axis.legend()
+    distances = nearest_neighbour_distances(model.teacher_head.prototypes).cpu().numpy()
+    histogram_axis.hist(distances, bins=50, color="tab:blue")
+    histogram_axis.axvline(0.025, color="tab:red", linestyle="--", label="eps = 0.025")
+    histogram_axis.set(xlabel="distance to nearest other prototype", ylabel="prototypes",
+                       title="Teacher nearest-neighbour distances")  # fmt: skip
+    histogram_axis.legend()
+    figure.tight_layout()
+    figure.savefig(output_path, dpi=110)
+    plt.close(figure)
+    return Path(output_path)
+
+
+def _eval_results(evaluation_files) -> tuple[list, dict]:
+    """``EvalResult``s of the model itself, and ``{(dataset, metric): value}`` of the pixel baseline."""
+    from huggingface_hub import EvalResult
+
+    results, baseline = [], {}
+    for path in evaluation_files:
+        record = json.loads(Path(path).read_text())
+        for entry in record["model_index"]:
+            if record["model"] == "pixels":
+                baseline[(entry["dataset_name"], entry["metric_name"])] = entry["metric_value"]
+            else:
+                results.append(EvalResult(**entry))
+    return results, baseline
+
+
+def build_model_card(
+    output_dir: str | os.PathLike,
+    model_id: str,
+    model=None,
+    report: dict[str, Any] | None = None,
+    run_arguments: dict[str, Any] | None = None,
+    evaluation_files=(),
+    license: str = "apache-2.0",
+    datasets: list[str] | None = None,
+    eps_values=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.4),
+):
+    """Render the card (and the plot, when the pretraining ``model`` is given) into ``output_dir``.
+
+    Args:
+        output_dir: the exported backbone folder; ``README.md`` and the PNG are written there.
+        model_id: the repo id (or path) the usage snippet loads.
+        model: the :class:`KoLeoDinoForPreTraining`, for the prototype plot.
+        report: a :func:`prototype_report` dict (``prototype_report.json``).
+        run_arguments: the run's ``PretrainingArguments`` as a dict.
+        evaluation_files: result JSON files of ``scripts/evaluate.py``; the model's become
+            ``model-index``, those of ``--model pixels`` the baseline column.
+    """
+    from huggingface_hub import ModelCard, ModelCardData
+
+    output_dir = Path(output_dir)
+    backbone_config = json.loads((output_dir / "config.json").read_text())
+    run_arguments = run_arguments or {}
+    report = report or {}
+    model_config = model.config.to_dict() if model is not None else {}
+    eval_results, baseline = _eval_results(evaluation_files)
+    uses_ibot = model_config.get("ibot_loss_weight", 0) > 0
+    uses_koleo_proto = model_config.get("koleo_proto_weight", 0) > 0
+    method = ("iBOT" if uses_ibot else "DINO") + (" + KoLeo-proto" if uses_koleo_proto else "")
+    tags = ["self-supervised", "vision", "image-feature-extraction", "dino", "hf_koleo"]
+    tags += ["ibot"] * uses_ibot + ["koleo-proto"] * uses_koleo_proto
+    card_data = ModelCardData(
+        library_name="transformers",
+        pipeline_tag="image-feature-extraction",
+        license=license,
+        tags=tags,
+        datasets=datasets or ([run_arguments["data"]] if "data" in run_arguments else None),
+        model_name=model_id.rstrip("/").split("/")[-1],
+        eval_results=eval_results or None,
+    )
+    training_rows = [(key, run_arguments[key]) for key in TRAINING_KEYS if key in run_arguments]
+    training_rows += [(f"model.{key}", model_config[key]) for key in MODEL_KEYS if key in model_config]
+    teacher, student = report.get("teacher/cls", {}), report.get("student/cls", {})
+    unique_rows = [(eps, teacher.get("unique_curve", {}).get(eps, "-"), student.get("unique_curve", {}).get(eps, "-"))
+                   for eps in teacher.get("unique_curve", {})]  # fmt: skip
+    utilisation = None
+    if "utilisation" in teacher:
+        utilisation = {
+            "images": report.get("config", {}).get("n_images", "the report's"),
+            "used": teacher["utilisation"]["used"],
+            "perplexity": f"{teacher['utilisation']['assignment_perplexity']:.1f}",
+            "entropy": f"{teacher['marginal_entropy']:.2f}",
+            "max_entropy": f"{teacher['max_marginal_entropy']:.2f}",
+        }
+    plot_file = None
+    if model is not None:
+        plot_prototypes(model, output_dir / PLOT_FILE, eps_values)
+        plot_file = PLOT_FILE
+    card = ModelCard.from_template(
+        card_data,
+        template_path=str(TEMPLATE),
+        model_name=model_id.rstrip("/").split("/")[-1],
+        method=method,
+        architecture=(backbone_config.get("architectures") or ["Dinov2Model"])[0],
+        usage_snippet=usage_snippet(model_id),
+        training_rows=training_rows,
+        num_prototypes=model_config.get("num_prototypes", teacher.get("num_prototypes", "?")),
+        unique_rows=unique_rows,
+        utilisation=utilisation,
+        plot_file=plot_file,
+        eval_rows=[
+            (r.dataset_name, r.metric_name, f"{r.metric_value:.2f}", baseline.get((r.dataset_name, r.metric_name), "-"))
+            for r in eval_results
+        ],  # fmt: skip
+    )
+    card.save(output_dir / "README.md")
+    return card
+
+
+__all__ = ["build_model_card", "plot_prototypes", "usage_snippet"]

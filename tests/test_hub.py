@@ -1,0 +1,157 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from data_fixtures import write_parquet
+from hub_server import start_hub_server
+from test_training import run
+
+from hf_koleo import KoLeoDinoForPreTraining
+from hf_koleo.hub import load_pretraining_model, prepare_upload_folder
+from hf_koleo.training.checkpoint import list_checkpoints
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("run")
+    data = write_parquet(folder / "train.parquet", 32)
+    run(data, folder / "out")
+    return list_checkpoints(folder / "out")[-1]
+
+
+@pytest.fixture()
+def hub():
+    server, state, endpoint = start_hub_server()
+    yield state, endpoint
+    server.shutdown()
+
+
+def clean_environment(tmp_path: Path, **extra) -> dict:
+    """No hf_koleo on the path, a private HF cache, offline except for our loopback endpoint."""
+    environment = {key: value for key, value in os.environ.items() if not key.startswith(("HF_", "PYTHONPATH"))}
+    environment.update(HF_HOME=str(tmp_path / "hf_home"), HF_HUB_DISABLE_TELEMETRY="1", **extra)
+    return environment
+
+
+STOCK_LOAD = """
+import json, sys, torch
+assert "hf_koleo" not in sys.modules
+from transformers import AutoModel, pipeline
+model_id, pixels_file, revision = sys.argv[1], sys.argv[2], sys.argv[3]
+model = AutoModel.from_pretrained(model_id, revision=revision).eval()
+pixels = torch.load(pixels_file)
+with torch.no_grad():
+    features = model(pixel_values=pixels).pooler_output
+extractor = pipeline("image-feature-extraction", model=model_id, revision=revision)
+from PIL import Image
+tokens = extractor(Image.new("RGB", (20, 20), (10, 200, 30)))
+assert "hf_koleo" not in sys.modules, "hf_koleo was imported"
+print(json.dumps({"type": type(model).__name__, "features": features.tolist(), "tokens": len(tokens[0])}))
+"""
+
+
+def stock_load(model_id: str, pixels: torch.Tensor, tmp_path: Path, revision="main", **environment) -> dict:
+    pixels_file = tmp_path / "pixels.pt"
+    torch.save(pixels, pixels_file)
+    result = subprocess.run([sys.executable, "-c", STOCK_LOAD, model_id, str(pixels_file), revision], capture_output=True,
+                            text=True, cwd=tmp_path, env=clean_environment(tmp_path, **environment))  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def teacher_features(checkpoint: Path, pixels: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return KoLeoDinoForPreTraining.from_pretrained(checkpoint).teacher(pixels).pooler_output
+
+
+def test_export_loads_with_stock_transformers_in_a_fresh_process(trained, tmp_path):
+    folder = prepare_upload_folder(trained, tmp_path / "export", str(tmp_path / "export"))
+    config = json.loads((folder / "config.json").read_text())
+    assert config["model_type"] == "dinov2" and config["architectures"] == ["Dinov2Model"]
+    assert (folder / "preprocessor_config.json").exists() and not list(folder.glob("*.bin"))
+    pixels = torch.randn(2, 3, 8, 8)
+    loaded = stock_load(str(folder), pixels, tmp_path)
+    assert loaded["type"] == "Dinov2Model" and loaded["tokens"] == 1 + 4
+    assert torch.allclose(torch.tensor(loaded["features"]), teacher_features(trained, pixels), atol=1e-5)
+
+
+def test_card_has_valid_metadata_model_index_plot_and_runnable_snippet(trained, tmp_path):
+    evaluation = tmp_path / "eval.json"
+    evaluation.write_text(json.dumps({"model": "x", "model_index": [
+        {"task_type": "image-classification", "dataset_type": "demo", "dataset_name": "demo:test",
+         "metric_type": "accuracy", "metric_name": "kNN top-1 (k=20)", "metric_value": 71.5}]}))  # fmt: skip
+    folder = prepare_upload_folder(trained, tmp_path / "export", str(tmp_path / "export"), [evaluation])
+    text = (folder / "README.md").read_text()
+    metadata = yaml.safe_load(text.split("---")[1])
+    assert metadata["library_name"] == "transformers" and metadata["pipeline_tag"] == "image-feature-extraction"
+    assert {"self-supervised", "dino", "ibot", "koleo-proto"} <= set(metadata["tags"])
+    result = metadata["model-index"][0]["results"][0]
+    assert result["metrics"][0]["value"] == 71.5 and result["dataset"]["name"] == "demo:test"
+    assert (folder / "prototype_collapse.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| 0.025 |" in text and "prototype_collapse.png" in text
+    snippet = text.split("```python\n")[1].split("```")[0]
+    completed = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, cwd=tmp_path,
+                               env=clean_environment(tmp_path))  # fmt: skip
+    assert completed.returncode == 0, completed.stderr[-2000:]
+
+
+def test_push_then_from_pretrained_round_trip_through_a_loopback_hub(trained, tmp_path, hub):
+    state, endpoint = hub
+    command = [sys.executable, str(ROOT / "scripts" / "push_to_hub.py"), "--checkpoint", str(trained), "--repo-id",
+               "tester/koleo-tiny", "--private", "--revision", "experiment", "--commit-message", "first push"]  # fmt: skip
+    environment = clean_environment(tmp_path, HF_ENDPOINT=endpoint, HF_TOKEN="hf_secret_token")
+    environment["PYTHONPATH"] = str(ROOT)
+    pushed = subprocess.run(command, capture_output=True, text=True, env=environment)
+    assert pushed.returncode == 0, pushed.stderr[-3000:]
+    repo = state.repos["tester/koleo-tiny"]
+    assert repo["private"] and repo["branches"]["experiment"]["summary"] == "first push"
+    assert {"config.json", "model.safetensors", "preprocessor_config.json", "README.md"} <= set(
+        repo["branches"]["experiment"]["files"]
+    )
+    assert all(auth == "Bearer hf_secret_token" for method, path, auth in state.requests if method == "POST")
+    assert repo["branches"]["main"]["files"] == {}  # the push went to the branch only
+    pixels = torch.randn(1, 3, 8, 8)
+    loaded = stock_load("tester/koleo-tiny", pixels, tmp_path, "experiment", HF_ENDPOINT=endpoint,
+                        HF_TOKEN="hf_secret_token")  # fmt: skip
+    assert torch.allclose(torch.tensor(loaded["features"]), teacher_features(trained, pixels), atol=1e-5)
+
+
+def test_dry_run_writes_the_upload_folder_and_contacts_nobody(trained, tmp_path, hub):
+    state, endpoint = hub
+    preview = tmp_path / "preview"
+    command = [sys.executable, str(ROOT / "scripts" / "push_to_hub.py"), "--checkpoint", str(trained), "--repo-id",
+               "tester/koleo-tiny", "--dry-run", str(preview), "--include-pretraining-model"]  # fmt: skip
+    environment = clean_environment(tmp_path, HF_ENDPOINT=endpoint)
+    environment["PYTHONPATH"] = str(ROOT)
+    completed = subprocess.run(command, capture_output=True, text=True, env=environment)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "dry run" in completed.stdout and state.requests == []
+    assert (preview / "README.md").exists() and (preview / "pretraining" / "modeling_koleo_dino.py").exists()
+    assert "tester/koleo-tiny" in (preview / "README.md").read_text()
+
+
+def test_pretraining_model_loads_with_trust_remote_code_without_hf_koleo(trained, tmp_path):
+    folder = prepare_upload_folder(trained, tmp_path / "export", "x", include_pretraining_model=True)
+    code = ("import sys; from transformers import AutoModelForPreTraining; "
+            f"m = AutoModelForPreTraining.from_pretrained({str(folder / 'pretraining')!r}, trust_remote_code=True); "
+            "assert 'hf_koleo' not in sys.modules; print(type(m).__name__, m.config.num_prototypes)")  # fmt: skip
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                               env=clean_environment(tmp_path))  # fmt: skip
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert completed.stdout.split() == ["KoLeoDinoForPreTraining", "32"]
+
+
+def test_pickle_checkpoints_are_refused_unless_allowed(trained, tmp_path):
+    model = KoLeoDinoForPreTraining.from_pretrained(trained)
+    model.config.save_pretrained(tmp_path / "pickled")
+    torch.save(model.state_dict(), tmp_path / "pickled" / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="pickle"):
+        load_pretraining_model(tmp_path / "pickled")
+    assert isinstance(load_pretraining_model(tmp_path / "pickled", allow_pickle=True), KoLeoDinoForPreTraining)
