@@ -60,7 +60,8 @@ print(json.dumps({"type": type(model).__name__, "features": features.tolist(), "
 def stock_load(model_id: str, pixels: torch.Tensor, tmp_path: Path, revision="main", **environment) -> dict:
     pixels_file = tmp_path / "pixels.pt"
     torch.save(pixels, pixels_file)
-    result = subprocess.run([sys.executable, "-c", STOCK_LOAD, model_id, str(pixels_file), revision], capture_output=True,
+    command = [sys.executable, "-c", STOCK_LOAD, model_id, str(pixels_file), revision]
+    result = subprocess.run(command, capture_output=True,
                             text=True, cwd=tmp_path, env=clean_environment(tmp_path, **environment))  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -105,7 +106,8 @@ def test_card_has_valid_metadata_model_index_plot_and_runnable_snippet(trained, 
 def test_push_then_from_pretrained_round_trip_through_a_loopback_hub(trained, tmp_path, hub):
     state, endpoint = hub
     command = [sys.executable, str(ROOT / "scripts" / "push_to_hub.py"), "--checkpoint", str(trained), "--repo-id",
-               "tester/koleo-tiny", "--private", "--revision", "experiment", "--commit-message", "first push"]  # fmt: skip
+               "tester/koleo-tiny", "--private", "--revision", "experiment",
+               "--commit-message", "first push"]  # fmt: skip
     environment = clean_environment(tmp_path, HF_ENDPOINT=endpoint, HF_TOKEN="hf_secret_token")
     environment["PYTHONPATH"] = str(ROOT)
     pushed = subprocess.run(command, capture_output=True, text=True, env=environment)
