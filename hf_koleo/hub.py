@@ -36,13 +36,17 @@ def build_image_processor(model_type: str, image_size: int, image_mean, image_st
     if importlib.util.find_spec("torchvision") is None:
         name = f"{name}Pil"
     processor_class = getattr(transformers, name)
-    settings: dict[str, Any] = dict(do_resize=True, do_normalize=True, image_mean=list(image_mean),
-                                    image_std=list(image_std), do_convert_rgb=True)  # fmt: skip
+    settings: dict[str, Any] = dict(
+        do_resize=True, do_normalize=True, image_mean=list(image_mean), image_std=list(image_std), do_convert_rgb=True
+    )
     if model_type == "vit":  # ViTImageProcessor resizes to a fixed size
         settings["size"] = {"height": image_size, "width": image_size}
     else:
-        settings.update(size={"shortest_edge": image_size}, do_center_crop=True,
-                        crop_size={"height": image_size, "width": image_size})  # fmt: skip
+        settings.update(
+            size={"shortest_edge": image_size},
+            do_center_crop=True,
+            crop_size={"height": image_size, "width": image_size},
+        )
     return processor_class(**settings)
 
 
@@ -96,9 +100,11 @@ def export_pretraining_model(model: KoLeoDinoForPreTraining, output_dir: str | o
 
 
 def export_checkpoint(
-    checkpoint: str | os.PathLike, output_dir: str | os.PathLike, include_pretraining_model: bool = False,
+    checkpoint: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    include_pretraining_model: bool = False,
     allow_pickle: bool = False,
-) -> Path:  # fmt: skip
+) -> Path:
     """Export a pretraining checkpoint folder (as written by the trainer) for the Hub.
 
     The image size and normalisation come from the checkpoint's ``preprocessor_config.json``.
@@ -148,8 +154,9 @@ def push_folder(
     api.create_repo(repo_id, private=private, exist_ok=True)
     if revision and revision != "main":
         api.create_branch(repo_id, branch=revision, exist_ok=True)
-    commit = api.upload_folder(folder_path=str(folder), repo_id=repo_id, revision=revision,
-                               commit_message=commit_message)  # fmt: skip
+    commit = api.upload_folder(
+        folder_path=str(folder), repo_id=repo_id, revision=revision, commit_message=commit_message
+    )
     return str(commit)
 
 
@@ -161,15 +168,22 @@ def prepare_upload_folder(
     include_pretraining_model: bool = False,
     allow_pickle: bool = False,
     license: str = "apache-2.0",
-) -> Path:  # fmt: skip
+) -> Path:
     """Export + model card: the exact folder that gets uploaded."""
     from .model_card import build_model_card
 
     output_dir = export_checkpoint(checkpoint, output_dir, include_pretraining_model, allow_pickle)
-    optional = {name: json.loads((output_dir / name).read_text()) if (output_dir / name).exists() else None
-                for name in (RUN_ARGUMENTS_FILE, "prototype_report.json")}  # fmt: skip
+    optional = {
+        name: json.loads((output_dir / name).read_text()) if (output_dir / name).exists() else None
+        for name in (RUN_ARGUMENTS_FILE, "prototype_report.json")
+    }
     build_model_card(
-        output_dir, model_id, load_pretraining_model(checkpoint, allow_pickle), optional["prototype_report.json"],
-        optional[RUN_ARGUMENTS_FILE], evaluation_files, license,
-    )  # fmt: skip
+        output_dir,
+        model_id,
+        load_pretraining_model(checkpoint, allow_pickle),
+        optional["prototype_report.json"],
+        optional[RUN_ARGUMENTS_FILE],
+        evaluation_files,
+        license,
+    )
     return output_dir

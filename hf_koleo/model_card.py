@@ -11,11 +11,29 @@ from .prototypes import nearest_neighbour_distances, unique_prototype_curve
 
 TEMPLATE = Path(__file__).parent / "model_cards" / "koleo_backbone.md"
 PLOT_FILE = "prototype_collapse.png"
-TRAINING_KEYS = ("data", "max_steps", "epochs", "per_device_batch_size", "gradient_accumulation_steps", "base_lr",
-                 "global_crops_size", "local_crops_number", "local_crops_size", "teacher_temperature",
-                 "teacher_momentum", "mixed_precision")  # fmt: skip
-MODEL_KEYS = ("num_prototypes", "koleo_proto_weight", "koleo_proto_on", "ibot_loss_weight", "centring",
-              "student_temperature", "head_bottleneck_size")  # fmt: skip
+TRAINING_KEYS = (
+    "data",
+    "max_steps",
+    "epochs",
+    "per_device_batch_size",
+    "gradient_accumulation_steps",
+    "base_lr",
+    "global_crops_size",
+    "local_crops_number",
+    "local_crops_size",
+    "teacher_temperature",
+    "teacher_momentum",
+    "mixed_precision",
+)
+MODEL_KEYS = (
+    "num_prototypes",
+    "koleo_proto_weight",
+    "koleo_proto_on",
+    "ibot_loss_weight",
+    "centring",
+    "student_temperature",
+    "head_bottleneck_size",
+)
 
 
 def usage_snippet(model_id: str) -> str:
@@ -57,8 +75,9 @@ def plot_prototypes(model, output_path: str | os.PathLike, eps_values) -> Path:
     distances = nearest_neighbour_distances(model.teacher_head.prototypes).cpu().numpy()
     histogram_axis.hist(distances, bins=50, color="tab:blue")
     histogram_axis.axvline(0.025, color="tab:red", linestyle="--", label="eps = 0.025")
-    histogram_axis.set(xlabel="distance to nearest other prototype", ylabel="prototypes",
-                       title="Teacher nearest-neighbour distances")  # fmt: skip
+    histogram_axis.set(
+        xlabel="distance to nearest other prototype", ylabel="prototypes", title="Teacher nearest-neighbour distances"
+    )
     histogram_axis.legend()
     figure.tight_layout()
     figure.savefig(output_path, dpi=110)
@@ -128,8 +147,10 @@ def build_model_card(
     training_rows = [(key, run_arguments[key]) for key in TRAINING_KEYS if key in run_arguments]
     training_rows += [(f"model.{key}", model_config[key]) for key in MODEL_KEYS if key in model_config]
     teacher, student = report.get("teacher/cls", {}), report.get("student/cls", {})
-    unique_rows = [(eps, teacher.get("unique_curve", {}).get(eps, "-"), student.get("unique_curve", {}).get(eps, "-"))
-                   for eps in teacher.get("unique_curve", {})]  # fmt: skip
+    unique_rows = [
+        (eps, teacher.get("unique_curve", {}).get(eps, "-"), student.get("unique_curve", {}).get(eps, "-"))
+        for eps in teacher.get("unique_curve", {})
+    ]
     utilisation = None
     if "utilisation" in teacher:
         utilisation = {
@@ -158,7 +179,7 @@ def build_model_card(
         eval_rows=[
             (r.dataset_name, r.metric_name, f"{r.metric_value:.2f}", baseline.get((r.dataset_name, r.metric_name), "-"))
             for r in eval_results
-        ],  # fmt: skip
+        ],
     )
     card.save(output_dir / "README.md")
     return card

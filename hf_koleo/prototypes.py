@@ -246,9 +246,12 @@ def prototype_report(
     if features is None and pixel_values is not None:
         features = model.head_embeddings(pixel_values, branch="teacher")
     report: dict[str, Any] = {
-        "config": {"num_prototypes": model.config.num_prototypes, "eps": eps,
-                   "n_images": None if features is None else int(features.shape[0])},
-    }  # fmt: skip
+        "config": {
+            "num_prototypes": model.config.num_prototypes,
+            "eps": eps,
+            "n_images": None if features is None else int(features.shape[0]),
+        },
+    }
     for branch in branches:
         for head_name, head in model.prototype_heads(branch).items():
             head_features = features if (branch == "teacher" and head_name == "cls") else None

@@ -1,5 +1,6 @@
 """Benchmarks.
 
+python scripts/benchmark.py all --output docs/benchmarks.md    # the whole suite -> markdown
 python scripts/benchmark.py koleo --num-prototypes 8192 65536 --implementations blocked dense
 python scripts/benchmark.py data --batches 20 --config configs/demo.yaml
 """
@@ -8,13 +9,24 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+from pathlib import Path
 
-from hf_koleo.benchmarking import KOLEO_IMPLEMENTATIONS, measure_data_pipeline, measure_koleo_proto
+from hf_koleo.benchmarking import (
+    KOLEO_IMPLEMENTATIONS,
+    measure_data_pipeline,
+    measure_koleo_proto,
+    render_benchmarks_markdown,
+    run_benchmark_suite,
+)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
+    suite = commands.add_parser("all", help="every benchmark, written as markdown")
+    suite.add_argument("--output", default="docs/benchmarks.md")
+    suite.add_argument("--rounds", type=int, default=5)
     koleo = commands.add_parser("koleo", help="KoLeo-proto forward+backward time and peak memory")
     koleo.add_argument("--num-prototypes", type=int, nargs="+", default=[1024, 8192, 65536])
     koleo.add_argument("--dim", type=int, default=256)
@@ -28,10 +40,17 @@ def main() -> None:
         return
     if run_arguments:
         parser.error(f"unrecognized arguments: {run_arguments}")
+    if arguments.command == "all":
+        results = run_benchmark_suite(rounds=arguments.rounds)
+        command = "python " + " ".join(sys.argv)
+        Path(arguments.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(arguments.output).write_text(render_benchmarks_markdown(results, command))
+        Path(arguments.output).with_suffix(".json").write_text(json.dumps(results, indent=2))
+        print(Path(arguments.output).read_text())
+        return
     for num_prototypes in arguments.num_prototypes:
         for implementation in arguments.implementations:
-            result = measure_koleo_proto(implementation, num_prototypes, arguments.dim, arguments.repeats)
-            print(json.dumps(result), flush=True)
+            print(json.dumps(measure_koleo_proto(implementation, num_prototypes, arguments.dim, arguments.repeats)))
 
 
 if __name__ == "__main__":

@@ -17,8 +17,10 @@ from hf_koleo.evaluation import evaluate_backbone, write_result
 
 
 def summary_lines(result: dict) -> list[str]:
-    lines = [f"model {result['model']}: train {result['data']['train']} ({result['data']['n_train']}), "
-             f"test {result['data']['test']} ({result['data']['n_test']})"]  # fmt: skip
+    lines = [
+        f"model {result['model']}: train {result['data']['train']} ({result['data']['n_train']}), "
+        f"test {result['data']['test']} ({result['data']['n_test']})"
+    ]
     for entry in result["model_index"]:
         lines.append(f"  {entry['metric_name']:<36} {entry['metric_value']:6.2f}")
     return lines
@@ -41,9 +43,17 @@ def main() -> None:
     arguments = parser.parse_args()
     try:
         result = evaluate_backbone(
-            arguments.protocol, arguments.model, arguments.train_data, arguments.test_data, arguments.batch_size,
-            arguments.limit_train, arguments.limit_test, arguments.device, arguments.seed, not arguments.no_cache,
-        )  # fmt: skip
+            arguments.protocol,
+            arguments.model,
+            arguments.train_data,
+            arguments.test_data,
+            arguments.batch_size,
+            arguments.limit_train,
+            arguments.limit_test,
+            arguments.device,
+            arguments.seed,
+            not arguments.no_cache,
+        )
     except (ValueError, FileNotFoundError, OSError) as error:
         sys.exit(f"evaluate.py: error: {error}")
     write_result(result, arguments.output)

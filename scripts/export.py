@@ -27,9 +27,15 @@ def main() -> None:
     parser.add_argument("--license", default="apache-2.0")
     arguments = parser.parse_args()
     try:
-        folder = prepare_upload_folder(arguments.checkpoint, arguments.output, arguments.model_id or arguments.output,
-                                       arguments.eval_results, arguments.include_pretraining_model,
-                                       arguments.allow_pickle, arguments.license)  # fmt: skip
+        folder = prepare_upload_folder(
+            arguments.checkpoint,
+            arguments.output,
+            arguments.model_id or arguments.output,
+            arguments.eval_results,
+            arguments.include_pretraining_model,
+            arguments.allow_pickle,
+            arguments.license,
+        )
     except (ValueError, FileNotFoundError, OSError) as error:
         sys.exit(f"export.py: error: {error}")
     print(f"exported to {folder}: " + ", ".join(sorted(path.name for path in folder.iterdir())))

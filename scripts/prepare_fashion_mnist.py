@@ -23,9 +23,14 @@ def main() -> None:
     parser.add_argument("--raw-dir", default=str(RAW_DIR))
     arguments = parser.parse_args()
     output = prepare_fashion_mnist(
-        arguments.output, arguments.split, arguments.imbalance_ratio, arguments.per_class, arguments.n_shards,
-        arguments.seed, arguments.raw_dir,
-    )  # fmt: skip
+        arguments.output,
+        arguments.split,
+        arguments.imbalance_ratio,
+        arguments.per_class,
+        arguments.n_shards,
+        arguments.seed,
+        arguments.raw_dir,
+    )
     print(json.dumps(json.loads((output / "metadata.json").read_text()), indent=2))
 
 

@@ -35,18 +35,27 @@ def main() -> None:
     arguments = parser.parse_args()
     with tempfile.TemporaryDirectory() as staging:
         try:
-            folder = prepare_upload_folder(arguments.checkpoint, arguments.dry_run or staging, arguments.repo_id,
-                                           arguments.eval_results, arguments.include_pretraining_model,
-                                           arguments.allow_pickle, arguments.license)  # fmt: skip
+            folder = prepare_upload_folder(
+                arguments.checkpoint,
+                arguments.dry_run or staging,
+                arguments.repo_id,
+                arguments.eval_results,
+                arguments.include_pretraining_model,
+                arguments.allow_pickle,
+                arguments.license,
+            )
         except (ValueError, FileNotFoundError, OSError) as error:
             sys.exit(f"push_to_hub.py: error: {error}")
         files = sorted(str(path.relative_to(folder)) for path in folder.rglob("*") if path.is_file())
         if arguments.dry_run:
-            print(f"dry run: would upload to {arguments.repo_id} ({'private' if arguments.private else 'public'}, "
-                  f"revision {arguments.revision or 'main'}): {files}")  # fmt: skip
+            print(
+                f"dry run: would upload to {arguments.repo_id} ({'private' if arguments.private else 'public'}, "
+                f"revision {arguments.revision or 'main'}): {files}"
+            )
             return
-        url = push_folder(folder, arguments.repo_id, arguments.private, arguments.revision, arguments.commit_message,
-                          arguments.token)  # fmt: skip
+        url = push_folder(
+            folder, arguments.repo_id, arguments.private, arguments.revision, arguments.commit_message, arguments.token
+        )
     print(f"pushed {len(files)} files: {url}")
 
 

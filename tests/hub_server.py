@@ -106,8 +106,7 @@ class HubHandler(BaseHTTPRequestHandler):
             if repo_id in self.state.repos:
                 return self._error(409, "RepoExists", "You already created this model repo")
             private = bool(payload.get("private")) or payload.get("visibility") == "private"
-            self.state.repos[repo_id] = {"private": private,
-                                         "branches": {"main": {"files": {}, "sha": "0" * 40}}}  # fmt: skip
+            self.state.repos[repo_id] = {"private": private, "branches": {"main": {"files": {}, "sha": "0" * 40}}}
         port = self.server.server_address[1]
         self._json(200, {"url": f"http://127.0.0.1:{port}/{repo_id}", "name": repo_id, "id": repo_id})
 
@@ -145,8 +144,14 @@ class HubHandler(BaseHTTPRequestHandler):
         branch["sha"] = _sha((branch["sha"] + summary + str(sorted(branch["files"]))).encode())
         branch["summary"] = summary
         port = self.server.server_address[1]
-        self._json(200, {"commitUrl": f"http://127.0.0.1:{port}/{repo_id}/commit/{branch['sha']}",
-                         "commitOid": branch["sha"], "pullRequestUrl": None})  # fmt: skip
+        self._json(
+            200,
+            {
+                "commitUrl": f"http://127.0.0.1:{port}/{repo_id}/commit/{branch['sha']}",
+                "commitOid": branch["sha"],
+                "pullRequestUrl": None,
+            },
+        )
 
     @staticmethod
     def _branch(repo: dict, revision: str) -> dict | None:
@@ -162,8 +167,16 @@ class HubHandler(BaseHTTPRequestHandler):
         branch = self._branch(repo, revision)
         if branch is None:
             return self._error(404, "RevisionNotFound", f"Invalid rev id: {revision}")
-        self._json(200, {"id": repo_id, "modelId": repo_id, "sha": branch["sha"], "private": repo["private"],
-                         "siblings": [{"rfilename": name} for name in sorted(branch["files"])]})  # fmt: skip
+        self._json(
+            200,
+            {
+                "id": repo_id,
+                "modelId": repo_id,
+                "sha": branch["sha"],
+                "private": repo["private"],
+                "siblings": [{"rfilename": name} for name in sorted(branch["files"])],
+            },
+        )
 
     def _resolve(self, repo_id: str, revision: str, filename: str) -> None:
         repo = self._repo(repo_id)

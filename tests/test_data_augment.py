@@ -18,8 +18,9 @@ IDENTITY = [1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0]
 
 
 def small_config(**overrides):
-    settings = dict(global_crops_size=16, local_crops_size=8, local_crops_number=3, image_mean=[0.5] * 3,
-                    image_std=[0.5] * 3)  # fmt: skip
+    settings = dict(
+        global_crops_size=16, local_crops_size=8, local_crops_number=3, image_mean=[0.5] * 3, image_std=[0.5] * 3
+    )
     settings.update(overrides)
     return MultiCropConfig(**settings)
 
@@ -47,8 +48,9 @@ def test_same_seed_same_views_different_seed_different_views():
 
 def test_first_global_crop_always_blurred_never_solarised_by_default():
     augmentation = MultiCropAugmentation(small_config())
-    rows = torch.stack([augmentation.sample(random_image(), torch.Generator().manual_seed(s))["global_params"]
-                        for s in range(50)])  # fmt: skip
+    rows = torch.stack(
+        [augmentation.sample(random_image(), torch.Generator().manual_seed(s))["global_params"] for s in range(50)]
+    )
     assert (rows[:, 0, BLUR_SIGMA] > 0).all() and (rows[:, 0, SOLARIZE] == 0).all()
     assert (rows[:, 1, SOLARIZE] == 1).any()
 
@@ -92,9 +94,15 @@ def test_random_resized_crop_stays_inside_the_image():
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("global_crops_scale", [0.5, 0.2]), ("local_crops_scale", [0.1, 1.5]), ("blur_probability", [1.0, 0.5]),
-     ("jitter_probability", 2.0), ("image_std", [0.0, 1.0, 1.0]), ("local_crops_number", -1)],
-)  # fmt: skip
+    [
+        ("global_crops_scale", [0.5, 0.2]),
+        ("local_crops_scale", [0.1, 1.5]),
+        ("blur_probability", [1.0, 0.5]),
+        ("jitter_probability", 2.0),
+        ("image_std", [0.0, 1.0, 1.0]),
+        ("local_crops_number", -1),
+    ],
+)
 def test_invalid_settings_name_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         MultiCropAugmentation(small_config(**{field: value}))

@@ -11,8 +11,9 @@ AUGMENTATION = MultiCropAugmentation(MultiCropConfig(global_crops_size=8, local_
 
 def make_stream(path, batch_size=4, position=(0, 0), buffer=8, rank=0, world_size=1, masking=None):
     source = shard_source(load_source(str(path)), rank=rank, world_size=world_size, strategy="examples")
-    return MultiCropStream(source, AUGMENTATION, batch_size, seed=3, masking=masking, position=position,
-                           shuffle_buffer=buffer)  # fmt: skip
+    return MultiCropStream(
+        source, AUGMENTATION, batch_size, seed=3, masking=masking, position=position, shuffle_buffer=buffer
+    )
 
 
 def take(stream, n, num_workers=0):

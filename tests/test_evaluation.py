@@ -125,10 +125,25 @@ def test_evaluate_script_writes_one_json_with_the_setup(tmp_path, cache):
     train = colour_dataset(tmp_path / "train.parquet", seed=0)
     test = colour_dataset(tmp_path / "test.parquet", seed=1)
     output = tmp_path / "result.json"
-    command = [sys.executable, str(ROOT / "scripts" / "evaluate.py"), "all", "--model", model, "--train-data", train,
-               "--test-data", test, "--output", str(output)]  # fmt: skip
-    completed = subprocess.run(command, capture_output=True, text=True, env={"HF_KOLEO_CACHE": str(cache),
-                               "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"})  # fmt: skip
+    command = [
+        sys.executable,
+        str(ROOT / "scripts" / "evaluate.py"),
+        "all",
+        "--model",
+        model,
+        "--train-data",
+        train,
+        "--test-data",
+        test,
+        "--output",
+        str(output),
+    ]
+    completed = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        env={"HF_KOLEO_CACHE": str(cache), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"},
+    )
     assert completed.returncode == 0, completed.stderr[-2000:]
     result = json.loads(output.read_text())
     assert set(result["protocols"]) == {"knn", "linear", "fewshot"}

@@ -61,8 +61,9 @@ def stock_load(model_id: str, pixels: torch.Tensor, tmp_path: Path, revision="ma
     pixels_file = tmp_path / "pixels.pt"
     torch.save(pixels, pixels_file)
     command = [sys.executable, "-c", STOCK_LOAD, model_id, str(pixels_file), revision]
-    result = subprocess.run(command, capture_output=True,
-                            text=True, cwd=tmp_path, env=clean_environment(tmp_path, **environment))  # fmt: skip
+    result = subprocess.run(
+        command, capture_output=True, text=True, cwd=tmp_path, env=clean_environment(tmp_path, **environment)
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -85,9 +86,23 @@ def test_export_loads_with_stock_transformers_in_a_fresh_process(trained, tmp_pa
 
 def test_card_has_valid_metadata_model_index_plot_and_runnable_snippet(trained, tmp_path):
     evaluation = tmp_path / "eval.json"
-    evaluation.write_text(json.dumps({"model": "x", "model_index": [
-        {"task_type": "image-classification", "dataset_type": "demo", "dataset_name": "demo:test",
-         "metric_type": "accuracy", "metric_name": "kNN top-1 (k=20)", "metric_value": 71.5}]}))  # fmt: skip
+    evaluation.write_text(
+        json.dumps(
+            {
+                "model": "x",
+                "model_index": [
+                    {
+                        "task_type": "image-classification",
+                        "dataset_type": "demo",
+                        "dataset_name": "demo:test",
+                        "metric_type": "accuracy",
+                        "metric_name": "kNN top-1 (k=20)",
+                        "metric_value": 71.5,
+                    }
+                ],
+            }
+        )
+    )
     folder = prepare_upload_folder(trained, tmp_path / "export", str(tmp_path / "export"), [evaluation])
     text = (folder / "README.md").read_text()
     metadata = yaml.safe_load(text.split("---")[1])
@@ -98,16 +113,27 @@ def test_card_has_valid_metadata_model_index_plot_and_runnable_snippet(trained, 
     assert (folder / "prototype_collapse.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| 0.025 |" in text and "prototype_collapse.png" in text
     snippet = text.split("```python\n")[1].split("```")[0]
-    completed = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, cwd=tmp_path,
-                               env=clean_environment(tmp_path))  # fmt: skip
+    completed = subprocess.run(
+        [sys.executable, "-c", snippet], capture_output=True, text=True, cwd=tmp_path, env=clean_environment(tmp_path)
+    )
     assert completed.returncode == 0, completed.stderr[-2000:]
 
 
 def test_push_then_from_pretrained_round_trip_through_a_loopback_hub(trained, tmp_path, hub):
     state, endpoint = hub
-    command = [sys.executable, str(ROOT / "scripts" / "push_to_hub.py"), "--checkpoint", str(trained), "--repo-id",
-               "tester/koleo-tiny", "--private", "--revision", "experiment",
-               "--commit-message", "first push"]  # fmt: skip
+    command = [
+        sys.executable,
+        str(ROOT / "scripts" / "push_to_hub.py"),
+        "--checkpoint",
+        str(trained),
+        "--repo-id",
+        "tester/koleo-tiny",
+        "--private",
+        "--revision",
+        "experiment",
+        "--commit-message",
+        "first push",
+    ]
     environment = clean_environment(tmp_path, HF_ENDPOINT=endpoint, HF_TOKEN="hf_secret_token")
     environment["PYTHONPATH"] = str(ROOT)
     pushed = subprocess.run(command, capture_output=True, text=True, env=environment)
@@ -120,16 +146,26 @@ def test_push_then_from_pretrained_round_trip_through_a_loopback_hub(trained, tm
     assert all(auth == "Bearer hf_secret_token" for method, path, auth in state.requests if method == "POST")
     assert repo["branches"]["main"]["files"] == {}  # the push went to the branch only
     pixels = torch.randn(1, 3, 8, 8)
-    loaded = stock_load("tester/koleo-tiny", pixels, tmp_path, "experiment", HF_ENDPOINT=endpoint,
-                        HF_TOKEN="hf_secret_token")  # fmt: skip
+    loaded = stock_load(
+        "tester/koleo-tiny", pixels, tmp_path, "experiment", HF_ENDPOINT=endpoint, HF_TOKEN="hf_secret_token"
+    )
     assert torch.allclose(torch.tensor(loaded["features"]), teacher_features(trained, pixels), atol=1e-5)
 
 
 def test_dry_run_writes_the_upload_folder_and_contacts_nobody(trained, tmp_path, hub):
     state, endpoint = hub
     preview = tmp_path / "preview"
-    command = [sys.executable, str(ROOT / "scripts" / "push_to_hub.py"), "--checkpoint", str(trained), "--repo-id",
-               "tester/koleo-tiny", "--dry-run", str(preview), "--include-pretraining-model"]  # fmt: skip
+    command = [
+        sys.executable,
+        str(ROOT / "scripts" / "push_to_hub.py"),
+        "--checkpoint",
+        str(trained),
+        "--repo-id",
+        "tester/koleo-tiny",
+        "--dry-run",
+        str(preview),
+        "--include-pretraining-model",
+    ]
     environment = clean_environment(tmp_path, HF_ENDPOINT=endpoint)
     environment["PYTHONPATH"] = str(ROOT)
     completed = subprocess.run(command, capture_output=True, text=True, env=environment)
@@ -141,11 +177,14 @@ def test_dry_run_writes_the_upload_folder_and_contacts_nobody(trained, tmp_path,
 
 def test_pretraining_model_loads_with_trust_remote_code_without_hf_koleo(trained, tmp_path):
     folder = prepare_upload_folder(trained, tmp_path / "export", "x", include_pretraining_model=True)
-    code = ("import sys; from transformers import AutoModelForPreTraining; "
-            f"m = AutoModelForPreTraining.from_pretrained({str(folder / 'pretraining')!r}, trust_remote_code=True); "
-            "assert 'hf_koleo' not in sys.modules; print(type(m).__name__, m.config.num_prototypes)")  # fmt: skip
-    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
-                               env=clean_environment(tmp_path))  # fmt: skip
+    code = (
+        "import sys; from transformers import AutoModelForPreTraining; "
+        f"m = AutoModelForPreTraining.from_pretrained({str(folder / 'pretraining')!r}, trust_remote_code=True); "
+        "assert 'hf_koleo' not in sys.modules; print(type(m).__name__, m.config.num_prototypes)"
+    )
+    completed = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=clean_environment(tmp_path)
+    )
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert completed.stdout.split() == ["KoLeoDinoForPreTraining", "32"]
 

@@ -18,16 +18,57 @@ from hf_koleo.training.trainer import NonFiniteLossError, pretrain
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_RUN = [
-    "--max_steps", "4", "--per_device_batch_size", "4", "--num_workers", "0", "--report_to", "none",
-    "--global_crops_size", "8", "--local_crops_size", "4", "--local_crops_number", "2", "--warmup_epochs", "0",
-    "--teacher_temperature_warmup_epochs", "0", "--freeze_last_layer_epochs", "0", "--base_lr", "0.05",
-    "--log_every", "1", "--proto_every", "2", "--save_every", "2", "--keep_last", "5", "--report_images", "8",
-    "--shuffle_buffer", "0", "--seed", "7",
-    "--model.backbone_config", "{hidden_size: 16, num_hidden_layers: 1, num_attention_heads: 2, mlp_ratio: 2, "
-    "image_size: 8, patch_size: 4}",
-    "--model.num_prototypes", "32", "--model.head_hidden_size", "16", "--model.head_bottleneck_size", "8",
-    "--model.ibot_loss_weight", "1.0", "--model.mask_probability", "1.0", "--model.koleo_proto_weight", "0.1",
-]  # fmt: skip
+    "--max_steps",
+    "4",
+    "--per_device_batch_size",
+    "4",
+    "--num_workers",
+    "0",
+    "--report_to",
+    "none",
+    "--global_crops_size",
+    "8",
+    "--local_crops_size",
+    "4",
+    "--local_crops_number",
+    "2",
+    "--warmup_epochs",
+    "0",
+    "--teacher_temperature_warmup_epochs",
+    "0",
+    "--freeze_last_layer_epochs",
+    "0",
+    "--base_lr",
+    "0.05",
+    "--log_every",
+    "1",
+    "--proto_every",
+    "2",
+    "--save_every",
+    "2",
+    "--keep_last",
+    "5",
+    "--report_images",
+    "8",
+    "--shuffle_buffer",
+    "0",
+    "--seed",
+    "7",
+    "--model.backbone_config",
+    "{hidden_size: 16, num_hidden_layers: 1, num_attention_heads: 2, mlp_ratio: 2, image_size: 8, patch_size: 4}",
+    "--model.num_prototypes",
+    "32",
+    "--model.head_hidden_size",
+    "16",
+    "--model.head_bottleneck_size",
+    "8",
+    "--model.ibot_loss_weight",
+    "1.0",
+    "--model.mask_probability",
+    "1.0",
+    "--model.koleo_proto_weight",
+    "0.1",
+]
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +77,9 @@ def data_path(tmp_path_factory):
 
 
 def run(data_path, output_dir, *extra):
-    arguments, model_config = parse_pretraining_args([*TINY_RUN, "--data", str(data_path), "--output_dir",
-                                                      str(output_dir), *extra])  # fmt: skip
+    arguments, model_config = parse_pretraining_args(
+        [*TINY_RUN, "--data", str(data_path), "--output_dir", str(output_dir), *extra]
+    )
     return pretrain(arguments, model_config)
 
 
@@ -59,8 +101,9 @@ def test_yaml_config_with_cli_overrides_and_unknown_keys(tmp_path):
     config.write_text(
         "max_steps: 10\nbase_lr: 0.1\nmodel:\n  num_prototypes: 64\n  backbone_config:\n    hidden_size: 32\n"
     )
-    arguments, model_config = parse_pretraining_args(["--config", str(config), "--base_lr", "0.2",
-                                                      "--model.num_prototypes", "128"])  # fmt: skip
+    arguments, model_config = parse_pretraining_args(
+        ["--config", str(config), "--base_lr", "0.2", "--model.num_prototypes", "128"]
+    )
     assert (arguments.max_steps, arguments.base_lr) == (10, 0.2)
     assert model_config.num_prototypes == 128 and model_config.backbone_config.hidden_size == 32
     config.write_text("max_steps: 10\nlearning_rate: 0.1\n")
@@ -162,11 +205,32 @@ def test_non_finite_loss_stops_with_a_diagnostic_checkpoint(data_path, tmp_path,
 
 
 def launch(data_path, output_dir, num_processes, batch_size):
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", str(num_processes),
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               str(ROOT / "scripts" / "pretrain.py"), *TINY_RUN, "--data", str(data_path), "--output_dir",
-               str(output_dir), "--max_steps", "1", "--per_device_batch_size", str(batch_size),
-               "--split_strategy", "examples"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--cpu",
+        "--num_processes",
+        str(num_processes),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        str(ROOT / "scripts" / "pretrain.py"),
+        *TINY_RUN,
+        "--data",
+        str(data_path),
+        "--output_dir",
+        str(output_dir),
+        "--max_steps",
+        "1",
+        "--per_device_batch_size",
+        str(batch_size),
+        "--split_strategy",
+        "examples",
+    ]
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

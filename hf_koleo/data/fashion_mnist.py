@@ -14,8 +14,17 @@ from PIL import Image
 
 RAW_DIR = Path("/usr/share/datasets/fashion-mnist")
 CLASS_NAMES = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-)  # fmt: skip
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
 RAW_FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
@@ -152,6 +161,10 @@ def prepare_fashion_mnist(
         indices = long_tailed_indices(labels, imbalance_ratio, seed)
     elif per_class is not None:
         indices = balanced_indices(labels, per_class, seed)
-    metadata = {"source": f"fashion_mnist:{split}", "imbalance_ratio": imbalance_ratio, "per_class": per_class,
-                "seed": seed}  # fmt: skip
+    metadata = {
+        "source": f"fashion_mnist:{split}",
+        "imbalance_ratio": imbalance_ratio,
+        "per_class": per_class,
+        "seed": seed,
+    }
     return write_parquet_shards(images[indices], labels[indices], output_dir, n_shards, metadata)

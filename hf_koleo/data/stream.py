@@ -163,9 +163,13 @@ class MultiCropStream(torch.utils.data.IterableDataset):
             if self.masking is not None:
                 settings = self.masking
                 views["masks"] = sample_crop_masks(
-                    views["global_crops"].shape[0], settings.grid_size, settings.grid_size,
-                    settings.ratio_range, settings.probability, generator,
-                )  # fmt: skip
+                    views["global_crops"].shape[0],
+                    settings.grid_size,
+                    settings.grid_size,
+                    settings.ratio_range,
+                    settings.probability,
+                    generator,
+                )
             samples.append(views)
             label = record.get("label")
             labels.append(-1 if label is None else int(label))

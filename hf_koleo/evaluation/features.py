@@ -148,8 +148,9 @@ def extract_features(
     bar.close()
     if not labels:
         raise ValueError(f"no decodable images in {data}")
-    features = FeatureSet(torch.cat(cls_rows), torch.cat(patch_rows) if patch_rows else None,
-                          torch.tensor(labels), skipped)  # fmt: skip
+    features = FeatureSet(
+        torch.cat(cls_rows), torch.cat(patch_rows) if patch_rows else None, torch.tensor(labels), skipped
+    )
     if use_cache:
         tensors = {"cls": features.cls, "labels": features.labels, "skipped": torch.tensor(skipped)}
         if features.patch_mean is not None:

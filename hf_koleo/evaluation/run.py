@@ -37,14 +37,21 @@ def evaluate_backbone(
     test = extract_features(model, test_data, batch_size, limit_test, device, pixel_size, use_cache=use_cache)
     result = {
         "model": model,
-        "data": {"train": train_data, "test": test_data, "n_train": len(train.labels), "n_test": len(test.labels),
-                 "skipped_train": train.skipped, "skipped_test": test.skipped,
-                 "limit_train": limit_train, "limit_test": limit_test},
+        "data": {
+            "train": train_data,
+            "test": test_data,
+            "n_train": len(train.labels),
+            "n_test": len(test.labels),
+            "skipped_train": train.skipped,
+            "skipped_test": test.skipped,
+            "limit_train": limit_train,
+            "limit_test": limit_test,
+        },
         "feature_dim": {"cls": train.cls.shape[1], "probe": train.probe_features().shape[1]},
         "seed": seed,
         "protocols": run_protocols(names, train, test, seed),
         "environment": {"transformers": transformers.__version__, "python": platform.python_version()},
-    }  # fmt: skip
+    }
     result["model_index"] = model_index_results(result)
     return result
 
@@ -57,29 +64,39 @@ def model_index_results(result: dict[str, Any]) -> list[dict[str, Any]]:
         knn = protocols["knn"]
         k = "20" if "20" in knn["by_k"] else str(knn["best_k"])
         metrics.append({"type": "accuracy", "name": f"kNN top-1 (k={k})", "value": knn["by_k"][k]["accuracy"]})
-        metrics.append({"type": "balanced_accuracy", "name": f"kNN balanced accuracy (k={k})",
-                        "value": knn["by_k"][k]["balanced_accuracy"]})  # fmt: skip
+        metrics.append(
+            {
+                "type": "balanced_accuracy",
+                "name": f"kNN balanced accuracy (k={k})",
+                "value": knn["by_k"][k]["balanced_accuracy"],
+            }
+        )
     if "linear" in protocols:
         test = protocols["linear"]["test"]
         metrics.append({"type": "accuracy", "name": "linear probe top-1", "value": test["accuracy"]})
-        metrics.append({"type": "balanced_accuracy", "name": "linear probe balanced accuracy",
-                        "value": test["balanced_accuracy"]})  # fmt: skip
+        metrics.append(
+            {"type": "balanced_accuracy", "name": "linear probe balanced accuracy", "value": test["balanced_accuracy"]}
+        )
     if "fewshot" in protocols:
         for shots, row in protocols["fewshot"]["by_shots"].items():
-            metrics.append({"type": "accuracy", "name": f"{shots}-shot linear top-1 (mean)",
-                            "value": row["accuracy_mean"]})  # fmt: skip
+            metrics.append(
+                {"type": "accuracy", "name": f"{shots}-shot linear top-1 (mean)", "value": row["accuracy_mean"]}
+            )
     data = result["data"]
     dataset_type = data["test"].split(":")[0]
-    return [{
-        "task_type": "image-classification",
-        "task_name": "Frozen-feature classification",
-        "dataset_type": dataset_type,
-        "dataset_name": data["test"],
-        "dataset_split": data["test"].split(":")[1] if ":" in data["test"] else "test",
-        "metric_type": metric["type"],
-        "metric_name": metric["name"],
-        "metric_value": round(metric["value"], 2),
-    } for metric in metrics]  # fmt: skip
+    return [
+        {
+            "task_type": "image-classification",
+            "task_name": "Frozen-feature classification",
+            "dataset_type": dataset_type,
+            "dataset_name": data["test"],
+            "dataset_split": data["test"].split(":")[1] if ":" in data["test"] else "test",
+            "metric_type": metric["type"],
+            "metric_name": metric["name"],
+            "metric_value": round(metric["value"], 2),
+        }
+        for metric in metrics
+    ]
 
 
 def write_result(result: dict[str, Any], output: str | os.PathLike) -> Path:

@@ -64,14 +64,33 @@ class PretrainingArguments(MultiCropConfig):
     def check(self) -> None:
         """Raise ``ValueError`` naming the first invalid value."""
         self.check_augmentation()
-        positive = ("per_device_batch_size", "gradient_accumulation_steps", "log_every", "proto_every",
-                    "save_every", "keep_last")  # fmt: skip
+        positive = (
+            "per_device_batch_size",
+            "gradient_accumulation_steps",
+            "log_every",
+            "proto_every",
+            "save_every",
+            "keep_last",
+        )
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        non_negative = ("max_steps", "epochs", "dataset_size", "base_lr", "min_lr", "warmup_epochs", "weight_decay",
-                        "weight_decay_end", "teacher_temperature_warmup_epochs", "freeze_last_layer_epochs",
-                        "clip_grad", "num_workers", "shuffle_buffer", "report_images")  # fmt: skip
+        non_negative = (
+            "max_steps",
+            "epochs",
+            "dataset_size",
+            "base_lr",
+            "min_lr",
+            "warmup_epochs",
+            "weight_decay",
+            "weight_decay_end",
+            "teacher_temperature_warmup_epochs",
+            "freeze_last_layer_epochs",
+            "clip_grad",
+            "num_workers",
+            "shuffle_buffer",
+            "report_images",
+        )
         for name in non_negative:
             value = getattr(self, name)
             if not value >= 0:

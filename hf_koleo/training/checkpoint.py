@@ -58,9 +58,15 @@ def resolve_resume(output_dir: str | os.PathLike, resume: str) -> Path | None:
 
 
 def save_checkpoint(
-    accelerator: Accelerator, output_dir: str | os.PathLike, state: TrainerState, model_config, keep_last: int,
-    name: str | None = None, image_processor=None, run_arguments: dict | None = None,
-) -> Path:  # fmt: skip
+    accelerator: Accelerator,
+    output_dir: str | os.PathLike,
+    state: TrainerState,
+    model_config,
+    keep_last: int,
+    name: str | None = None,
+    image_processor=None,
+    run_arguments: dict | None = None,
+) -> Path:
     """Save model, optimiser, RNG states, trainer state and model config; atomically.
 
     Every process takes part (Accelerate writes per-process RNG states). The folder is loadable

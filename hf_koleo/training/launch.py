@@ -46,8 +46,19 @@ def relaunch_as_cpu_processes(script: str, argv: list[str]) -> None:
     if n_processes <= 1:
         return
     port = os.environ.get("MASTER_PORT", "29500")
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n_processes),
-               "--master_addr", "127.0.0.1", "--master_port", port, script, *argv]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(n_processes),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        port,
+        script,
+        *argv,
+    ]
     sys.stdout.flush()
     os.execv(sys.executable, command)
 

@@ -43,13 +43,20 @@ class DataPipeline:
         self.dataset_size = arguments.dataset_size or count_records(arguments.data) or 0
         masking = None
         if model_config.ibot_loss_weight > 0:
-            masking = MaskSettings(arguments.global_crops_size // patch, tuple(model_config.mask_ratio_min_max),
-                                   model_config.mask_probability)  # fmt: skip
+            masking = MaskSettings(
+                arguments.global_crops_size // patch,
+                tuple(model_config.mask_ratio_min_max),
+                model_config.mask_probability,
+            )
         stream = MultiCropStream(
             shard_source(self.source, accelerator.process_index, accelerator.num_processes, arguments.split_strategy),
-            self.augmentation, arguments.per_device_batch_size, arguments.seed, masking, position,
+            self.augmentation,
+            arguments.per_device_batch_size,
+            arguments.seed,
+            masking,
+            position,
             arguments.shuffle_buffer,
-        )  # fmt: skip
+        )
         self.loader = torch.utils.data.DataLoader(
             stream,
             batch_size=None,

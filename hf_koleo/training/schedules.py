@@ -5,8 +5,9 @@ from __future__ import annotations
 import math
 
 
-def cosine_schedule(step: int, total_steps: int, start: float, end: float, warmup_steps: int = 0,
-                    warmup_start: float = 0.0) -> float:  # fmt: skip
+def cosine_schedule(
+    step: int, total_steps: int, start: float, end: float, warmup_steps: int = 0, warmup_start: float = 0.0
+) -> float:
     """Linear warm-up from ``warmup_start`` to ``start`` over ``warmup_steps``, then cosine to ``end``.
 
     The cosine reaches ``end`` at ``total_steps - 1`` and stays there afterwards.

@@ -76,10 +76,16 @@ def pretrain(arguments: PretrainingArguments, model_config: KoLeoDinoConfig) -> 
         output_dir.mkdir(parents=True, exist_ok=True)
     accelerator.init_trackers("hf_koleo", config=_tracker_config(arguments, model_config))
 
-    progress = tqdm(total=total_steps, initial=state.step, disable=not accelerator.is_local_main_process,
-                    desc="pretraining", dynamic_ncols=True)  # fmt: skip
-    image_processor = build_image_processor(model_config.backbone_config.model_type, arguments.global_crops_size,
-                                            arguments.image_mean, arguments.image_std)  # fmt: skip
+    progress = tqdm(
+        total=total_steps,
+        initial=state.step,
+        disable=not accelerator.is_local_main_process,
+        desc="pretraining",
+        dynamic_ncols=True,
+    )
+    image_processor = build_image_processor(
+        model_config.backbone_config.model_type, arguments.global_crops_size, arguments.image_mean, arguments.image_std
+    )
     assignment_counts = torch.zeros(model_config.num_prototypes, device=accelerator.device, dtype=torch.long)
     window_start, window_images = time.perf_counter(), 0
     output = None
@@ -90,9 +96,11 @@ def pretrain(arguments: PretrainingArguments, model_config: KoLeoDinoConfig) -> 
             batch = data.next_batch(state)
             with accelerator.accumulate(model):
                 output = model(
-                    batch["global_crops"], batch.get("local_crops"), batch.get("masks"),
+                    batch["global_crops"],
+                    batch.get("local_crops"),
+                    batch.get("masks"),
                     teacher_temperature=values.teacher_temperature,
-                )  # fmt: skip
+                )
                 _stop_if_not_finite(accelerator, output, state, arguments, model_config, batch)
                 accelerator.backward(output.loss)
                 if accelerator.sync_gradients:
@@ -102,8 +110,9 @@ def pretrain(arguments: PretrainingArguments, model_config: KoLeoDinoConfig) -> 
                         accelerator.clip_grad_norm_(model.parameters(), arguments.clip_grad)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            assignment_counts += torch.bincount(output.teacher_cls_assignments.flatten(),
-                                                minlength=model_config.num_prototypes)  # fmt: skip
+            assignment_counts += torch.bincount(
+                output.teacher_cls_assignments.flatten(), minlength=model_config.num_prototypes
+            )
             images = batch["global_crops"].shape[0] * accelerator.num_processes
             state.images_seen += images
             window_images += images
@@ -114,8 +123,12 @@ def pretrain(arguments: PretrainingArguments, model_config: KoLeoDinoConfig) -> 
         if state.step % arguments.log_every == 0 or state.step == total_steps:
             elapsed = time.perf_counter() - window_start
             metrics = _loss_metrics(accelerator, output)
-            metrics.update(asdict(values), images_per_second=window_images / max(elapsed, 1e-9),
-                           epoch=state.position[0], corrupt_records=state.corrupt_records)  # fmt: skip
+            metrics.update(
+                asdict(values),
+                images_per_second=window_images / max(elapsed, 1e-9),
+                epoch=state.position[0],
+                corrupt_records=state.corrupt_records,
+            )
             accelerator.log(metrics, step=state.step)
             progress.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{metrics['images_per_second']:.1f}")
             window_start, window_images = time.perf_counter(), 0
@@ -127,8 +140,15 @@ def pretrain(arguments: PretrainingArguments, model_config: KoLeoDinoConfig) -> 
                 logger.info("step %d prototypes: %s", state.step, json.dumps(metrics))
             assignment_counts.zero_()
         if state.step % arguments.save_every == 0 or state.step == total_steps:
-            save_checkpoint(accelerator, output_dir, state, model_config, arguments.keep_last,
-                            image_processor=image_processor, run_arguments=asdict(arguments))  # fmt: skip
+            save_checkpoint(
+                accelerator,
+                output_dir,
+                state,
+                model_config,
+                arguments.keep_last,
+                image_processor=image_processor,
+                run_arguments=asdict(arguments),
+            )
     progress.close()
     summary = _finish(accelerator, unwrapped, arguments, data, state)
     accelerator.end_training()
@@ -146,8 +166,14 @@ def _stop_if_not_finite(accelerator, output, state, arguments, model_config, bat
     if bool(accelerator.gather(finite).all()):
         return
     terms = {name: float(output[name].detach()) for name in LOSS_TERMS}
-    path = save_checkpoint(accelerator, arguments.output_dir, state, model_config, arguments.keep_last,
-                           name=f"diagnostic-nonfinite-step-{state.step:08d}")  # fmt: skip
+    path = save_checkpoint(
+        accelerator,
+        arguments.output_dir,
+        state,
+        model_config,
+        arguments.keep_last,
+        name=f"diagnostic-nonfinite-step-{state.step:08d}",
+    )
     if accelerator.is_main_process:
         from safetensors.torch import save_file
 
@@ -163,19 +189,24 @@ def _stop_if_not_finite(accelerator, output, state, arguments, model_config, bat
 def _tracker_config(arguments: PretrainingArguments, model_config: KoLeoDinoConfig) -> dict[str, Any]:
     flat = {key: value for key, value in asdict(arguments).items() if isinstance(value, (int, float, str, bool))}
     model_values = model_config.to_dict()
-    flat.update({f"model.{key}": value for key, value in model_values.items()
-                 if isinstance(value, (int, float, str, bool))})  # fmt: skip
+    flat.update(
+        {f"model.{key}": value for key, value in model_values.items() if isinstance(value, (int, float, str, bool))}
+    )
     return flat
 
 
 def _finish(accelerator, model, arguments, data: DataPipeline, state: TrainerState) -> dict[str, Any]:
-    summary: dict[str, Any] = {"steps": state.step, "images_seen": state.images_seen,
-                               "corrupt_records": state.corrupt_records}  # fmt: skip
+    summary: dict[str, Any] = {
+        "steps": state.step,
+        "images_seen": state.images_seen,
+        "corrupt_records": state.corrupt_records,
+    }
     if not accelerator.is_main_process:
         return summary
     output_dir = Path(arguments.output_dir)
-    backbone_dir = export_backbone(model, output_dir / "backbone", arguments.global_crops_size,
-                                   arguments.image_mean, arguments.image_std)  # fmt: skip
+    backbone_dir = export_backbone(
+        model, output_dir / "backbone", arguments.global_crops_size, arguments.image_mean, arguments.image_std
+    )
     pixel_values = data.report_images(arguments.report_images).to(accelerator.device)
     model.eval()
     report = prototype_report(model, pixel_values=pixel_values, eps=0.025)
