@@ -125,6 +125,22 @@ def test_run_ends_with_checkpoint_backbone_and_report(data_path, tmp_path):
     summary = run(data_path, tmp_path / "run")
     assert summary["steps"] == 4 and summary["images_seen"] == 16
     assert [path.name for path in list_checkpoints(tmp_path / "run")] == ["checkpoint-00000002", "checkpoint-00000004"]
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines if "loss" in line] == [1, 2, 3, 4]
+    logged = {key for line in lines for key in line}
+    assert {
+        "dino_loss",
+        "ibot_loss",
+        "koleo_proto_loss",
+        "lr",
+        "weight_decay",
+        "teacher_momentum",
+        "teacher_temperature",
+        "images_per_second",
+        "prototypes/teacher_cls/unique@0.025",
+        "prototypes/teacher_cls/used",
+        "prototypes/student_cls/nn_distance_q0.5",
+    } <= logged
     report = json.loads((tmp_path / "run" / "prototype_report.json").read_text())
     assert report["teacher/cls"]["num_prototypes"] == 32 and "utilisation" in report["teacher/cls"]
     backbone = AutoModel.from_pretrained(tmp_path / "run" / "backbone")

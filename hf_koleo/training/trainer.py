@@ -129,14 +129,14 @@ def pretrain(arguments: PretrainingArguments, model_config: KoLeoDinoConfig) -> 
                 epoch=state.position[0],
                 corrupt_records=state.corrupt_records,
             )
-            accelerator.log(metrics, step=state.step)
+            _log(accelerator, output_dir, metrics, state.step)
             progress.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{metrics['images_per_second']:.1f}")
             window_start, window_images = time.perf_counter(), 0
         if state.step % arguments.proto_every == 0 or state.step == total_steps:
             counts = accelerator.reduce(assignment_counts, reduction="sum")
             if accelerator.is_main_process:
                 metrics = prototype_metrics(unwrapped, counts, arguments.proto_eps)
-                accelerator.log(metrics, step=state.step)
+                _log(accelerator, output_dir, metrics, state.step)
                 logger.info("step %d prototypes: %s", state.step, json.dumps(metrics))
             assignment_counts.zero_()
         if state.step % arguments.save_every == 0 or state.step == total_steps:
@@ -153,6 +153,14 @@ def pretrain(arguments: PretrainingArguments, model_config: KoLeoDinoConfig) -> 
     summary = _finish(accelerator, unwrapped, arguments, data, state)
     accelerator.end_training()
     return summary
+
+
+def _log(accelerator: Accelerator, output_dir: Path, metrics: dict[str, Any], step: int) -> None:
+    """To the trackers, and (main process) one JSON line per call in ``output_dir/metrics.jsonl``."""
+    accelerator.log(metrics, step=step)
+    if accelerator.is_main_process:
+        with open(output_dir / "metrics.jsonl", "a") as handle:
+            handle.write(json.dumps({"step": step, **metrics}) + "\n")
 
 
 def _loss_metrics(accelerator: Accelerator, output) -> dict[str, float]:
