@@ -507,4 +507,39 @@ def render_benchmarks_markdown(results: dict[str, Any], command: str) -> str:
             ]
         ],
     )
+    lines += ["", "## Targets", ""] + [f"- {line}" for line in check_targets(results)]
     return "\n".join(lines + [""])
+
+
+def check_targets(results: dict[str, Any]) -> list[str]:
+    """The issue's targets, each marked met / not met with the measured number."""
+
+    def mark(condition: bool) -> str:
+        return "met" if condition else "NOT met"
+
+    koleo = {(row["num_prototypes"], row["implementation"]): row for row in results["koleo"]}
+    lines = []
+    largest = max(size for size, _ in koleo)
+    blocked = koleo[(largest, "blocked")]
+    if "error" not in blocked:
+        lines.append(
+            f"KoLeo-proto at K = {largest}: {blocked['peak_extra_mib']:.0f} MiB extra peak memory "
+            f"(target < 1024 MiB): {mark(blocked['peak_extra_mib'] < 1024)}."
+        )
+    if (8192, "blocked") in koleo and "error" not in koleo[(8192, "dense")]:
+        ours, dense = koleo[(8192, "blocked")]["seconds_median"], koleo[(8192, "dense")]["seconds_median"]
+        lines.append(
+            f"KoLeo-proto at K = 8192 no slower than dense: {ours:.3f} s vs {dense:.3f} s: {mark(ours <= dense)}."
+        )
+    for row in results["step"]:
+        lines.append(
+            f"Full step at K = {row['K']} >= 1.2x the lightly-based step: {row['speedup_median']:.2f}x: "
+            f"{mark(row['speedup_median'] >= 1.2)}."
+        )
+    headroom = results["data"]["images_per_second"] / results["step"][0]["ours_images_per_second"]
+    lines.append(f"Data pipeline >= 2x the step's demand (demo config): {headroom:.1f}x: {mark(headroom >= 2)}.")
+    ratio = results["features"]["ratio"]
+    lines.append(
+        f"Exported backbone feature extraction = stock Dinov2Model: {ratio:.2f}x: {mark(0.95 <= ratio <= 1.05)}."
+    )
+    return lines

@@ -1,0 +1,30 @@
+"""Does KoLeo-proto fix partial prototype collapse? Baseline vs KoLeo-proto on Fashion-MNIST and -LT.
+
+python scripts/study_koleo_proto.py --output_dir outputs/study            # about an hour on 2 CPU cores
+python scripts/study_koleo_proto.py --quick --output_dir outputs/study_quick   # the same pipeline, CI-sized
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from hf_koleo.study import load_study_config, run_study
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "study_koleo_proto.yaml"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG))
+    parser.add_argument("--output_dir", default="outputs/study")
+    parser.add_argument("--quick", action="store_true", help="tiny runs (CI): same pipeline in under 2 minutes")
+    arguments = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    run_study(load_study_config(arguments.config, arguments.quick), arguments.output_dir)
+    print((Path(arguments.output_dir) / "results.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
