@@ -7,8 +7,6 @@ VENV="${VENV:-.venv}"
 # torch first: a bare `torch` requirement with no torch installed would pull a multi-GB CUDA build.
 "$VENV/bin/pip" install --quiet --disable-pip-version-check torch==2.13.0
 "$VENV/bin/pip" install --quiet --disable-pip-version-check -e ".[dev]"
-# BENCH=1: lightly for the peer step of scripts/benchmark.py. --no-deps: its torchvision
-# requirement would replace the CPU torch wheel; the DINO loss and head never use torchvision.
-if [ "${BENCH:-0}" = 1 ]; then
-  "$VENV/bin/pip" install --quiet --disable-pip-version-check --no-deps "lightly==1.6.0"
-fi
+# lightly is the peer of scripts/benchmark.py's step comparison (and its test). --no-deps: its
+# torchvision requirement would replace the CPU torch wheel; its DINO loss and head never use it.
+"$VENV/bin/pip" install --quiet --disable-pip-version-check --no-deps "lightly==1.6.0"
