@@ -52,6 +52,10 @@ def usage_snippet(model_id: str) -> str:
     )
 
 
+def _format_baseline(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
 def plot_prototypes(model, output_path: str | os.PathLike, eps_values) -> Path:
     """Unique prototypes vs eps (teacher and student) and the teacher's nearest-neighbour distances."""
     import matplotlib
@@ -177,7 +181,12 @@ def build_model_card(
         utilisation=utilisation,
         plot_file=plot_file,
         eval_rows=[
-            (r.dataset_name, r.metric_name, f"{r.metric_value:.2f}", baseline.get((r.dataset_name, r.metric_name), "-"))
+            (
+                r.dataset_name,
+                r.metric_name,
+                f"{r.metric_value:.2f}",
+                _format_baseline(baseline.get((r.dataset_name, r.metric_name))),
+            )
             for r in eval_results
         ],
     )
