@@ -160,13 +160,22 @@ class HubHandler(BaseHTTPRequestHandler):
             return repo["branches"][revision]
         return next((branch for branch in repo["branches"].values() if branch["sha"] == revision), None)
 
-    def _model_info(self, repo_id: str, revision: str) -> None:
+    def _repo_branch(self, repo_id: str, revision: str) -> tuple[dict, dict] | None:
+        """The repo and branch, or None after answering with the Hub's error."""
         repo = self._repo(repo_id)
         if repo is None:
-            return
+            return None
         branch = self._branch(repo, revision)
         if branch is None:
-            return self._error(404, "RevisionNotFound", f"Invalid rev id: {revision}")
+            self._error(404, "RevisionNotFound", f"Invalid rev id: {revision}")
+            return None
+        return repo, branch
+
+    def _model_info(self, repo_id: str, revision: str) -> None:
+        found = self._repo_branch(repo_id, revision)
+        if found is None:
+            return
+        repo, branch = found
         self._json(
             200,
             {
@@ -179,12 +188,10 @@ class HubHandler(BaseHTTPRequestHandler):
         )
 
     def _resolve(self, repo_id: str, revision: str, filename: str) -> None:
-        repo = self._repo(repo_id)
-        if repo is None:
+        found = self._repo_branch(repo_id, revision)
+        if found is None:
             return
-        branch = self._branch(repo, revision)
-        if branch is None:
-            return self._error(404, "RevisionNotFound", f"Invalid rev id: {revision}")
+        branch = found[1]
         if filename not in branch["files"]:
             return self._error(404, "EntryNotFound", f"{filename} does not exist")
         payload = branch["files"][filename]

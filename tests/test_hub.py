@@ -68,6 +68,27 @@ def stock_load(model_id: str, pixels: torch.Tensor, tmp_path: Path, revision="ma
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def push_script(checkpoint: Path, tmp_path: Path, extra: list[str], **environment) -> subprocess.CompletedProcess:
+    """Run scripts/push_to_hub.py for ``checkpoint`` to tester/koleo-tiny in a clean environment."""
+    command = [
+        sys.executable,
+        str(ROOT / "scripts" / "push_to_hub.py"),
+        "--checkpoint",
+        str(checkpoint),
+        "--repo-id",
+        "tester/koleo-tiny",
+        *extra,
+    ]
+    completed = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        env={**clean_environment(tmp_path, **environment), "PYTHONPATH": str(ROOT)},
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return completed
+
+
 def teacher_features(checkpoint: Path, pixels: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return KoLeoDinoForPreTraining.from_pretrained(checkpoint).teacher(pixels).pooler_output
@@ -121,23 +142,13 @@ def test_card_has_valid_metadata_model_index_plot_and_runnable_snippet(trained, 
 
 def test_push_then_from_pretrained_round_trip_through_a_loopback_hub(trained, tmp_path, hub):
     state, endpoint = hub
-    command = [
-        sys.executable,
-        str(ROOT / "scripts" / "push_to_hub.py"),
-        "--checkpoint",
-        str(trained),
-        "--repo-id",
-        "tester/koleo-tiny",
-        "--private",
-        "--revision",
-        "experiment",
-        "--commit-message",
-        "first push",
-    ]
-    environment = clean_environment(tmp_path, HF_ENDPOINT=endpoint, HF_TOKEN="hf_secret_token")
-    environment["PYTHONPATH"] = str(ROOT)
-    pushed = subprocess.run(command, capture_output=True, text=True, env=environment)
-    assert pushed.returncode == 0, pushed.stderr[-3000:]
+    push_script(
+        trained,
+        tmp_path,
+        ["--private", "--revision", "experiment", "--commit-message", "first push"],
+        HF_ENDPOINT=endpoint,
+        HF_TOKEN="hf_secret_token",
+    )
     repo = state.repos["tester/koleo-tiny"]
     assert repo["private"] and repo["branches"]["experiment"]["summary"] == "first push"
     assert {"config.json", "model.safetensors", "preprocessor_config.json", "README.md"} <= set(
@@ -155,21 +166,9 @@ def test_push_then_from_pretrained_round_trip_through_a_loopback_hub(trained, tm
 def test_dry_run_writes_the_upload_folder_and_contacts_nobody(trained, tmp_path, hub):
     state, endpoint = hub
     preview = tmp_path / "preview"
-    command = [
-        sys.executable,
-        str(ROOT / "scripts" / "push_to_hub.py"),
-        "--checkpoint",
-        str(trained),
-        "--repo-id",
-        "tester/koleo-tiny",
-        "--dry-run",
-        str(preview),
-        "--include-pretraining-model",
-    ]
-    environment = clean_environment(tmp_path, HF_ENDPOINT=endpoint)
-    environment["PYTHONPATH"] = str(ROOT)
-    completed = subprocess.run(command, capture_output=True, text=True, env=environment)
-    assert completed.returncode == 0, completed.stderr[-3000:]
+    completed = push_script(
+        trained, tmp_path, ["--dry-run", str(preview), "--include-pretraining-model"], HF_ENDPOINT=endpoint
+    )
     assert "dry run" in completed.stdout and state.requests == []
     assert (preview / "README.md").exists() and (preview / "pretraining" / "modeling_koleo_dino.py").exists()
     assert "tester/koleo-tiny" in (preview / "README.md").read_text()
