@@ -160,3 +160,12 @@ def test_unknown_protocol_and_missing_processor_are_clear_errors(tmp_path, cache
     Dinov2Model(config).save_pretrained(tmp_path / "no_processor")
     with pytest.raises(ValueError, match="no image processor"):
         extract_features(str(tmp_path / "no_processor"), data, progress=False)
+
+
+def test_the_evaluate_library_is_found_even_behind_a_script_named_evaluate(tmp_path, monkeypatch):
+    from hf_koleo.evaluation.metrics import _import_evaluate_library
+
+    (tmp_path / "evaluate.py").write_text("NOT_THE_LIBRARY = True\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "evaluate", raising=False)
+    assert hasattr(_import_evaluate_library(), "load")

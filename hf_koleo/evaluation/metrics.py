@@ -3,11 +3,33 @@
 from __future__ import annotations
 
 import functools
+import importlib
 import logging
+import os
+import sys
 
 import torch
 
 logger = logging.getLogger(__name__)
+
+
+def _import_evaluate_library():
+    """The ``evaluate`` package, even when ``scripts/evaluate.py`` shadows it.
+
+    A script run from ``scripts/`` puts that folder first on ``sys.path``, where our CLI is named
+    ``evaluate.py`` (the name the docs give it).
+    """
+    module = importlib.import_module("evaluate")
+    if hasattr(module, "load"):
+        return module
+    shadow_dir = os.path.dirname(os.path.abspath(module.__file__))
+    saved_path = list(sys.path)
+    del sys.modules["evaluate"]
+    sys.path[:] = [entry for entry in sys.path if os.path.abspath(entry or ".") != shadow_dir]
+    try:
+        return importlib.import_module("evaluate")
+    finally:
+        sys.path[:] = saved_path
 
 
 @functools.lru_cache(maxsize=1)
@@ -17,9 +39,7 @@ def _evaluate_accuracy_metric():
     Looked up once per process: an offline attempt costs more than a second.
     """
     try:
-        import evaluate
-
-        return evaluate.load("accuracy")
+        return _import_evaluate_library().load("accuracy")
     except Exception as error:  # noqa: BLE001 - any failure to fetch or build the script falls back
         logger.info("evaluate's accuracy is unavailable (%s); using the built-in computation", error)
         return None
