@@ -113,7 +113,12 @@ def prototype_summary(run_dir: Path, report_images: torch.Tensor | None = None) 
     history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     curves = {
         key: [(row["step"], row[key]) for row in history if key in row]
-        for key in ("prototypes/teacher_cls/unique@0.025", "prototypes/student_cls/unique@0.025")
+        for key in (
+            "prototypes/teacher_cls/unique@0.025",
+            "prototypes/student_cls/unique@0.025",
+            "prototypes/teacher_cls/nn_distance_q0.5",
+            "prototypes/student_cls/nn_distance_q0.5",
+        )
     }
     teacher = report["teacher/cls"]
     return {
@@ -187,26 +192,27 @@ def run_study(config: dict[str, Any], output_dir: str | Path) -> dict[str, Any]:
     return results
 
 
-def _mean_std(values: list[float]) -> str:
+def _mean_std(values: list[float], digits: int = 1) -> str:
     if len(values) == 1:
-        return f"{values[0]:.1f}"
-    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
+# (key, label, decimals)
 METRIC_ROWS = (
-    ("teacher_unique", "unique prototypes (teacher, eps 0.025)"),
-    ("student_unique", "unique prototypes (student, eps 0.025)"),
-    ("used", "prototypes used (arg-max on report images)"),
-    ("perplexity", "assignment perplexity"),
-    ("marginal_entropy", "marginal latent class entropy (nats)"),
-    ("nn_median", "median NN distance (teacher)"),
-    ("knn_top1", "kNN top-1 (k=20)"),
-    ("knn_balanced", "kNN balanced accuracy"),
-    ("linear_top1", "linear probe top-1"),
-    ("linear_balanced", "linear probe balanced accuracy"),
-    ("shot1", "1-shot top-1"),
-    ("shot5", "5-shot top-1"),
-    ("shot5_balanced", "5-shot balanced accuracy"),
+    ("teacher_unique", "unique prototypes (teacher, eps 0.025)", 0),
+    ("student_unique", "unique prototypes (student, eps 0.025)", 0),
+    ("used", "prototypes used (arg-max on report images)", 0),
+    ("perplexity", "assignment perplexity", 2),
+    ("marginal_entropy", "marginal latent class entropy (nats)", 3),
+    ("nn_median", "median NN distance (teacher)", 3),
+    ("knn_top1", "kNN top-1 (k=20)", 1),
+    ("knn_balanced", "kNN balanced accuracy", 1),
+    ("linear_top1", "linear probe top-1", 1),
+    ("linear_balanced", "linear probe balanced accuracy", 1),
+    ("shot1", "1-shot top-1", 1),
+    ("shot5", "5-shot top-1", 1),
+    ("shot5_balanced", "5-shot balanced accuracy", 1),
 )
 
 
@@ -225,8 +231,8 @@ def render_study_markdown(results: dict[str, Any]) -> str:
     for dataset, variants in results["runs"].items():
         pixels = results["pixels"][dataset]
         lines += ["", f"### {dataset}", "", "| metric | baseline | KoLeo-proto | raw pixels |", "|---|---|---|---|"]
-        for key, label in METRIC_ROWS:
-            cells = [_mean_std([run[key] for run in variants[variant]]) for variant in VARIANTS]
+        for key, label, digits in METRIC_ROWS:
+            cells = [_mean_std([run[key] for run in variants[variant]], digits) for variant in VARIANTS]
             lines.append(
                 f"| {label} | {cells[0]} | {cells[1]} | {pixels[key]:.1f} |"
                 if key in pixels
@@ -246,27 +252,42 @@ def plot_study(results: dict[str, Any], output_dir: Path) -> None:
     import matplotlib.pyplot as plt
 
     for dataset, variants in results["runs"].items():
-        figure, (steps_axis, eps_axis) = plt.subplots(1, 2, figsize=(11, 4))
+        figure, (steps_axis, distance_axis, eps_axis) = plt.subplots(1, 3, figsize=(16, 4))
+        num_prototypes = results["config"]["model"]["num_prototypes"]
         for variant, colour in zip(VARIANTS, ("tab:red", "tab:blue")):
             run = variants[variant][0]
             for branch, style in (("teacher", "-"), ("student", "--")):
-                curve = run["curves"][f"prototypes/{branch}_cls/unique@0.025"]
-                steps_axis.plot(
-                    [s for s, _ in curve], [v for _, v in curve], style, color=colour, label=f"{variant} {branch}"
-                )
+                label = f"{variant} {branch}"
+                for axis, key in ((steps_axis, "unique@0.025"), (distance_axis, "nn_distance_q0.5")):
+                    curve = run["curves"][f"prototypes/{branch}_cls/{key}"]
+                    axis.plot([s for s, _ in curve], [v for _, v in curve], style, color=colour, label=label)
                 eps_curve = run[f"{branch}_eps_curve"]
                 eps_axis.plot(
                     [float(e) for e in eps_curve],
                     list(eps_curve.values()),
                     style + "o",
                     color=colour,
-                    label=f"{variant} {branch}",
+                    label=label,
                     markersize=3,
                 )
-        steps_axis.set(xlabel="step", ylabel="unique prototypes (eps 0.025)", title=f"{dataset}: unique vs step")
-        eps_axis.set(xscale="log", xlabel="eps", ylabel="unique prototypes", title=f"{dataset}: end of training")
-        steps_axis.legend(fontsize=8)
-        eps_axis.legend(fontsize=8)
+        steps_axis.set(
+            xlabel="step",
+            ylabel="unique prototypes (eps 0.025)",
+            title=f"{dataset}: unique vs step",
+            ylim=(0, num_prototypes * 1.05),
+        )
+        distance_axis.set(
+            xlabel="step", ylabel="median nearest-neighbour distance", title=f"{dataset}: prototype spread vs step"
+        )
+        eps_axis.set(
+            xscale="log",
+            xlabel="eps",
+            ylabel="unique prototypes",
+            title=f"{dataset}: end of training",
+            ylim=(0, num_prototypes * 1.05),
+        )
+        for axis in (steps_axis, distance_axis, eps_axis):
+            axis.legend(fontsize=7)
         figure.tight_layout()
         figure.savefig(output_dir / f"unique_prototypes_{dataset}.png", dpi=110)
         plt.close(figure)
