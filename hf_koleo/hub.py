@@ -104,6 +104,7 @@ def export_checkpoint(
     output_dir: str | os.PathLike,
     include_pretraining_model: bool = False,
     allow_pickle: bool = False,
+    model: KoLeoDinoForPreTraining | None = None,
 ) -> Path:
     """Export a pretraining checkpoint folder (as written by the trainer) for the Hub.
 
@@ -113,7 +114,7 @@ def export_checkpoint(
     from transformers import AutoImageProcessor
 
     checkpoint = Path(checkpoint)
-    model = load_pretraining_model(checkpoint, allow_pickle)
+    model = model or load_pretraining_model(checkpoint, allow_pickle)
     try:
         processor = AutoImageProcessor.from_pretrained(checkpoint)
         size = (
@@ -172,7 +173,8 @@ def prepare_upload_folder(
     """Export + model card: the exact folder that gets uploaded."""
     from .model_card import build_model_card
 
-    output_dir = export_checkpoint(checkpoint, output_dir, include_pretraining_model, allow_pickle)
+    model = load_pretraining_model(checkpoint, allow_pickle)
+    output_dir = export_checkpoint(checkpoint, output_dir, include_pretraining_model, allow_pickle, model)
     optional = {
         name: json.loads((output_dir / name).read_text()) if (output_dir / name).exists() else None
         for name in (RUN_ARGUMENTS_FILE, "prototype_report.json")
@@ -180,7 +182,7 @@ def prepare_upload_folder(
     build_model_card(
         output_dir,
         model_id,
-        load_pretraining_model(checkpoint, allow_pickle),
+        model,
         optional["prototype_report.json"],
         optional[RUN_ARGUMENTS_FILE],
         evaluation_files,
