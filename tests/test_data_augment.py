@@ -6,6 +6,7 @@ from PIL import Image
 from hf_koleo.data.augment import (
     BLUR_SIGMA,
     GRAYSCALE,
+    IDENTITY_PARAMETERS,
     N_PHOTOMETRIC,
     SOLARIZE,
     MultiCropAugmentation,
@@ -14,7 +15,7 @@ from hf_koleo.data.augment import (
 )
 from hf_koleo.data.masking import block_mask, sample_crop_masks
 
-IDENTITY = [1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0]
+IDENTITY = list(IDENTITY_PARAMETERS)
 
 
 def small_config(**overrides):

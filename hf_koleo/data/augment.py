@@ -22,6 +22,8 @@ from PIL import Image
 # Columns of the per-crop photometric parameter rows.
 BRIGHTNESS, CONTRAST, SATURATION, HUE, GRAYSCALE, BLUR_SIGMA, SOLARIZE = range(7)
 N_PHOTOMETRIC = 7
+# A parameter row that leaves a crop unchanged (only normalised by ``photometric``).
+IDENTITY_PARAMETERS = (1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0)
 _LUMA = (0.299, 0.587, 0.114)
 _RGB_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
 
@@ -112,6 +114,20 @@ def random_resized_crop_box(
     return (width - crop_width) // 2, (height - crop_height) // 2, crop_width, crop_height
 
 
+def to_uint8_tensor(image: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> ``(3, H, W)`` uint8 tensor."""
+    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
+
+
+def centre_crop(image: Image.Image, size: int) -> torch.Tensor:
+    """The largest centred square, resized to ``size`` (the evaluation view): ``(3, size, size)`` uint8."""
+    side = min(image.size)
+    left, top = (image.width - side) // 2, (image.height - side) // 2
+    return to_uint8_tensor(
+        image.resize((size, size), Image.Resampling.BICUBIC, box=(left, top, left + side, top + side))
+    )
+
+
 class MultiCropAugmentation:
     """DINO's multi-crop views: 2 global crops (teacher and student) and N local crops (student)."""
 
@@ -125,7 +141,7 @@ class MultiCropAugmentation:
     def _photometric_parameters(self, crop_kind: int, generator: torch.Generator) -> list[float]:
         """Random parameters of one crop; ``crop_kind`` 0/1 = global crop 1/2, 2 = local."""
         config = self.config
-        row = [1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0]  # identity
+        row = list(IDENTITY_PARAMETERS)
         if self._uniform(generator, 0, 1) < config.jitter_probability:
             row[BRIGHTNESS] = self._uniform(generator, max(0.0, 1 - config.brightness), 1 + config.brightness)
             row[CONTRAST] = self._uniform(generator, max(0.0, 1 - config.contrast), 1 + config.contrast)
@@ -142,7 +158,7 @@ class MultiCropAugmentation:
             image.width, image.height, scale, self.config.crop_aspect_ratio, generator
         )
         crop = image.resize((size, size), Image.Resampling.BICUBIC, box=(left, top, left + width, top + height))
-        pixels = torch.from_numpy(np.array(crop, dtype=np.uint8)).permute(2, 0, 1)
+        pixels = to_uint8_tensor(crop)
         if self._uniform(generator, 0, 1) < self.config.flip_probability:
             pixels = pixels.flip(-1)
         return pixels

@@ -8,7 +8,7 @@ import torch
 from accelerate import Accelerator
 
 from ..configuration_koleo_dino import KoLeoDinoConfig
-from ..data.augment import MultiCropAugmentation
+from ..data.augment import IDENTITY_PARAMETERS, MultiCropAugmentation, centre_crop
 from ..data.images import decode_image
 from ..data.sources import count_records, load_source
 from ..data.stream import MaskSettings, MultiCropStream, shard_source
@@ -92,19 +92,12 @@ class DataPipeline:
 
     def report_images(self, count: int) -> torch.Tensor:
         """``(n, 3, S, S)`` normalised centre crops of the first ``count`` decodable source images."""
-        size = self.arguments.global_crops_size
-        identity = torch.tensor([[1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0]])
         images = []
         for record in self.source:
             if len(images) >= count:
                 break
             image = decode_image(record["image"])
-            if image is None:
-                continue
-            side = min(image.size)
-            left, top = (image.width - side) // 2, (image.height - side) // 2
-            crop = image.resize((size, size), box=(left, top, left + side, top + side))
-            pixels = torch.frombuffer(bytearray(crop.tobytes()), dtype=torch.uint8).reshape(size, size, 3)
-            images.append(pixels.permute(2, 0, 1))
-        stacked = torch.stack(images)
-        return self.augmentation.photometric(stacked, identity.expand(len(images), -1))
+            if image is not None:
+                images.append(centre_crop(image, self.arguments.global_crops_size))
+        identity = torch.tensor([IDENTITY_PARAMETERS]).expand(len(images), -1)
+        return self.augmentation.photometric(torch.stack(images), identity)
