@@ -119,11 +119,10 @@ def distance_quantiles(distances: torch.Tensor, quantiles: Sequence[float] = NN_
 
 
 @torch.no_grad()
-def prototype_assignments(features: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
-    """``(N,)`` index of the prototype with the highest cosine similarity to each feature."""
+def cosine_to_prototypes(features: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
+    """``(N, K)`` cosine similarities between features ``(N, d)`` and prototypes ``(K, d)``."""
     unit_rows = _unit_rows(prototypes)
-    unit_features = F.normalize(features.detach().to(unit_rows.dtype), p=2, dim=-1)
-    return (unit_features @ unit_rows.t()).argmax(dim=1)
+    return F.normalize(features.detach().to(unit_rows.dtype), p=2, dim=-1) @ unit_rows.t()
 
 
 def utilisation(assignments: torch.Tensor, num_prototypes: int) -> dict[str, float]:
@@ -193,9 +192,7 @@ def prototype_statistics(
         "nn_distance_mean": float(distances.double().mean()),
     }
     if features is not None:
-        unit_rows = _unit_rows(prototypes)
-        unit_features = F.normalize(features.detach().to(unit_rows.dtype), p=2, dim=-1)
-        cosine = unit_features @ unit_rows.t()
+        cosine = cosine_to_prototypes(features, prototypes)
         statistics["utilisation"] = utilisation(cosine.argmax(dim=1), num_prototypes)
         statistics["marginal_entropy"] = marginal_entropy(F.softmax(cosine / temperature, dim=-1))
         statistics["max_marginal_entropy"] = math.log(num_prototypes)
