@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .modeling_koleo_dino import KoLeoDinoForPreTraining
+from .prototypes import prototype_report
 
 logger = logging.getLogger(__name__)
 
@@ -25,6 +26,15 @@ PROCESSOR_TYPES = {"dinov2": "BitImageProcessor", "vit": "ViTImageProcessor"}
 PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 REMOTE_CODE_FILES = ("configuration_koleo_dino.py", "modeling_koleo_dino.py", "losses.py")
 RUN_ARGUMENTS_FILE = "run_arguments.json"
+REPORT_FILE = "prototype_report.json"
+
+
+def _is_latest_checkpoint(checkpoint: Path) -> bool:
+    """Whether ``checkpoint`` is the newest complete checkpoint of its run (whose final report it matches)."""
+    from .training.checkpoint import list_checkpoints
+
+    checkpoints = list_checkpoints(checkpoint.parent.parent)
+    return bool(checkpoints) and checkpoints[-1].resolve() == checkpoint.resolve()
 
 
 def build_image_processor(model_type: str, image_size: int, image_mean, image_std):
@@ -109,7 +119,8 @@ def export_checkpoint(
     """Export a pretraining checkpoint folder (as written by the trainer) for the Hub.
 
     The image size and normalisation come from the checkpoint's ``preprocessor_config.json``.
-    Copies ``prototype_report.json`` and ``run_arguments.json`` when present, for the card.
+    Copies ``run_arguments.json`` for the card, and the run's ``prototype_report.json`` when the
+    checkpoint is the run's last one (else computes the report of this checkpoint, without images).
     """
     from transformers import AutoImageProcessor
 
@@ -127,11 +138,15 @@ def export_checkpoint(
         )
         size, mean, std = model.config.backbone_config.image_size, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
     output_dir = export_backbone(model, output_dir, size, mean, std)
-    for name in (RUN_ARGUMENTS_FILE, "prototype_report.json"):
-        for candidate in (checkpoint / name, checkpoint.parent.parent / name):
-            if candidate.exists():
-                shutil.copy(candidate, output_dir / name)
-                break
+    for candidate in (checkpoint / RUN_ARGUMENTS_FILE, checkpoint.parent.parent / RUN_ARGUMENTS_FILE):
+        if candidate.exists():  # the run's settings hold for each of its checkpoints
+            shutil.copy(candidate, output_dir / RUN_ARGUMENTS_FILE)
+            break
+    run_report = checkpoint.parent.parent / REPORT_FILE
+    if _is_latest_checkpoint(checkpoint) and run_report.exists():
+        shutil.copy(run_report, output_dir / REPORT_FILE)  # written for this final model, with utilisation
+    else:  # an earlier checkpoint: the run's final report would describe another model
+        (output_dir / REPORT_FILE).write_text(json.dumps(prototype_report(model), indent=2))
     if include_pretraining_model:
         export_pretraining_model(model, output_dir / "pretraining")
     return output_dir
@@ -177,13 +192,13 @@ def prepare_upload_folder(
     output_dir = export_checkpoint(checkpoint, output_dir, include_pretraining_model, allow_pickle, model)
     optional = {
         name: json.loads((output_dir / name).read_text()) if (output_dir / name).exists() else None
-        for name in (RUN_ARGUMENTS_FILE, "prototype_report.json")
+        for name in (RUN_ARGUMENTS_FILE, REPORT_FILE)
     }
     build_model_card(
         output_dir,
         model_id,
         model,
-        optional["prototype_report.json"],
+        optional[REPORT_FILE],
         optional[RUN_ARGUMENTS_FILE],
         evaluation_files,
         license,

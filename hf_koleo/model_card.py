@@ -56,8 +56,11 @@ def _format_baseline(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
-def plot_prototypes(model, output_path: str | os.PathLike, eps_values) -> Path:
-    """Unique prototypes vs eps (teacher and student) and the teacher's nearest-neighbour distances."""
+def plot_prototypes(model, output_path: str | os.PathLike, eps_values, curves: dict | None = None) -> Path:
+    """Unique prototypes vs eps (teacher and student) and the teacher's nearest-neighbour distances.
+
+    ``curves`` (``{branch: {eps: count}}``, e.g. from the model's prototype report) spares recomputing them.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -65,7 +68,9 @@ def plot_prototypes(model, output_path: str | os.PathLike, eps_values) -> Path:
 
     figure, (curve_axis, histogram_axis) = plt.subplots(1, 2, figsize=(10, 3.8))
     for branch, style in (("teacher", "-o"), ("student", "--s")):
-        curve = unique_prototype_curve(getattr(model, f"{branch}_head").prototypes, eps_values)
+        curve = (curves or {}).get(branch) or unique_prototype_curve(
+            getattr(model, f"{branch}_head").prototypes, eps_values
+        )
         curve_axis.plot(list(curve), list(curve.values()), style, label=branch)
     curve_axis.axhline(model.config.num_prototypes, color="grey", linewidth=0.8, linestyle=":", label="K")
     curve_axis.set(
@@ -166,7 +171,12 @@ def build_model_card(
         }
     plot_file = None
     if model is not None:
-        plot_prototypes(model, output_dir / PLOT_FILE, eps_values)
+        curves = {
+            branch: {float(eps): count for eps, count in report[f"{branch}/cls"]["unique_curve"].items()}
+            for branch in ("teacher", "student")
+            if f"{branch}/cls" in report
+        }
+        plot_prototypes(model, output_dir / PLOT_FILE, eps_values, curves)
         plot_file = PLOT_FILE
     card = ModelCard.from_template(
         card_data,

@@ -195,3 +195,21 @@ def test_pickle_checkpoints_are_refused_unless_allowed(trained, tmp_path):
     with pytest.raises(ValueError, match="pickle"):
         load_pretraining_model(tmp_path / "pickled")
     assert isinstance(load_pretraining_model(tmp_path / "pickled", allow_pickle=True), KoLeoDinoForPreTraining)
+
+
+def test_an_earlier_checkpoint_gets_its_own_prototype_report(trained, tmp_path):
+    earlier = list_checkpoints(trained.parent.parent)[0]
+    assert earlier != trained
+    latest_report = json.loads(
+        (prepare_upload_folder(trained, tmp_path / "latest", "x") / "prototype_report.json").read_text()
+    )
+    assert "utilisation" in latest_report["teacher/cls"]  # the run's final report, made with images
+    folder = prepare_upload_folder(earlier, tmp_path / "earlier", "x")
+    report = json.loads((folder / "prototype_report.json").read_text())
+    assert "utilisation" not in report["teacher/cls"]
+    expected = KoLeoDinoForPreTraining.from_pretrained(earlier).teacher_head.prototypes
+    from hf_koleo import nearest_neighbour_distances
+
+    assert report["teacher/cls"]["nn_distance_mean"] == pytest.approx(
+        float(nearest_neighbour_distances(expected).double().mean())
+    )
