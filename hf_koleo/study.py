@@ -25,6 +25,7 @@ from .evaluation.knn import weighted_knn_predict
 from .evaluation.linear import stratified_split
 from .evaluation.metrics import classification_metrics
 from .evaluation.protocols import few_shot_protocol, knn_protocol, linear_protocol
+from .evaluation.run import extract_train_test
 from .training.arguments import build_model_config, parse_pretraining_args
 from .training.trainer import pretrain
 
@@ -83,13 +84,13 @@ def validation_knn(model_dir: str, train_data: str, limit: int, seed: int = 0) -
 
 
 def evaluate_run(model_dir: str, dataset: dict, settings: dict) -> dict[str, Any]:
-    train = extract_features(model_dir, dataset["train"], limit=settings.get("limit_train"), progress=False)
-    test = extract_features(
+    train, test = extract_train_test(
         model_dir,
+        dataset["train"],
         dataset["test"],
-        limit=settings.get("limit_test"),
+        limit_train=settings.get("limit_train"),
+        limit_test=settings.get("limit_test"),
         progress=False,
-        pixel_size=28 if model_dir == "pixels" else None,
     )
     knn = knn_protocol(train, test, k_values=(20,))["by_k"]["20"]
     probe_index = torch.arange(len(train.labels))[: settings.get("limit_linear", len(train.labels))]

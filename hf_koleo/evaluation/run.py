@@ -11,8 +11,28 @@ from typing import Any
 
 import transformers
 
-from .features import PIXELS, extract_features
+from .features import PIXELS, FeatureSet, extract_features
 from .protocols import PROTOCOLS, run_protocols
+
+
+def extract_train_test(
+    model: str,
+    train_data: str,
+    test_data: str,
+    batch_size: int = 64,
+    limit_train: int | None = None,
+    limit_test: int | None = None,
+    device: str = "cpu",
+    use_cache: bool = True,
+    progress: bool = True,
+) -> tuple[FeatureSet, FeatureSet]:
+    """Training and test features; raw test pixels are resized to the training images' size."""
+    train = extract_features(model, train_data, batch_size, limit_train, device, use_cache=use_cache, progress=progress)
+    pixel_size = int(math.isqrt(train.cls.shape[1] // 3)) if model == PIXELS else None
+    test = extract_features(
+        model, test_data, batch_size, limit_test, device, pixel_size, use_cache=use_cache, progress=progress
+    )
+    return train, test
 
 
 def evaluate_backbone(
@@ -31,10 +51,9 @@ def evaluate_backbone(
     names = list(PROTOCOLS) if protocol == "all" else [protocol]
     if protocol != "all" and protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {sorted(PROTOCOLS)} or 'all', got {protocol!r}")
-    train = extract_features(model, train_data, batch_size, limit_train, device, use_cache=use_cache)
-    # Raw pixels of the test set are resized to the training images' size.
-    pixel_size = int(math.isqrt(train.cls.shape[1] // 3)) if model == PIXELS else None
-    test = extract_features(model, test_data, batch_size, limit_test, device, pixel_size, use_cache=use_cache)
+    train, test = extract_train_test(
+        model, train_data, test_data, batch_size, limit_train, limit_test, device, use_cache
+    )
     result = {
         "model": model,
         "data": {
