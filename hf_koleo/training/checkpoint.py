@@ -1,7 +1,8 @@
-"""Atomic checkpoints: save into a temporary folder, then rename; keep the last N."""
+"""Atomic checkpoints: save into a temporary folder, then rename; keep the last N; resume from the newest that loads."""
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -10,12 +11,23 @@ import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
 from accelerate import Accelerator
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d{8})$")
 STATE_FILE = "trainer_state.json"
+# torch.save reports a full disk as a bare RuntimeError, so a failed save also looks at the free space.
+DISK_FULL_BYTES = 1 << 20
+
+
+class CheckpointSaveError(OSError):
+    """A checkpoint could not be written; its temporary folder was removed, earlier checkpoints are intact."""
+
+
+class CheckpointLoadError(RuntimeError):
+    """No checkpoint asked for by ``--resume`` could be loaded."""
 
 
 @dataclass
@@ -43,18 +55,54 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
 
 def resolve_resume(output_dir: str | os.PathLike, resume: str) -> Path | None:
     """``"latest"`` -> the newest complete checkpoint (None if there is none); else the given folder."""
+    candidates = _resume_candidates(output_dir, resume)
+    return candidates[0] if candidates else None
+
+
+def _resume_candidates(output_dir: str | os.PathLike, resume: str) -> list[Path]:
+    """The folders ``--resume`` may load, preferred first: newest first for ``"latest"``."""
     if not resume:
-        return None
+        return []
     if resume == "latest":
         checkpoints = list_checkpoints(output_dir)
         if not checkpoints:
             logger.warning("--resume latest: no checkpoint in %s, starting from scratch", checkpoint_dir(output_dir))
-            return None
-        return checkpoints[-1]
+        return checkpoints[::-1]
     path = Path(resume)
     if not (path / STATE_FILE).exists():
         raise FileNotFoundError(f"--resume {resume}: not a complete checkpoint (no {STATE_FILE})")
-    return path
+    return [path]
+
+
+def load_resume_checkpoint(
+    accelerator: Accelerator, output_dir: str | os.PathLike, resume: str
+) -> tuple[TrainerState, Path | None]:
+    """Restore what ``--resume`` asks for; returns the trainer state and the folder it came from.
+
+    With ``"latest"``, a checkpoint that does not load (truncated or missing files) is skipped with
+    a warning for the previous complete one. Every process must load the same folder, so they agree
+    on each attempt. Nothing to resume gives ``(TrainerState(), None)``; nothing loadable raises
+    ``CheckpointLoadError`` with each folder's reason.
+    """
+    failures: list[str] = []
+    candidates = _resume_candidates(output_dir, resume)
+    for index, path in enumerate(candidates):
+        error = None
+        try:
+            state = load_checkpoint(accelerator, path)
+        except Exception as caught:  # a damaged file fails in many ways (safetensors, pickle, json, missing file)
+            error = caught
+        if _everyone_succeeded(accelerator, error is None):
+            if failures and accelerator.is_main_process:
+                logger.warning("--resume: fell back to %s, the newer checkpoint could not be loaded", path)
+            return state, path
+        reason = _one_line(error) if error is not None else "another process could not load it"
+        failures.append(f"{path}: {reason}")
+        if accelerator.is_main_process and index + 1 < len(candidates):
+            logger.warning("--resume: checkpoint %s cannot be loaded (%s); trying the previous one", path, reason)
+    if failures:
+        raise CheckpointLoadError(f"--resume {resume}: no checkpoint could be loaded ({'; '.join(failures)})")
+    return TrainerState(), None
 
 
 def save_checkpoint(
@@ -72,7 +120,8 @@ def save_checkpoint(
     Every process takes part (Accelerate writes per-process RNG states). The folder is loadable
     with ``KoLeoDinoForPreTraining.from_pretrained`` (``model.safetensors`` + ``config.json``),
     and with ``AutoModel`` + ``AutoImageProcessor`` (teacher backbone) when ``image_processor``
-    is given.
+    is given. A failed write (a full disk, say) removes the temporary folder and raises
+    ``CheckpointSaveError`` on every process.
     """
     folder = checkpoint_dir(output_dir)
     final = folder / (name or f"checkpoint-{state.step:08d}")
@@ -81,14 +130,25 @@ def save_checkpoint(
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(staging), safe_serialization=True)
+    error = None
+    try:
+        accelerator.save_state(str(staging), safe_serialization=True)
+        if accelerator.is_main_process:
+            model_config.save_pretrained(staging)
+            if image_processor is not None:
+                image_processor.save_pretrained(staging)
+            if run_arguments is not None:
+                (staging / "run_arguments.json").write_text(json.dumps(run_arguments, indent=2))
+            (staging / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
+    except Exception as caught:  # torch.save raises RuntimeError, safetensors its own type, on a failed write
+        error = caught
+    # Each process writes its own RNG state: the rename waits until all of them are done.
+    if not _everyone_succeeded(accelerator, error is None):
+        disk_full = error is not None and _is_disk_full(error, folder)
+        if accelerator.is_main_process:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise _save_error(final, staging, error, disk_full) from error
     if accelerator.is_main_process:
-        model_config.save_pretrained(staging)
-        if image_processor is not None:
-            image_processor.save_pretrained(staging)
-        if run_arguments is not None:
-            (staging / "run_arguments.json").write_text(json.dumps(run_arguments, indent=2))
-        (staging / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
         if final.exists():
             shutil.rmtree(final)
         os.replace(staging, final)
@@ -103,3 +163,39 @@ def load_checkpoint(accelerator: Accelerator, path: str | os.PathLike) -> Traine
     """Restore model, optimiser and RNG states from ``path`` and return its trainer state."""
     accelerator.load_state(str(path))
     return TrainerState(**json.loads((Path(path) / STATE_FILE).read_text()))
+
+
+def _everyone_succeeded(accelerator: Accelerator, succeeded: bool) -> bool:
+    """True when every process succeeded; also a barrier (a sync point, only at checkpoint time)."""
+    flags = accelerator.gather(torch.tensor([int(succeeded)], device=accelerator.device))
+    return bool(flags.all())
+
+
+def _is_disk_full(error: BaseException, folder: Path) -> bool:
+    cause: BaseException | None = error
+    while cause is not None:
+        if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        cause = cause.__cause__ or cause.__context__
+    try:
+        return shutil.disk_usage(folder).free < DISK_FULL_BYTES
+    except OSError:
+        return False
+
+
+def _save_error(final: Path, staging: Path, error: BaseException | None, disk_full: bool) -> CheckpointSaveError:
+    kept = "the partial folder was removed and earlier checkpoints are kept"
+    if error is None:
+        return CheckpointSaveError(f"checkpoint {final}: another process failed writing {staging}; {kept}")
+    if disk_full:
+        return CheckpointSaveError(
+            errno.ENOSPC,
+            f"checkpoint {final}: the disk is full (writing {staging} failed: {_one_line(error)}); {kept}. "
+            "Free some space (or lower --keep_last) and continue with --resume",
+        )
+    return CheckpointSaveError(f"checkpoint {final}: writing {staging} failed ({_one_line(error)}); {kept}")
+
+
+def _one_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}".rstrip(": ")

@@ -19,8 +19,9 @@ from ..hub import build_image_processor, export_backbone
 from ..modeling_koleo_dino import KoLeoDinoForPreTraining
 from ..prototypes import prototype_report
 from .arguments import PretrainingArguments
-from .checkpoint import TrainerState, load_checkpoint, resolve_resume, save_checkpoint
+from .checkpoint import TrainerState, load_resume_checkpoint, save_checkpoint
 from .launch import needs_cpu_backend
+from .lock import locks_output_dir
 from .pipeline import DataPipeline
 from .steps import (
     ScheduleValues,
@@ -43,6 +44,7 @@ def _trackers(report_to: str) -> list[str] | None:
     return {"none": None, "all": ["tensorboard", "trackio"]}.get(report_to, [report_to])
 
 
+@locks_output_dir
 def pretrain(arguments: PretrainingArguments, model_config: KoLeoDinoConfig) -> dict[str, Any]:
     """Run (or resume) pretraining; returns a summary with the final prototype report.
 
@@ -63,10 +65,8 @@ def pretrain(arguments: PretrainingArguments, model_config: KoLeoDinoConfig) -> 
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped: KoLeoDinoForPreTraining = accelerator.unwrap_model(model)
 
-    state = TrainerState()
-    resume_from = resolve_resume(output_dir, arguments.resume)
+    state, resume_from = load_resume_checkpoint(accelerator, output_dir, arguments.resume)
     if resume_from is not None:
-        state = load_checkpoint(accelerator, resume_from)
         logger.info("resumed from %s at step %d", resume_from, state.step)
     data = DataPipeline(arguments, model_config, accelerator, tuple(state.position))
     steps_per_epoch = arguments.steps_per_epoch(accelerator.num_processes, data.dataset_size)
