@@ -8,7 +8,7 @@ from .losses import (
     ibot_patch_loss,
     koleo_loss,
     koleo_proto_loss,
-    masked_patch_weights,
+    masked_patch_slots,
     nearest_neighbours,
     sinkhorn_knopp,
 )
@@ -40,7 +40,7 @@ __all__ = [
     "koleo_loss",
     "koleo_proto_loss",
     "marginal_entropy",
-    "masked_patch_weights",
+    "masked_patch_slots",
     "nearest_neighbour_distances",
     "nearest_neighbours",
     "prototype_report",

@@ -7,14 +7,18 @@ the trainer, which call these functions.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
 # Extra memory for the blocked nearest-neighbour search is about ``block_size * K`` floats; this
 # many floats (128 MiB in float32) keeps K = 65536 well under 1 GiB while leaving the matmuls big
-# enough to run at full speed.
+# enough to run at full speed on a CPU. A GPU gets 8x more (1 GiB), so K = 65536 takes 16 matmuls
+# instead of 128 (each launch and max-reduction has a fixed cost there).
 _SEARCH_BLOCK_ELEMENTS = 1 << 25
+_SEARCH_BLOCK_ELEMENTS_GPU = 1 << 28
 
 KOLEO_EPSILON = 1e-8
 
@@ -61,20 +65,35 @@ def dino_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor, student
     return pair_losses.masked_fill(same_view, 0.0).sum() / (n_global * n_student - n_global)
 
 
-def masked_patch_weights(masks: torch.Tensor) -> torch.Tensor:
-    """Per-masked-patch weights for :func:`ibot_patch_loss`.
+def max_masked_patches(n_patches: int, ratio_max: float) -> int:
+    """The most patches a crop may have masked: the static number of iBOT slots per crop."""
+    return max(1, min(n_patches, math.ceil(ratio_max * n_patches)))
+
+
+def masked_patch_slots(masks: torch.Tensor, n_slots: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed number of patch slots per image, masked patches first, with loss weights.
+
+    Static shapes instead of boolean indexing: the iBOT heads run on ``n_slots`` tokens per
+    image whatever the masks, and the slots that hold no masked patch get weight 0. No value is
+    read on the host, so the step never waits for the device.
 
     Args:
-        masks: ``(n_images, n_patches)`` bool, True where a patch is masked.
+        masks: ``(n_images, n_patches)`` bool, True where a patch is masked (at most ``n_slots``
+            per image are used; the data pipeline never masks more).
+        n_slots: slots per image (see :func:`max_masked_patches`).
 
     Returns:
-        ``(n_masked,)`` weights in the order of ``masks.nonzero()``: each image's masked patches
-        share ``1 / n_images`` equally, so the loss is a mean over images of a mean over patches.
+        ``slot_index`` ``(n_images, n_slots)`` long, patch index held by each slot, and
+        ``slot_weights`` ``(n_images, n_slots)`` float: each image's masked patches share
+        ``1 / n_images`` equally (0 elsewhere), so the loss is a mean over images of a mean over
+        their masked patches.
     """
     masks = masks.bool()
-    per_image = masks.sum(dim=1, keepdim=True).clamp(min=1).float()
-    weights = (1.0 / per_image).expand_as(masks)[masks]
-    return weights / masks.shape[0]
+    order = torch.sort(masks.to(torch.uint8), dim=1, descending=True, stable=True).indices
+    slot_index = order[:, :n_slots]
+    valid = masks.gather(1, slot_index).float()
+    per_image = valid.sum(dim=1, keepdim=True).clamp(min=1.0)
+    return slot_index, valid / per_image / masks.shape[0]
 
 
 def ibot_patch_loss(
@@ -86,9 +105,9 @@ def ibot_patch_loss(
     """iBOT masked-image-modelling loss over the masked patch tokens only.
 
     Args:
-        student_patch_logits: ``(n_masked, K)`` student logits of the masked patches.
-        teacher_patch_probs: ``(n_masked, K)`` teacher distributions of the same (unmasked) patches.
-        patch_weights: ``(n_masked,)`` from :func:`masked_patch_weights`.
+        student_patch_logits: ``(n_slots, K)`` student logits of the patch slots.
+        teacher_patch_probs: ``(n_slots, K)`` teacher distributions of the same (unmasked) patches.
+        patch_weights: ``(n_slots,)`` from :func:`masked_patch_slots` (0 for unmasked slots).
         student_temperature: divides the student logits before the softmax.
 
     Returns:
@@ -111,41 +130,62 @@ def centred_teacher_probs(
     return F.softmax((teacher_logits.float() - centre) / teacher_temperature, dim=-1)
 
 
-def batch_centre(teacher_logits: torch.Tensor) -> torch.Tensor:
-    """Mean teacher logit over every row of ``(..., K)`` on every process: ``(1, K)``."""
+def batch_centre(teacher_logits: torch.Tensor, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean teacher logit over the (valid) rows of ``(n, K)`` on every process.
+
+    Returns:
+        ``(centre, count)``: ``(1, K)`` mean (zeros when no row is valid) and the number of rows
+        it averages, a scalar tensor (never read on the host).
+    """
     flat = teacher_logits.detach().float().reshape(-1, teacher_logits.shape[-1])
-    total = all_reduce_sum(flat.sum(dim=0, keepdim=True))
-    count = all_reduce_sum(torch.tensor(float(flat.shape[0]), device=flat.device))
-    return total / count
+    weights = flat.new_ones(flat.shape[0]) if valid is None else valid.reshape(-1).float()
+    total = all_reduce_sum(weights @ flat)[None]
+    count = all_reduce_sum(weights.sum())
+    return total / count.clamp(min=1.0), count
 
 
-def ema_centre(centre: torch.Tensor, new_centre: torch.Tensor, momentum: float) -> torch.Tensor:
-    """``momentum * centre + (1 - momentum) * new_centre``."""
-    return centre * momentum + new_centre * (1.0 - momentum)
+def ema_centre(
+    centre: torch.Tensor, new_centre: torch.Tensor, momentum: float, count: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``momentum * centre + (1 - momentum) * new_centre``; unchanged when ``count`` is 0 or the result not finite."""
+    updated = centre * momentum + new_centre * (1.0 - momentum)
+    keep = ~torch.isfinite(updated).all()
+    if count is not None:
+        keep = keep | (count <= 0)
+    return torch.where(keep, centre, updated)
 
 
 @torch.no_grad()
-def sinkhorn_knopp(teacher_logits: torch.Tensor, teacher_temperature: float, n_iterations: int = 3) -> torch.Tensor:
+def sinkhorn_knopp(
+    teacher_logits: torch.Tensor,
+    teacher_temperature: float,
+    n_iterations: int = 3,
+    valid: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Sinkhorn-Knopp teacher assignments (SwAV / DINOv2 centring), across all processes.
 
     Args:
         teacher_logits: ``(n_samples, K)`` local teacher logits.
         teacher_temperature: sharpening temperature.
         n_iterations: alternating normalisations.
+        valid: optional ``(n_samples,)`` bool; other rows (empty iBOT slots) take no part and get
+            all-zero rows. Every process runs the same collectives whatever its count.
 
     Returns:
         ``(n_samples, K)`` rows that sum to one, with prototype marginals pushed towards uniform
         over the global batch.
     """
     logits = teacher_logits.float() / teacher_temperature
+    weights = logits.new_ones(logits.shape[0]) if valid is None else valid.reshape(-1).float()
     # Subtracting the global max is a no-op after normalisation but keeps exp() finite.
-    global_max = logits.max().clone()
+    global_max = logits.masked_fill(weights[:, None] == 0, -float("inf")).max().clone()
     if _distributed_world_size() > 1:
         dist.all_reduce(global_max, op=dist.ReduceOp.MAX)
-    scores = torch.exp(logits - global_max).t()  # (K, n_samples)
+    global_max = torch.where(torch.isfinite(global_max), global_max, torch.zeros_like(global_max))
+    scores = (torch.exp(logits - global_max) * weights[:, None]).t()  # (K, n_samples)
     n_prototypes = scores.shape[0]
-    n_samples = all_reduce_sum(torch.tensor(float(scores.shape[1]), device=scores.device))
-    scores /= all_reduce_sum(scores.sum())
+    n_samples = all_reduce_sum(weights.sum()).clamp(min=1.0)
+    scores /= all_reduce_sum(scores.sum()).clamp(min=1e-30)
     for _ in range(n_iterations):
         scores /= all_reduce_sum(scores.sum(dim=1, keepdim=True)).clamp(min=1e-30)
         scores /= n_prototypes
@@ -155,8 +195,10 @@ def sinkhorn_knopp(teacher_logits: torch.Tensor, teacher_temperature: float, n_i
     return scores.t()
 
 
-def _search_block_size(n_rows: int, n_columns: int) -> int:
-    return max(1, min(n_rows, _SEARCH_BLOCK_ELEMENTS // max(1, n_columns)))
+def search_block_size(n_rows: int, n_columns: int, device: torch.device | str = "cpu") -> int:
+    """Rows per block of a nearest-neighbour search over ``n_columns`` candidates."""
+    budget = _SEARCH_BLOCK_ELEMENTS_GPU if torch.device(device).type == "cuda" else _SEARCH_BLOCK_ELEMENTS
+    return max(1, min(n_rows, budget // max(1, n_columns)))
 
 
 @torch.no_grad()
@@ -177,14 +219,13 @@ def nearest_neighbours(unit_vectors: torch.Tensor, block_size: int | None = None
     search = unit_vectors.detach()
     if search.dtype in (torch.float16, torch.bfloat16):
         search = search.float()
-    block_size = block_size or _search_block_size(n_rows, n_rows)
+    block_size = block_size or search_block_size(n_rows, n_rows, search.device)
     indices = torch.empty(n_rows, dtype=torch.long, device=search.device)
     similarities = torch.empty(n_rows, dtype=search.dtype, device=search.device)
     for start in range(0, n_rows, block_size):
         stop = min(start + block_size, n_rows)
         block = search[start:stop] @ search.t()  # (block, K)
-        rows = torch.arange(stop - start, device=search.device)
-        block[rows, rows + start] = -float("inf")
+        block.diagonal(offset=start).fill_(-float("inf"))  # a row is not its own neighbour
         similarities[start:stop], indices[start:stop] = block.max(dim=1)
     distances = (2.0 - 2.0 * similarities).clamp(min=0.0).sqrt()
     return indices, distances

@@ -21,7 +21,8 @@ from .losses import (
     ibot_patch_loss,
     koleo_loss,
     koleo_proto_loss,
-    masked_patch_weights,
+    masked_patch_slots,
+    max_masked_patches,
     sinkhorn_knopp,
 )
 
@@ -169,6 +170,13 @@ def _views_first(crops: torch.Tensor) -> torch.Tensor:
     return crops.transpose(0, 1).reshape(-1, *crops.shape[2:])
 
 
+def _gather_slots(tokens: torch.Tensor, slot_index: torch.Tensor) -> torch.Tensor:
+    """``(n, 1 + n_patches, D)`` tokens, ``(n, n_slots)`` patch indices -> ``(n * n_slots, D)`` patch tokens."""
+    patches = tokens[:, 1:]
+    index = slot_index[..., None].expand(-1, -1, patches.shape[-1])
+    return patches.gather(1, index).reshape(-1, patches.shape[-1])
+
+
 def _batch_first(rows: torch.Tensor, n_views: int) -> torch.Tensor:
     """``(n_views * batch, K) -> (batch, n_views, K)``; inverse of :func:`_views_first`."""
     return rows.reshape(n_views, -1, rows.shape[-1]).transpose(0, 1)
@@ -262,16 +270,27 @@ class KoLeoDinoForPreTraining(KoLeoDinoPreTrainedModel):
         return head.embed(backbone(pixel_values).pooler_output)
 
     def _teacher_probs(
-        self, teacher_logits: torch.Tensor, centre_name: str, teacher_temperature: float
+        self,
+        teacher_logits: torch.Tensor,
+        centre_name: str,
+        teacher_temperature: float,
+        valid: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """Centred, sharpened teacher distributions; ``valid`` ``(n,)`` marks the rows that count."""
         if self.config.centring == "sinkhorn_knopp":
-            return sinkhorn_knopp(teacher_logits, teacher_temperature, self.config.sinkhorn_iterations)
+            return sinkhorn_knopp(teacher_logits, teacher_temperature, self.config.sinkhorn_iterations, valid)
         centre = getattr(self, centre_name)
         probs = centred_teacher_probs(teacher_logits, centre, teacher_temperature)
         if self.training:
-            new_centre = ema_centre(centre, batch_centre(teacher_logits), self.config.centre_momentum)
+            mean, count = batch_centre(teacher_logits, valid)
+            new_centre = ema_centre(centre, mean, self.config.centre_momentum, count)
             setattr(self, centre_name, new_centre.to(centre.dtype))
         return probs
+
+    def patch_head(self, branch: str = "teacher") -> DINOHead:
+        """The head of the iBOT patch tokens: the separate patch head, or the shared DINO head."""
+        separate = getattr(self, f"{branch}_patch_head")
+        return getattr(self, f"{branch}_head") if separate is None else separate
 
     def _check_inputs(self, global_crops, local_crops, masks) -> None:
         if global_crops.dim() != 5:
@@ -316,14 +335,21 @@ class KoLeoDinoForPreTraining(KoLeoDinoPreTrainedModel):
         zero = global_crops.new_zeros((), dtype=torch.float32)
         use_ibot = config.ibot_loss_weight > 0
 
+        if use_ibot:
+            # A fixed number of slots per crop (static shapes, no host sync); empty slots weigh 0.
+            n_slots = max_masked_patches(view_masks.shape[1], config.mask_ratio_min_max[1])
+            slot_index, slot_weights = masked_patch_slots(view_masks, n_slots)
+            slot_valid = slot_weights.flatten() > 0
+
         with torch.no_grad():
             teacher_tokens = self.teacher(global_views).last_hidden_state
             teacher_cls_logits = self.teacher_head(teacher_tokens[:, 0])
             teacher_cls_probs = self._teacher_probs(teacher_cls_logits, "cls_centre", teacher_temperature)
             if use_ibot:
-                teacher_patch_head = self.teacher_patch_head or self.teacher_head
-                teacher_patch_logits = teacher_patch_head(teacher_tokens[:, 1:][view_masks])
-                teacher_patch_probs = self._teacher_probs(teacher_patch_logits, "patch_centre", teacher_temperature)
+                teacher_patch_logits = self.patch_head("teacher")(_gather_slots(teacher_tokens, slot_index))
+                teacher_patch_probs = self._teacher_probs(
+                    teacher_patch_logits, "patch_centre", teacher_temperature, slot_valid
+                )
 
         student_globals = self.student(global_views, bool_masked_pos=view_masks if use_ibot else None)
         student_cls = student_globals.pooler_output
@@ -339,10 +365,11 @@ class KoLeoDinoForPreTraining(KoLeoDinoPreTrainedModel):
 
         loss_ibot = zero
         if use_ibot:
-            student_patch_head = self.student_patch_head or self.student_head
-            student_patch_logits = student_patch_head(student_globals.last_hidden_state[:, 1:][view_masks])
+            student_patch_logits = self.patch_head("student")(
+                _gather_slots(student_globals.last_hidden_state, slot_index)
+            )
             loss_ibot = ibot_patch_loss(
-                student_patch_logits, teacher_patch_probs, masked_patch_weights(view_masks), config.student_temperature
+                student_patch_logits, teacher_patch_probs, slot_weights.flatten(), config.student_temperature
             )
 
         loss_koleo_proto = zero
@@ -374,7 +401,7 @@ class KoLeoDinoForPreTraining(KoLeoDinoPreTrainedModel):
         )
 
     def _koleo_proto_heads(self) -> list[DINOHead]:
-        patch_head = self.student_patch_head or self.student_head
+        patch_head = self.patch_head("student")
         heads = {
             "cls": [self.student_head],
             "patch": [patch_head],

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
-from .losses import _search_block_size, nearest_neighbours
+from .losses import nearest_neighbours, search_block_size
 
 if TYPE_CHECKING:
     from .modeling_koleo_dino import KoLeoDinoForPreTraining
@@ -85,7 +85,7 @@ def unique_prototype_curve(
             raise ValueError(f"eps must be > 0, got {eps}")
     unit_rows = _unit_rows(prototypes)
     n_rows = unit_rows.shape[0]
-    block_size = block_size or _search_block_size(n_rows, n_rows)
+    block_size = block_size or search_block_size(n_rows, n_rows)
     # ||a - b|| < eps  <=>  a.b > 1 - eps^2 / 2 for unit vectors.
     thresholds = [1.0 - eps * eps / 2.0 for eps in eps_values]
     parents = [torch.arange(n_rows, device=unit_rows.device) for _ in eps_values]

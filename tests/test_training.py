@@ -99,7 +99,8 @@ def test_schedules_warm_up_then_follow_a_cosine():
 def test_yaml_config_with_cli_overrides_and_unknown_keys(tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text(
-        "max_steps: 10\nbase_lr: 0.1\nmodel:\n  num_prototypes: 64\n  backbone_config:\n    hidden_size: 32\n"
+        "max_steps: 10\nbase_lr: 0.1\nmodel:\n  num_prototypes: 64\n"
+        "  backbone_config:\n    hidden_size: 32\n    num_attention_heads: 4\n"
     )
     arguments, model_config = parse_pretraining_args(
         ["--config", str(config), "--base_lr", "0.2", "--model.num_prototypes", "128"]

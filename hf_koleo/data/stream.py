@@ -1,11 +1,19 @@
-"""Batches of multi-crop views from a streamed dataset: deterministic, resumable, worker-safe.
+"""Decoded batches from a source too large for memory: workers decode disjoint shards, crops happen on the device.
 
-Every process iterates its own split of the source (``datasets.distributed.split_dataset_by_node``).
-Records are grouped into batches in stream order; with ``W`` DataLoader workers, worker ``w``
-decodes and augments the batches whose running number is ``w`` modulo ``W`` and only counts the
-others, so the DataLoader's round-robin returns them in stream order whatever ``W`` and however
-many shards the source has. Records are shuffled with a buffer seeded by ``(seed, epoch)``.
-A position ``(epoch, batch_index)`` resumes the stream exactly.
+Every process streams its own split of the source (``datasets.distributed.split_dataset_by_node``).
+With ``W`` DataLoader workers, worker ``w`` reads only the shards ``i`` with ``i % W == w``
+(``IterableDataset.shard``): no record is read by two workers. A worker groups ``batch_size``
+records, decodes them onto canvases (see :mod:`decoded`) and yields ``uint8`` images with one
+random key per record; the trainer cuts the views on the accelerator. The DataLoader returns
+the workers' batches round-robin, so the ``g``-th batch delivered is worker ``g % W``'s
+``g // W``-th: a position ``(0, g)`` resumes exactly (same ``W``), each worker skipping the
+records of its first batches without decoding them (and worker roles rotated so the DataLoader's
+first worker plays the one whose turn is next).
+
+Records are shuffled per worker with a buffer seeded by ``(seed, pass, worker)``. Undecodable
+records are dropped and counted, so a batch may hold fewer images; a worker that meets
+``max_corrupt_batches`` batches in a row with no decodable record stops with an error naming the
+source.
 """
 
 from __future__ import annotations
@@ -13,34 +21,23 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from datasets.distributed import split_dataset_by_node
 
-from .augment import MultiCropAugmentation
-from .images import decode_image
-from .masking import sample_crop_masks
+from .counter_rng import MASK32
+from .decoded import decode_record
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class MaskSettings:
-    """iBOT masking of the global crops on a ``grid_size x grid_size`` patch grid."""
-
-    grid_size: int
-    ratio_range: tuple[float, float] = (0.1, 0.5)
-    probability: float = 0.5
 
 
 def _records(source) -> Iterator[dict]:
     """Every record of ``source``, also inside a DataLoader worker.
 
-    ``IterableDataset.__iter__`` hands each worker a subset of shards; ``iter(batch_size)`` does
-    not, which is what the batch-level worker split of :class:`MultiCropStream` needs.
+    ``IterableDataset.__iter__`` would re-split the shards among the workers by itself;
+    ``iter(batch_size)`` does not: this module chooses each worker's shards explicitly.
     """
     if not hasattr(source, "iter"):
         yield from source
@@ -69,15 +66,15 @@ def buffer_shuffle(records: Iterator[dict], buffer_size: int, generator: np.rand
     yield from buffer
 
 
-def sample_seed(seed: int, epoch: int, image: Any) -> int:
-    """A 63-bit seed from the run seed, the epoch and the record's own bytes (or path)."""
+def record_key(seed: int, epoch: int, image: Any) -> int:
+    """A 32-bit random key from the run seed, the pass and the record's own bytes (or path)."""
     digest = hashlib.blake2b(digest_size=8, key=f"{seed}:{epoch}".encode())
     if isinstance(image, dict):
         payload = image.get("bytes") or str(image.get("path")).encode()
     else:
         payload = bytes(image) if isinstance(image, (bytes, bytearray)) else repr(image).encode()
     digest.update(payload)
-    return int.from_bytes(digest.digest(), "little") >> 1
+    return int.from_bytes(digest.digest(), "little") & MASK32
 
 
 def shard_source(source, rank: int, world_size: int, strategy: str = "auto"):
@@ -87,100 +84,111 @@ def shard_source(source, rank: int, world_size: int, strategy: str = "auto"):
     return source
 
 
-class MultiCropStream(torch.utils.data.IterableDataset):
-    """Endless stream of multi-crop batches (epochs follow each other; ``set_epoch`` reshuffles).
+def usable_workers(source, num_workers: int) -> int:
+    """Workers that each get at least one shard of ``source`` (never more than its shard count)."""
+    n_shards = getattr(source, "num_shards", None) or 1
+    return min(num_workers, n_shards)
 
-    Each yielded batch is a dict: ``global_crops`` ``(B, 2, 3, S, S)`` uint8, ``global_params``
-    ``(B, 2, 7)``, optionally ``local_crops`` / ``local_params``, ``masks`` ``(B, 2, n_patches)``
-    bool (when masking is on), ``labels`` ``(B,)`` (-1 where unknown), ``n_corrupt`` (records
-    of this batch skipped as undecodable) and ``position``: the ``(epoch, batch_index)`` to
-    resume from *after* this batch (a list once through a DataLoader). ``B`` may be smaller than
-    ``batch_size`` (or 0) when records were corrupt.
+
+class CanvasStream(torch.utils.data.IterableDataset):
+    """Endless stream of decoded batches (passes over the data follow each other).
+
+    Each yielded batch is a dict: ``images`` ``(B, 3, S, S)`` uint8 canvases, ``extents``
+    ``(B, 2)``, ``keys`` ``(B,)`` int64, ``labels`` ``(B,)`` (-1 where unknown), ``n_corrupt``
+    (records of this batch dropped as undecodable; ``B`` is smaller by that much) and
+    ``position`` ``(0, g)``: resume from here after this batch.
     """
 
     def __init__(
         self,
         source,
-        augmentation: MultiCropAugmentation,
+        canvas_size: int,
         batch_size: int,
         seed: int = 0,
-        masking: MaskSettings | None = None,
         position: tuple[int, int] = (0, 0),
         shuffle_buffer: int = 0,
+        name: str = "source",
+        max_corrupt_batches: int = 20,
     ) -> None:
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.source = source
-        self.augmentation = augmentation
+        self.canvas_size = canvas_size
         self.batch_size = batch_size
         self.seed = seed
-        self.masking = masking
         self.position = tuple(position)
         self.shuffle_buffer = shuffle_buffer
+        self.name = name
+        self.max_corrupt_batches = max_corrupt_batches
 
-    def _raw_batches(self) -> Iterator[tuple[int, int, list[dict]]]:
-        epoch, start_batch = self.position
+    def _raw_batches(self, source, worker_id: int) -> Iterator[tuple[int, list[dict]]]:
+        """``(pass, records)`` groups of ``batch_size`` records of this worker's shards, forever."""
+        epoch = 0
         while True:
-            if hasattr(self.source, "set_epoch"):
-                self.source.set_epoch(epoch)
             records: list[dict] = []
-            batch_index = 0
-            stream = _records(self.source)
+            n_batches = 0
+            stream = _records(source)
             if self.shuffle_buffer > 1:
-                stream = buffer_shuffle(stream, self.shuffle_buffer, np.random.default_rng([self.seed, epoch]))
+                stream = buffer_shuffle(
+                    stream, self.shuffle_buffer, np.random.default_rng([self.seed, epoch, worker_id])
+                )
             for record in stream:
                 records.append(record)
-                if len(records) < self.batch_size:
-                    continue
-                if batch_index >= start_batch:
-                    yield epoch, batch_index, records
-                batch_index += 1
-                records = []
-            if batch_index == 0:
+                if len(records) == self.batch_size:
+                    yield epoch, records
+                    n_batches += 1
+                    records = []
+            if n_batches == 0:
                 raise ValueError(
-                    f"the data source has fewer records ({len(records)}) than one batch ({self.batch_size}) "
-                    "for this process: lower the batch size or add data"
+                    f"data source {self.name!r} has fewer records ({len(records)}) than one batch "
+                    f"({self.batch_size}) for this process and worker: lower the batch size or add data"
                 )
-            epoch, start_batch = epoch + 1, 0
+            epoch += 1
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         worker = torch.utils.data.get_worker_info()
-        worker_id, n_workers = (worker.id, worker.num_workers) if worker else (0, 1)
-        for running_number, (epoch, batch_index, records) in enumerate(self._raw_batches()):
-            if running_number % n_workers == worker_id:
-                yield self.build_batch(records, epoch, batch_index)
-
-    def build_batch(self, records: list[dict], epoch: int, batch_index: int) -> dict[str, Any]:
-        samples, labels, n_corrupt = [], [], 0
-        for record in records:
-            image = decode_image(record["image"])
-            if image is None:
-                n_corrupt += 1
-                continue
-            generator = torch.Generator().manual_seed(sample_seed(self.seed, epoch, record["image"]))
-            views = self.augmentation.sample(image, generator)
-            if self.masking is not None:
-                settings = self.masking
-                views["masks"] = sample_crop_masks(
-                    views["global_crops"].shape[0],
-                    settings.grid_size,
-                    settings.grid_size,
-                    settings.ratio_range,
-                    settings.probability,
-                    generator,
+        physical_id, n_workers = (worker.id, worker.num_workers) if worker else (0, 1)
+        delivered = self.position[1]
+        # The DataLoader always starts with worker 0: after ``delivered`` batches, worker 0 plays
+        # the part (shards, shuffling, turn) of the worker whose batch comes next.
+        worker_id = (physical_id + delivered) % n_workers
+        source = self.source
+        if n_workers > 1:
+            source = source.shard(num_shards=n_workers, index=worker_id, contiguous=False)
+        corrupt_run = 0
+        for local_index, (epoch, records) in enumerate(self._raw_batches(source, worker_id)):
+            running = local_index * n_workers + worker_id
+            if running < delivered:
+                continue  # resuming: these batches were consumed before the checkpoint
+            batch = self.decode_batch(records, epoch)
+            corrupt_run = corrupt_run + 1 if batch["images"].shape[0] == 0 else 0
+            if corrupt_run >= self.max_corrupt_batches:
+                raise ValueError(
+                    f"data source {self.name!r}: {corrupt_run * self.batch_size} records in a row could not be "
+                    "decoded as images; check the image column and the files"
                 )
-            samples.append(views)
-            label = record.get("label")
-            labels.append(-1 if label is None else int(label))
+            batch["position"] = (0, running + 1)
+            yield batch
+
+    def decode_batch(self, records: list[dict], epoch: int) -> dict[str, Any]:
+        canvases, extents, labels, keys = [], [], [], []
+        for record in records:
+            decoded = decode_record(record, self.canvas_size)
+            if decoded is None:
+                continue
+            canvases.append(decoded[0])
+            extents.append(decoded[1])
+            labels.append(decoded[2])
+            keys.append(record_key(self.seed, epoch, record["image"]))
+        n_corrupt = len(records) - len(canvases)
         if n_corrupt:
-            logger.warning("epoch %d batch %d: skipped %d undecodable records", epoch, batch_index, n_corrupt)
-        batch: dict[str, Any] = {
-            "labels": torch.tensor(labels, dtype=torch.long),
+            logger.warning("data source %r: skipped %d undecodable records", self.name, n_corrupt)
+        shape = (0, 3, self.canvas_size, self.canvas_size)
+        return {
+            "images": torch.from_numpy(np.stack(canvases)) if canvases else torch.zeros(shape, dtype=torch.uint8),
+            "extents": torch.tensor(extents, dtype=torch.int64).reshape(-1, 2),
+            "keys": torch.tensor(keys, dtype=torch.int64),
+            "labels": torch.tensor(labels, dtype=torch.int64),
             "n_corrupt": n_corrupt,
-            "position": (epoch, batch_index + 1),
         }
-        keys = samples[0].keys() if samples else ()
-        for key in keys:
-            batch[key] = torch.stack([sample[key] for sample in samples])
-        return batch

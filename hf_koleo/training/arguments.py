@@ -8,6 +8,7 @@ rejected with the list of valid ones.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from ..data.augment import MultiCropConfig
 
 TRACKERS = ("tensorboard", "trackio", "none", "all")
 PRECISIONS = ("no", "fp16", "bf16")
+IN_MEMORY = ("auto", "yes", "no")
 
 
 @dataclass
@@ -49,7 +51,19 @@ class PretrainingArguments(MultiCropConfig):
     clip_grad: float = field(default=3.0, metadata={"help": "Max gradient norm; 0 disables clipping."})
     mixed_precision: str = field(default="", metadata={"help": "no, fp16 or bf16; empty = accelerate's setting."})
     seed: int = 0
-    num_workers: int = 2
+    num_workers: int = field(default=2, metadata={"help": "DataLoader workers decoding a streamed source."})
+    in_memory: str = field(
+        default="auto",
+        metadata={
+            "help": "auto: decode a local source once and keep it on the accelerator when it fits "
+            "in_memory_budget_gb, else stream; yes: always; no: always stream."
+        },
+    )
+    in_memory_budget_gb: float = field(default=4.0, metadata={"help": "Largest decoded source kept in memory."})
+    canvas_size: int = field(
+        default=0, metadata={"help": "Longest side images are decoded to (never upscaled); 0 = global_crops_size."}
+    )
+    compile: bool = field(default=False, metadata={"help": "torch.compile the student and teacher backbones."})
     shuffle_buffer: int = 1000
     split_strategy: str = field(default="auto", metadata={"help": "datasets split_dataset_by_node strategy."})
     log_every: int = 10
@@ -88,6 +102,8 @@ class PretrainingArguments(MultiCropConfig):
             "freeze_last_layer_epochs",
             "clip_grad",
             "num_workers",
+            "in_memory_budget_gb",
+            "canvas_size",
             "shuffle_buffer",
             "report_images",
         )
@@ -107,6 +123,8 @@ class PretrainingArguments(MultiCropConfig):
             raise ValueError(f"report_to must be one of {TRACKERS}, got {self.report_to!r}")
         if self.mixed_precision not in ("", *PRECISIONS):
             raise ValueError(f"mixed_precision must be one of {PRECISIONS} (or empty), got {self.mixed_precision!r}")
+        if self.in_memory not in IN_MEMORY:
+            raise ValueError(f"in_memory must be one of {IN_MEMORY}, got {self.in_memory!r}")
         if self.split_strategy not in ("auto", "shards", "examples"):
             raise ValueError(f"split_strategy must be auto, shards or examples, got {self.split_strategy!r}")
 
@@ -168,6 +186,33 @@ def build_model_config(settings: dict[str, Any]) -> KoLeoDinoConfig:
     return config
 
 
+def load_config_file(config_path: str | Path) -> dict[str, Any]:
+    """The YAML mapping in ``config_path``; a missing, binary or malformed file raises naming the file."""
+    path = Path(config_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {config_path} not found")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(
+            f"config file {config_path} is not a UTF-8 text (YAML) file: {error.reason} at byte {error.start}"
+        ) from None
+    try:
+        settings = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ValueError(f"config file {config_path} is not valid YAML{where}: {problem}") from None
+    if settings is None:
+        return {}
+    if not isinstance(settings, dict):
+        raise ValueError(
+            f"config file {config_path} must hold a mapping of keys to values, got {type(settings).__name__}"
+        )
+    return settings
+
+
 def parse_pretraining_args(argv: list[str]) -> tuple[PretrainingArguments, KoLeoDinoConfig]:
     """``--config file.yaml`` plus ``--key value`` / ``--model.key value`` overrides."""
     argv = list(argv)
@@ -182,15 +227,13 @@ def parse_pretraining_args(argv: list[str]) -> tuple[PretrainingArguments, KoLeo
         index = argv.index("--resume")
         if index + 1 == len(argv) or argv[index + 1].startswith("--"):
             argv.insert(index + 1, "latest")
-    settings: dict[str, Any] = {}
-    if config_path is not None:
-        path = Path(config_path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file {config_path} not found")
-        settings = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(settings, dict):
-            raise ValueError(f"{config_path} must hold a mapping of keys to values")
-    model_settings = dict(settings.pop("model", None) or {})
+    settings = load_config_file(config_path) if config_path is not None else {}
+    model_settings = settings.pop("model", None) or {}
+    if not isinstance(model_settings, dict):
+        raise ValueError(
+            f"config file {config_path}: model must be a mapping of KoLeoDinoConfig keys, got {model_settings!r}"
+        )
+    model_settings = dict(model_settings)
     run_argv = _to_argv(settings)
     index = 0
     while index < len(argv):
@@ -203,8 +246,11 @@ def parse_pretraining_args(argv: list[str]) -> tuple[PretrainingArguments, KoLeo
         else:
             run_argv.append(token)
             index += 1
-    parser = HfArgumentParser(PretrainingArguments, allow_abbrev=False)
-    arguments, remaining = parser.parse_args_into_dataclasses(args=run_argv, return_remaining_strings=True)
+    parser = HfArgumentParser(PretrainingArguments, allow_abbrev=False, exit_on_error=False)
+    try:
+        arguments, remaining = parser.parse_args_into_dataclasses(args=run_argv, return_remaining_strings=True)
+    except argparse.ArgumentError as error:  # a bad value, from the YAML or the command line
+        raise ValueError(str(error)) from None
     if remaining:
         valid = sorted(f.name for f in dataclasses.fields(PretrainingArguments))
         raise ValueError(f"unknown option(s) {remaining}; valid keys: {valid} (model keys go under model:)")

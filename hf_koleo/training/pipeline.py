@@ -1,24 +1,50 @@
-"""The data side of the loop: source -> split -> multi-crop stream -> DataLoader -> device augmentation."""
+"""The data side of the loop: a source becomes batches of views on the accelerator.
+
+Two paths, one augmentation:
+
+* **resident** (sources that fit ``in_memory_budget_gb``): decoded once (cached on disk), kept on
+  the accelerator, every view cut there (:class:`ResidentBatches`); no DataLoader at all.
+* **streamed** (anything else, and Hub ids): DataLoader workers decode disjoint shards into
+  ``uint8`` canvases (:class:`CanvasStream`); the views are cut on the accelerator.
+"""
 
 from __future__ import annotations
 
+import logging
+from itertools import islice
 from typing import Any
 
 import torch
 from accelerate import Accelerator
 
 from ..configuration_koleo_dino import KoLeoDinoConfig
-from ..data.augment import IDENTITY_PARAMETERS, MultiCropAugmentation, centre_crop
-from ..data.images import decode_image
+from ..data.augment import IDENTITY_PARAMETERS, MultiCropAugmentation, crop_and_resize
+from ..data.decoded import DecodedImages, cache_key, decode_records, load_decoded
+from ..data.masking import MaskSettings
+from ..data.resident import ResidentBatches
 from ..data.sources import count_records, load_source
-from ..data.stream import MaskSettings, MultiCropStream, shard_source
+from ..data.stream import CanvasStream, shard_source, usable_workers
 from .arguments import PretrainingArguments
 from .checkpoint import TrainerState
+
+logger = logging.getLogger(__name__)
 
 
 def _patch_size(model_config: KoLeoDinoConfig) -> int:
     patch = model_config.backbone_config.patch_size
     return patch[0] if isinstance(patch, (list, tuple)) else patch
+
+
+def fits_in_memory(arguments: PretrainingArguments, canvas_size: int) -> bool:
+    """Whether ``arguments.data`` takes the resident path (see ``in_memory``)."""
+    if arguments.in_memory != "auto":
+        return arguments.in_memory == "yes"
+    if cache_key(arguments.data, canvas_size) is None:
+        return False  # Hub ids stream
+    n_images = count_records(arguments.data)
+    if n_images is None:
+        return False
+    return n_images * 3 * canvas_size**2 <= arguments.in_memory_budget_gb * 2**30
 
 
 class DataPipeline:
@@ -36,68 +62,122 @@ class DataPipeline:
             if getattr(arguments, name) % patch:
                 raise ValueError(f"{name}={getattr(arguments, name)} must be a multiple of the patch size {patch}")
         self.arguments = arguments
-        self.accelerator = accelerator
+        self.device = accelerator.device
         self.augmentation = MultiCropAugmentation(arguments)
-        with accelerator.main_process_first():  # built-in sources are prepared once, by the main process
-            self.source = load_source(arguments.data)
-        self.dataset_size = arguments.dataset_size or count_records(arguments.data) or 0
-        masking = None
+        self.canvas_size = arguments.canvas_size or arguments.global_crops_size
+        self.masking = None
         if model_config.ibot_loss_weight > 0:
-            masking = MaskSettings(
+            self.masking = MaskSettings(
                 arguments.global_crops_size // patch,
                 tuple(model_config.mask_ratio_min_max),
                 model_config.mask_probability,
             )
-        stream = MultiCropStream(
-            shard_source(self.source, accelerator.process_index, accelerator.num_processes, arguments.split_strategy),
-            self.augmentation,
+        self.resident = fits_in_memory(arguments, self.canvas_size)
+        if self.resident:
+            with accelerator.main_process_first():  # the main process decodes and caches, the others load
+                decoded = load_decoded(arguments.data, self.canvas_size)
+            self.dataset_size = len(decoded)
+            self.batches = ResidentBatches(
+                decoded,
+                self.augmentation,
+                arguments.per_device_batch_size,
+                arguments.seed,
+                self.masking,
+                position,
+                accelerator.process_index,
+                accelerator.num_processes,
+                self.device,
+            )
+            logger.info(
+                "data %r: %d images resident on %s (%.1f MiB)",
+                arguments.data,
+                len(decoded),
+                self.device,
+                decoded.images.numel() / 2**20,
+            )
+            return
+        with accelerator.main_process_first():  # built-in sources are prepared once, by the main process
+            self.source = load_source(arguments.data)
+        self.dataset_size = arguments.dataset_size or count_records(arguments.data) or 0
+        shard = shard_source(
+            self.source, accelerator.process_index, accelerator.num_processes, arguments.split_strategy
+        )
+        num_workers = usable_workers(shard, arguments.num_workers)
+        if num_workers < arguments.num_workers:
+            logger.warning(
+                "data %r has %s shard(s) per process: using %d DataLoader workers instead of %d (a worker "
+                "reads whole shards, never another worker's records)",
+                arguments.data,
+                getattr(shard, "num_shards", 1),
+                num_workers,
+                arguments.num_workers,
+            )
+        stream = CanvasStream(
+            shard,
+            self.canvas_size,
             arguments.per_device_batch_size,
             arguments.seed,
-            masking,
             position,
             arguments.shuffle_buffer,
+            name=arguments.data,
         )
         self.loader = torch.utils.data.DataLoader(
             stream,
             batch_size=None,
-            num_workers=arguments.num_workers,
-            pin_memory=accelerator.device.type == "cuda",
+            num_workers=num_workers,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=num_workers > 0,
+            prefetch_factor=4 if num_workers > 0 else None,
             # Worker seeds come from this generator, not the global RNG, so resuming does not shift it.
             generator=torch.Generator().manual_seed(arguments.seed),
         )
         self._iterator = iter(self.loader)
 
     def next_batch(self, state: TrainerState) -> dict[str, Any]:
-        """The next non-empty batch, augmented on the device; advances ``state.position``."""
+        """The next batch of views on the device; advances ``state.position``."""
+        if self.resident:
+            batch = self.batches.next_batch()
+            state.position = list(batch["position"])
+            return batch
         while True:
             raw = next(self._iterator)
             state.position = list(raw["position"])
             state.corrupt_records += raw["n_corrupt"]
-            if "global_crops" in raw:
+            if raw["images"].shape[0] > 0:
                 break
-        device = self.accelerator.device
-        batch = {
-            "global_crops": self.augmentation.photometric(
-                raw["global_crops"].to(device, non_blocking=True), raw["global_params"].to(device, non_blocking=True)
-            ),
-            "labels": raw["labels"],
-        }
-        if "local_crops" in raw:
-            batch["local_crops"] = self.augmentation.photometric(
-                raw["local_crops"].to(device, non_blocking=True), raw["local_params"].to(device, non_blocking=True)
-            )
-        if "masks" in raw:
-            batch["masks"] = raw["masks"].to(device, non_blocking=True)
+        keys = raw["keys"].to(self.device, non_blocking=True)
+        batch = self.augmentation(
+            raw["images"].to(self.device, non_blocking=True), raw["extents"].to(self.device, non_blocking=True), keys
+        )
+        if self.masking is not None:
+            batch["masks"] = self.masking.masks(keys)
+        batch["labels"] = raw["labels"]
         return batch
 
     def report_images(self, count: int) -> torch.Tensor:
-        """``(n, 3, S, S)`` normalised centre crops of the first ``count`` decodable source images."""
-        images = []
-        for record in self.source:
-            if len(images) >= count:
-                break
-            image = decode_image(record["image"])
-            if image is not None:
-                images.append(centre_crop(image, self.arguments.global_crops_size))
-        identity = torch.tensor([IDENTITY_PARAMETERS]).expand(len(images), -1)
-        return self.augmentation.photometric(torch.stack(images), identity)
+        """``(n, 3, S, S)`` normalised centre crops of the first ``count`` images of the source."""
+        if self.resident:
+            data = self.batches.data
+            decoded = DecodedImages(data.images[:count], data.extents[:count], data.labels[:count])
+        else:
+            decoded = decode_records(islice(self.source, count), self.canvas_size, self.arguments.data)
+        return centre_views(self.augmentation, decoded.to(self.device), self.arguments.global_crops_size)
+
+
+def centre_views(augmentation: MultiCropAugmentation, decoded: DecodedImages, size: int) -> torch.Tensor:
+    """The evaluation view of decoded images: the largest centred square, resized, normalised."""
+    extents = decoded.extents.float()
+    side = extents.min(dim=1).values
+    boxes = torch.stack(
+        [
+            torch.div(extents[:, 1] - side, 2, rounding_mode="floor"),
+            torch.div(extents[:, 0] - side, 2, rounding_mode="floor"),
+            side,
+            side,
+        ],
+        dim=1,
+    )[:, None]
+    no_flip = torch.zeros(len(decoded), 1, dtype=torch.bool, device=boxes.device)
+    crops = crop_and_resize(decoded.images.float() / 255.0, boxes, no_flip, size)[:, 0]
+    identity = torch.tensor([IDENTITY_PARAMETERS], device=crops.device).expand(len(decoded), -1)
+    return augmentation.photometric(crops, identity)

@@ -33,7 +33,56 @@ def build_optimizer(model: KoLeoDinoForPreTraining, weight_decay: float) -> torc
         {"params": decayed, "weight_decay": weight_decay, "apply_weight_decay": True},
         {"params": not_decayed, "weight_decay": 0.0, "apply_weight_decay": False},
     ]
-    return torch.optim.AdamW(groups, lr=0.0)
+    # Fused: one kernel for every parameter, and it can skip an update on the device (found_inf).
+    return torch.optim.AdamW(groups, lr=0.0, fused=True)
+
+
+def skip_update_if(accelerator, optimizer, skip: torch.Tensor) -> None:
+    """Make the next ``optimizer.step()`` a no-op where ``skip`` (a device bool) is True, without a sync.
+
+    The fused AdamW reads ``found_inf`` as ``torch.amp.GradScaler`` sets it; with fp16 the
+    scaler already does this from the gradients, so nothing is set.
+    """
+    if accelerator.scaler is None:
+        inner = getattr(optimizer, "optimizer", optimizer)
+        inner.found_inf = skip.float().reshape(())
+
+
+class NonFiniteGuard:
+    """Counts non-finite steps on the device and keeps the first offending batch; read only when logging."""
+
+    def __init__(self) -> None:
+        self.count: torch.Tensor | None = None
+        self.first_step: torch.Tensor | None = None
+        self.gradient_norm: torch.Tensor | None = None
+        self.batch: dict[str, torch.Tensor] = {}
+
+    def observe(self, step: int, loss: torch.Tensor, gradient_norm: torch.Tensor | None, batch: dict) -> None:
+        bad = ~torch.isfinite(loss.detach())
+        if gradient_norm is not None:
+            bad = bad | ~torch.isfinite(gradient_norm)
+            self.gradient_norm = gradient_norm.detach()
+        if self.count is None:
+            self.count = torch.zeros((), dtype=torch.long, device=loss.device)
+            self.first_step = torch.full((), -1, dtype=torch.long, device=loss.device)
+            self.gradient_norm = torch.zeros((), device=loss.device) if gradient_norm is None else self.gradient_norm
+        first = bad & (self.count == 0)
+        self.count += bad.long()
+        self.first_step = torch.where(first, step, self.first_step)
+        for key, value in batch.items():
+            if not torch.is_tensor(value) or value.device != loss.device:
+                continue
+            kept = self.batch.get(key)
+            if kept is None:
+                kept = value.detach().clone()
+            elif kept.shape != value.shape:
+                continue  # a streamed batch shortened by undecodable records: not captured
+            self.batch[key] = torch.where(first, value.detach(), kept)
+
+    def first_step_everywhere(self, accelerator) -> int:
+        """The earliest non-finite step over all processes (a sync: call it only when stopping)."""
+        steps = accelerator.gather(torch.where(self.first_step >= 0, self.first_step, 2**62).reshape(1))
+        return int(steps.min())
 
 
 def epochs_to_steps(epochs: float, steps_per_epoch: float, name: str) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -24,12 +25,14 @@ from .launch import needs_cpu_backend
 from .lock import locks_output_dir
 from .pipeline import DataPipeline
 from .steps import (
+    NonFiniteGuard,
     ScheduleValues,
     apply_schedules,
     build_optimizer,
     cancel_last_layer_gradients,
     prototype_metrics,
     schedule_values,
+    skip_update_if,
 )
 
 logger = logging.getLogger(__name__)
@@ -86,9 +89,15 @@ def pretrain(arguments: PretrainingArguments, model_config: KoLeoDinoConfig) -> 
     image_processor = build_image_processor(
         model_config.backbone_config.model_type, arguments.global_crops_size, arguments.image_mean, arguments.image_std
     )
+    if arguments.compile:
+        # In place (parameter names and checkpoints unchanged); the first steps pay the compilation.
+        unwrapped.student.compile()
+        unwrapped.teacher.compile()
     assignment_counts = torch.zeros(model_config.num_prototypes, device=accelerator.device, dtype=torch.long)
+    guard = NonFiniteGuard()
     window_start, window_images = time.perf_counter(), 0
     output = None
+    # The step below never reads a device value on the host: the GPU runs ahead until logging.
     for step in range(state.step, total_steps):
         values = schedule_values(arguments, step, total_steps, steps_per_epoch, peak_lr)
         apply_schedules(optimizer, values)
@@ -101,18 +110,19 @@ def pretrain(arguments: PretrainingArguments, model_config: KoLeoDinoConfig) -> 
                     batch.get("masks"),
                     teacher_temperature=values.teacher_temperature,
                 )
-                _stop_if_not_finite(accelerator, output, state, arguments, model_config, batch)
                 accelerator.backward(output.loss)
+                gradient_norm = None
                 if accelerator.sync_gradients:
                     if step < values.freeze_last_layer_steps:
                         cancel_last_layer_gradients(unwrapped)
-                    if arguments.clip_grad > 0:
-                        accelerator.clip_grad_norm_(model.parameters(), arguments.clip_grad)
+                    gradient_norm = accelerator.clip_grad_norm_(model.parameters(), arguments.clip_grad or math.inf)
+                    # A NaN/inf gradient skips this update inside the fused optimiser: no sync, nothing lost.
+                    skip_update_if(accelerator, optimizer, ~torch.isfinite(gradient_norm))
+                guard.observe(step, output.loss, gradient_norm, batch)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            assignment_counts += torch.bincount(
-                output.teacher_cls_assignments.flatten(), minlength=model_config.num_prototypes
-            )
+            assignments = output.teacher_cls_assignments.flatten()
+            assignment_counts.index_add_(0, assignments, torch.ones_like(assignments))
             images = batch["global_crops"].shape[0] * accelerator.num_processes
             state.images_seen += images
             window_images += images
@@ -120,13 +130,17 @@ def pretrain(arguments: PretrainingArguments, model_config: KoLeoDinoConfig) -> 
         state.step = step + 1
         progress.update(1)
 
-        if state.step % arguments.log_every == 0 or state.step == total_steps:
+        saving = state.step % arguments.save_every == 0 or state.step == total_steps
+        if state.step % arguments.log_every == 0 or saving:
+            # Sync point: the loss terms and the non-finite count, one reduce every log_every steps.
             elapsed = time.perf_counter() - window_start
-            metrics = _loss_metrics(accelerator, output)
+            metrics = _loss_metrics(accelerator, output, guard)
+            if metrics["nonfinite_steps"] > 0:
+                _stop_non_finite(accelerator, guard, state, arguments, model_config, metrics)
             metrics.update(
                 asdict(values),
                 images_per_second=window_images / max(elapsed, 1e-9),
-                epoch=state.position[0],
+                epoch=state.images_seen / data.dataset_size if data.dataset_size else state.position[0],
                 corrupt_records=state.corrupt_records,
             )
             _log(accelerator, output_dir, metrics, state.step)
@@ -139,7 +153,7 @@ def pretrain(arguments: PretrainingArguments, model_config: KoLeoDinoConfig) -> 
                 _log(accelerator, output_dir, metrics, state.step)
                 logger.info("step %d prototypes: %s", state.step, json.dumps(metrics))
             assignment_counts.zero_()
-        if state.step % arguments.save_every == 0 or state.step == total_steps:
+        if saving:
             save_checkpoint(
                 accelerator,
                 output_dir,
@@ -163,34 +177,39 @@ def _log(accelerator: Accelerator, output_dir: Path, metrics: dict[str, Any], st
             handle.write(json.dumps({"step": step, **metrics}) + "\n")
 
 
-def _loss_metrics(accelerator: Accelerator, output) -> dict[str, float]:
-    terms = torch.stack([output[name].detach().float() for name in LOSS_TERMS])
-    terms = accelerator.reduce(terms, reduction="mean")
-    return {name: float(value) for name, value in zip(LOSS_TERMS, terms.tolist())}
+def _loss_metrics(accelerator, output, guard: NonFiniteGuard) -> dict[str, float]:
+    """Loss terms (mean over processes), the gradient norm and the non-finite step count (sum)."""
+    world = accelerator.num_processes
+    terms = [output[name].detach().float() for name in LOSS_TERMS]
+    terms += [guard.gradient_norm.float(), guard.count.float() * world]
+    values = accelerator.reduce(torch.stack(terms), reduction="mean").tolist()
+    names = (*LOSS_TERMS, "gradient_norm", "nonfinite_steps")
+    return {name: float(value) for name, value in zip(names, values)}
 
 
-def _stop_if_not_finite(accelerator, output, state, arguments, model_config, batch) -> None:
-    finite = torch.isfinite(output.loss.detach()).reshape(1).float()
-    if bool(accelerator.gather(finite).all()):
-        return
-    terms = {name: float(output[name].detach()) for name in LOSS_TERMS}
+def _stop_non_finite(accelerator, guard: NonFiniteGuard, state, arguments, model_config, metrics) -> None:
+    """Save a diagnostic checkpoint (model, optimiser, the first offending batch) and stop."""
+    first_step = guard.first_step_everywhere(accelerator)
     path = save_checkpoint(
         accelerator,
         arguments.output_dir,
         state,
         model_config,
         arguments.keep_last,
-        name=f"diagnostic-nonfinite-step-{state.step:08d}",
+        name=f"diagnostic-nonfinite-step-{first_step:08d}",
     )
-    if accelerator.is_main_process:
+    if accelerator.is_main_process and guard.batch:
         from safetensors.torch import save_file
 
-        tensors = {key: value.detach().contiguous().cpu() for key, value in batch.items() if torch.is_tensor(value)}
-        save_file(tensors, str(path / "batch.safetensors"))
+        save_file(
+            {key: value.contiguous().cpu() for key, value in guard.batch.items()}, str(path / "batch.safetensors")
+        )
+    terms = {name: metrics[name] for name in LOSS_TERMS}
     raise NonFiniteLossError(
-        f"the loss became non-finite at step {state.step} ({terms}); the model before this step, the "
-        f"optimiser and the offending batch are saved in {path}. Lower base_lr, raise clip_grad, or use "
-        "bf16 instead of fp16."
+        f"the loss became non-finite at step {first_step} ({int(metrics['nonfinite_steps'])} non-finite steps "
+        f"by step {state.step}; last terms {terms}). Non-finite updates were skipped, so the model in {path} "
+        "is finite; the optimiser and the first offending batch are saved beside it. Lower base_lr, raise "
+        "clip_grad, or use bf16 instead of fp16."
     )
 
 
@@ -215,7 +234,7 @@ def _finish(accelerator, model, arguments, data: DataPipeline, state: TrainerSta
     backbone_dir = export_backbone(
         model, output_dir / "backbone", arguments.global_crops_size, arguments.image_mean, arguments.image_std
     )
-    pixel_values = data.report_images(arguments.report_images).to(accelerator.device)
+    pixel_values = data.report_images(arguments.report_images)
     model.eval()
     report = prototype_report(model, pixel_values=pixel_values, eps=0.025)
     model.train()

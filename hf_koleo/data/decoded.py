@@ -1,0 +1,157 @@
+"""Decode a source once into ``uint8`` tensors, cached on disk, ready to live on the accelerator.
+
+Every image goes onto a square ``(3, S, S)`` canvas in its top-left corner, scaled down (never
+up) so its longer side fits ``S``; its real ``(height, width)`` is kept in ``extents``, so the
+crops of :class:`MultiCropAugmentation` never see the padding and aspect ratios survive. The
+result is cached as safetensors under ``$HF_KOLEO_CACHE/decoded/`` keyed by the source's files
+(path, size, modification time) and ``S``: the next run, and every other process of this run,
+loads it in a second instead of decoding again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .images import decode_image
+from .sources import cache_dir, load_source, resolve_data_files
+
+logger = logging.getLogger(__name__)
+
+CACHE_FORMAT = 1
+_CHUNK = 512
+
+
+@dataclass
+class DecodedImages:
+    """A whole source in memory: ``images`` ``(N, 3, S, S)`` uint8, ``extents`` ``(N, 2)`` int64
+    ``(height, width)``, ``labels`` ``(N,)`` int64 (-1 where unknown)."""
+
+    images: torch.Tensor
+    extents: torch.Tensor
+    labels: torch.Tensor
+    n_corrupt: int = 0
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def to(self, device: torch.device | str) -> DecodedImages:
+        return DecodedImages(self.images.to(device), self.extents.to(device), self.labels.to(device), self.n_corrupt)
+
+
+def to_canvas(image: Image.Image, size: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """RGB image -> ``(3, size, size)`` uint8 canvas (image top-left, zeros elsewhere) and its extent."""
+    if max(image.size) > size:
+        scale = size / max(image.size)
+        new_size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+        image = image.resize(new_size, Image.Resampling.BICUBIC, reducing_gap=3.0)
+    pixels = np.asarray(image, dtype=np.uint8)
+    canvas = np.zeros((3, size, size), dtype=np.uint8)
+    canvas[:, : pixels.shape[0], : pixels.shape[1]] = pixels.transpose(2, 0, 1)
+    return canvas, (pixels.shape[0], pixels.shape[1])
+
+
+def decode_record(record: dict, size: int) -> tuple[np.ndarray, tuple[int, int], int] | None:
+    """``(canvas, extent, label)`` of one ``{"image", "label"}`` record, or None if it does not decode."""
+    image = decode_image(record["image"])
+    if image is None:
+        return None
+    label = record.get("label")
+    return (*to_canvas(image, size), -1 if label is None else int(label))
+
+
+def decode_records(records, size: int, name: str = "source", num_threads: int | None = None) -> DecodedImages:
+    """Decode every record (dicts with ``image`` and optionally ``label``); undecodable ones are skipped.
+
+    PIL releases the GIL while decoding, so a thread pool uses every core.
+
+    Raises:
+        ValueError: when no record decodes.
+    """
+    canvases, extents, labels, n_corrupt = [], [], [], 0
+    with ThreadPoolExecutor(max_workers=num_threads or os.cpu_count() or 1) as pool:
+        chunk: list[dict] = []
+
+        def flush() -> None:
+            nonlocal n_corrupt
+            for decoded in pool.map(lambda record: decode_record(record, size), chunk):
+                if decoded is None:
+                    n_corrupt += 1
+                    continue
+                canvases.append(decoded[0])
+                extents.append(decoded[1])
+                labels.append(decoded[2])
+            chunk.clear()
+
+        for record in records:
+            chunk.append(record)
+            if len(chunk) >= _CHUNK:
+                flush()
+        flush()
+    if not canvases:
+        raise ValueError(f"data source {name!r}: none of its {n_corrupt} records could be decoded as an image")
+    if n_corrupt:
+        logger.warning(
+            "data source %r: skipped %d undecodable records of %d", name, n_corrupt, n_corrupt + len(canvases)
+        )
+    return DecodedImages(
+        torch.from_numpy(np.stack(canvases)),
+        torch.tensor(extents, dtype=torch.int64),
+        torch.tensor(labels, dtype=torch.int64),
+        n_corrupt,
+    )
+
+
+def cache_key(name: str, size: int) -> str | None:
+    """A key that changes when the source's files change; None for sources with no local files."""
+    try:
+        builder, kwargs = resolve_data_files(name)
+    except (FileNotFoundError, ValueError):
+        return None
+    if "data_files" in kwargs:
+        files = [Path(path) for path in kwargs["data_files"]]
+    elif "data_dir" in kwargs:
+        files = sorted(path for path in Path(kwargs["data_dir"]).rglob("*") if path.is_file())
+    else:
+        return None  # a Hub id: no stable local identity
+    description = {
+        "format": CACHE_FORMAT,
+        "builder": builder,
+        "size": size,
+        "files": [(str(path.resolve()), path.stat().st_size, path.stat().st_mtime_ns) for path in files],
+    }
+    return hashlib.sha256(json.dumps(description).encode()).hexdigest()[:24]
+
+
+def load_decoded(name: str, size: int, use_cache: bool = True) -> DecodedImages:
+    """The whole source ``name`` decoded onto ``size`` canvases, from the disk cache when possible."""
+    key = cache_key(name, size) if use_cache else None
+    path = None if key is None else cache_dir() / "decoded" / f"{key}.safetensors"
+    if path is not None and path.exists():
+        try:
+            tensors = load_file(str(path))
+            metadata = json.loads((path.with_suffix(".json")).read_text())
+            return DecodedImages(tensors["images"], tensors["extents"], tensors["labels"], metadata["n_corrupt"])
+        except (OSError, ValueError, KeyError, SafetensorError) as error:  # a damaged cache is rebuilt, not fatal
+            logger.warning("decoded cache %s is unreadable (%s): decoding %r again", path, error, name)
+    decoded = decode_records(load_source(name), size, name)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tensors = {"images": decoded.images, "extents": decoded.extents, "labels": decoded.labels}
+        save_file(tensors, str(staging))
+        path.with_suffix(".json").write_text(json.dumps({"source": name, "size": size, "n_corrupt": decoded.n_corrupt}))
+        os.replace(staging, path)  # readers see the whole file or none
+        logger.info("decoded %d images of %r into %s", len(decoded), name, path)
+    return decoded
