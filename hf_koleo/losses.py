@@ -66,34 +66,37 @@ def dino_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor, student
 
 
 def max_masked_patches(n_patches: int, ratio_max: float) -> int:
-    """The most patches a crop may have masked: the static number of iBOT slots per crop."""
+    """The most patches one crop may have masked (``ratio_max`` of them, rounded up)."""
     return max(1, min(n_patches, math.ceil(ratio_max * n_patches)))
 
 
 def masked_patch_slots(masks: torch.Tensor, n_slots: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A fixed number of patch slots per image, masked patches first, with loss weights.
+    """A fixed number of patch slots for a batch, masked patches first, with loss weights.
 
-    Static shapes instead of boolean indexing: the iBOT heads run on ``n_slots`` tokens per
-    image whatever the masks, and the slots that hold no masked patch get weight 0. No value is
-    read on the host, so the step never waits for the device.
+    Static shapes instead of boolean indexing: the iBOT heads run on ``n_slots`` tokens whatever
+    the masks, and slots that hold no masked patch get weight 0. No value is read on the host,
+    so the step never waits for the device. With ``n_slots >= masks.sum()`` every masked patch
+    has a slot; masked patches beyond ``n_slots`` (in image order) stay masked for the student
+    but leave the loss.
 
     Args:
-        masks: ``(n_images, n_patches)`` bool, True where a patch is masked (at most ``n_slots``
-            per image are used; the data pipeline never masks more).
-        n_slots: slots per image (see :func:`max_masked_patches`).
+        masks: ``(n_images, n_patches)`` bool, True where a patch is masked.
+        n_slots: slots for the whole batch (at most ``n_images * n_patches``).
 
     Returns:
-        ``slot_index`` ``(n_images, n_slots)`` long, patch index held by each slot, and
-        ``slot_weights`` ``(n_images, n_slots)`` float: each image's masked patches share
+        ``slot_index`` ``(n_slots,)`` long into the flattened ``(n_images * n_patches)`` patches,
+        and ``slot_weights`` ``(n_slots,)`` float: each image's masked patches share
         ``1 / n_images`` equally (0 elsewhere), so the loss is a mean over images of a mean over
         their masked patches.
     """
-    masks = masks.bool()
-    order = torch.sort(masks.to(torch.uint8), dim=1, descending=True, stable=True).indices
-    slot_index = order[:, :n_slots]
-    valid = masks.gather(1, slot_index).float()
-    per_image = valid.sum(dim=1, keepdim=True).clamp(min=1.0)
-    return slot_index, valid / per_image / masks.shape[0]
+    n_images, n_patches = masks.shape
+    flat = masks.reshape(-1).bool()
+    n_slots = min(n_slots, flat.numel())
+    slot_index = torch.sort(flat.to(torch.uint8), descending=True, stable=True).indices[:n_slots]
+    valid = flat[slot_index].float()
+    image = torch.div(slot_index, n_patches, rounding_mode="floor")
+    per_image = torch.zeros(n_images, device=masks.device).index_add_(0, image, valid)
+    return slot_index, valid / per_image[image].clamp(min=1.0) / n_images
 
 
 def ibot_patch_loss(

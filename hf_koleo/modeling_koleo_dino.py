@@ -171,10 +171,9 @@ def _views_first(crops: torch.Tensor) -> torch.Tensor:
 
 
 def _gather_slots(tokens: torch.Tensor, slot_index: torch.Tensor) -> torch.Tensor:
-    """``(n, 1 + n_patches, D)`` tokens, ``(n, n_slots)`` patch indices -> ``(n * n_slots, D)`` patch tokens."""
-    patches = tokens[:, 1:]
-    index = slot_index[..., None].expand(-1, -1, patches.shape[-1])
-    return patches.gather(1, index).reshape(-1, patches.shape[-1])
+    """``(n, 1 + n_patches, D)`` tokens, ``(n_slots,)`` flat patch indices -> ``(n_slots, D)`` patch tokens."""
+    patches = tokens[:, 1:].reshape(-1, tokens.shape[-1])
+    return patches.index_select(0, slot_index)
 
 
 def _batch_first(rows: torch.Tensor, n_views: int) -> torch.Tensor:
@@ -316,6 +315,7 @@ class KoLeoDinoForPreTraining(KoLeoDinoPreTrainedModel):
         local_crops: torch.Tensor | None = None,
         masks: torch.Tensor | None = None,
         teacher_temperature: float = 0.04,
+        mask_slots: int | None = None,
     ) -> KoLeoDinoPreTrainingOutput:
         """One DINO / iBOT / KoLeo-proto loss evaluation.
 
@@ -326,6 +326,9 @@ class KoLeoDinoForPreTraining(KoLeoDinoPreTrainedModel):
             masks: ``(batch, n_global, n_patches)`` bool; masked patches of the student's global
                 crops (iBOT). The teacher always sees the unmasked crops.
             teacher_temperature: sharpening temperature of the teacher (warmed up by the trainer).
+            mask_slots: masked patch tokens the iBOT heads process for the whole batch (a static
+                shape); default: every crop's maximum, ``ceil(mask_ratio_min_max[1] * n_patches)``.
+                The data pipeline passes a tighter bound (``MaskSettings.slot_budget``).
         """
         self._check_inputs(global_crops, local_crops, masks)
         config = self.config
@@ -336,10 +339,11 @@ class KoLeoDinoForPreTraining(KoLeoDinoPreTrainedModel):
         use_ibot = config.ibot_loss_weight > 0
 
         if use_ibot:
-            # A fixed number of slots per crop (static shapes, no host sync); empty slots weigh 0.
-            n_slots = max_masked_patches(view_masks.shape[1], config.mask_ratio_min_max[1])
-            slot_index, slot_weights = masked_patch_slots(view_masks, n_slots)
-            slot_valid = slot_weights.flatten() > 0
+            # A fixed number of patch slots (static shapes, no host sync); empty slots weigh 0.
+            if mask_slots is None:
+                mask_slots = view_masks.shape[0] * max_masked_patches(view_masks.shape[1], config.mask_ratio_min_max[1])
+            slot_index, slot_weights = masked_patch_slots(view_masks, mask_slots)
+            slot_valid = slot_weights > 0
 
         with torch.no_grad():
             teacher_tokens = self.teacher(global_views).last_hidden_state
@@ -369,7 +373,7 @@ class KoLeoDinoForPreTraining(KoLeoDinoPreTrainedModel):
                 _gather_slots(student_globals.last_hidden_state, slot_index)
             )
             loss_ibot = ibot_patch_loss(
-                student_patch_logits, teacher_patch_probs, slot_weights.flatten(), config.student_temperature
+                student_patch_logits, teacher_patch_probs, slot_weights, config.student_temperature
             )
 
         loss_koleo_proto = zero

@@ -4,28 +4,53 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hf_koleo import dino_loss, ibot_patch_loss, koleo_proto_loss, masked_patch_weights, sinkhorn_knopp
+from experiments.koleo_reference import dinov2_koleo_loss
+from hf_koleo import dino_loss, ibot_patch_loss, koleo_proto_loss, masked_patch_slots, sinkhorn_knopp
 from hf_koleo.losses import nearest_neighbours
 
 
-def dense_koleo_proto_loss(prototypes: torch.Tensor) -> torch.Tensor:
+def dense_koleo_oracle(prototypes: torch.Tensor) -> torch.Tensor:
+    """The KoLeo formula read literally: min over the full differentiable ``K x K`` distance matrix."""
     unit = F.normalize(prototypes, p=2, dim=-1)
     distances = torch.cdist(unit, unit)
     distances = distances + torch.diag(torch.full((unit.shape[0],), float("inf"), dtype=unit.dtype))
     return -torch.log(distances.min(dim=1).values + 1e-8).mean()
 
 
+def _value_and_gradient(loss_fn, prototypes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    leaf = prototypes.clone().requires_grad_(True)
+    loss = loss_fn(leaf)
+    loss.backward()
+    return loss.detach(), leaf.grad
+
+
 @pytest.mark.parametrize("block_size", [1, 7, 64, None])
-def test_blocked_koleo_proto_matches_dense_value_and_gradient(block_size):
+def test_blocked_koleo_proto_matches_dense_oracle_value_and_gradient(block_size):
     prototypes = torch.randn(50, 6, dtype=torch.float64)
-    blocked_input = prototypes.clone().requires_grad_(True)
-    dense_input = prototypes.clone().requires_grad_(True)
-    blocked = koleo_proto_loss(blocked_input, block_size=block_size)
-    dense = dense_koleo_proto_loss(dense_input)
-    blocked.backward()
-    dense.backward()
+    blocked, blocked_grad = _value_and_gradient(lambda p: koleo_proto_loss(p, block_size=block_size), prototypes)
+    dense, dense_grad = _value_and_gradient(dense_koleo_oracle, prototypes)
     assert torch.allclose(blocked, dense, rtol=1e-12, atol=1e-12)
-    assert torch.allclose(blocked_input.grad, dense_input.grad, rtol=1e-9, atol=1e-12)
+    assert torch.allclose(blocked_grad, dense_grad, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("block_size", [1, 7, None])
+def test_koleo_proto_matches_dinov2_algorithm_with_our_regularisation(block_size):
+    prototypes = torch.randn(50, 6, dtype=torch.float64)
+    ours, ours_grad = _value_and_gradient(lambda p: koleo_proto_loss(p, block_size=block_size), prototypes)
+    dinov2, dinov2_grad = _value_and_gradient(
+        lambda p: dinov2_koleo_loss(p, pairwise_eps=0.0, normalize_eps=1e-12), prototypes
+    )
+    assert torch.allclose(ours, dinov2, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(ours_grad, dinov2_grad, rtol=1e-9, atol=1e-12)
+
+
+def test_dinov2_regularisation_differs_from_ours_only_at_its_eps_scale():
+    # DINOv2's PairwiseDistance adds 1e-8 to every component of u_i - u_j; ours measures the plain distance.
+    prototypes = torch.randn(50, 6, dtype=torch.float64)
+    ours, ours_grad = _value_and_gradient(koleo_proto_loss, prototypes)
+    dinov2, dinov2_grad = _value_and_gradient(dinov2_koleo_loss, prototypes)
+    assert 0 < abs(float(ours - dinov2)) < 1e-6
+    assert torch.allclose(ours_grad, dinov2_grad, rtol=1e-5, atol=1e-7)
 
 
 def test_koleo_proto_is_scale_invariant_per_row():
@@ -104,10 +129,24 @@ def test_dino_loss_rejects_mismatched_shapes():
         dino_loss(torch.randn(2, 3, 5), torch.randn(2, 2, 6), 0.1)
 
 
-def test_masked_patch_weights_average_per_image_then_over_images():
-    masks = torch.tensor([[True, True, False, False], [False, False, False, True], [False] * 4])
-    weights = masked_patch_weights(masks)
-    assert torch.allclose(weights, torch.tensor([1 / 6, 1 / 6, 1 / 3]))
+def test_masked_patch_slots_put_masked_patches_first_and_average_per_image_then_over_images():
+    masks = torch.tensor([[False, True, False, True], [False, False, False, True], [False] * 4])
+    slot_index, weights = masked_patch_slots(masks, n_slots=5)
+    assert slot_index.shape == (5,) and weights.shape == (5,)
+    assert slot_index[:3].tolist() == [1, 3, 7]
+    assert torch.allclose(weights, torch.tensor([1 / 6, 1 / 6, 1 / 3, 0.0, 0.0]))
+    # Fewer slots than masked patches: the last ones leave the loss, the others are re-weighted.
+    slot_index, weights = masked_patch_slots(masks, n_slots=2)
+    assert slot_index.tolist() == [1, 3] and torch.allclose(weights, torch.tensor([1 / 6, 1 / 6]))
+
+
+def test_sinkhorn_knopp_ignores_invalid_rows_and_survives_none_valid():
+    logits = torch.randn(6, 5)
+    valid = torch.tensor([True, True, False, True, False, False])
+    probs = sinkhorn_knopp(logits, 0.1, 3, valid=valid)
+    assert torch.allclose(probs[valid], sinkhorn_knopp(logits[valid], 0.1, 3), atol=1e-6)
+    assert (probs[~valid] == 0).all()
+    assert torch.isfinite(sinkhorn_knopp(logits, 0.1, 3, valid=torch.zeros(6, dtype=torch.bool))).all()
 
 
 def test_ibot_patch_loss_equals_weighted_cross_entropy():

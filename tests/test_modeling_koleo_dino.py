@@ -180,3 +180,29 @@ def test_import_registers_the_auto_classes_in_a_fresh_process():
     code = "import hf_koleo, transformers; print(transformers.AutoConfig.for_model('koleo_dino').model_type)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "koleo_dino"
+
+
+def test_ibot_loss_is_the_same_with_any_slot_budget_that_holds_every_masked_patch():
+    model = KoLeoDinoForPreTraining(tiny_config(ibot_loss_weight=1.0, mask_ratio_min_max=(0.1, 0.9))).eval()
+    global_crops, local_crops = crops()
+    masks = random_masks()
+    n_masked = int(masks.sum())
+    default = model(global_crops, local_crops, masks=masks)
+    tight = model(global_crops, local_crops, masks=masks, mask_slots=n_masked)
+    loose = model(global_crops, local_crops, masks=masks, mask_slots=n_masked + 7)
+    assert default.ibot_loss > 0
+    assert torch.allclose(default.ibot_loss, tight.ibot_loss, atol=1e-6)
+    assert torch.allclose(default.ibot_loss, loose.ibot_loss, atol=1e-6)
+
+
+@pytest.mark.parametrize("centring", ["ema", "sinkhorn_knopp"])
+def test_ibot_with_no_masked_patch_in_the_batch_is_harmless(centring):
+    model = KoLeoDinoForPreTraining(tiny_config(ibot_loss_weight=1.0, centring=centring)).train()
+    global_crops, local_crops = crops()
+    no_masks = torch.zeros(3, 2, 16, dtype=torch.bool)
+    output = model(global_crops, local_crops, masks=no_masks)
+    output.loss.backward()
+    assert output.ibot_loss == 0 and torch.isfinite(output.loss)
+    assert torch.isfinite(model.patch_centre).all() and torch.equal(
+        model.patch_centre, torch.zeros_like(model.patch_centre)
+    )

@@ -240,11 +240,12 @@ class MultiCropAugmentation:
             return torch.where(jitter, low + (high - low) * draw, torch.full_like(draw, identity))
 
         def per_crop(probabilities: list[float]) -> torch.Tensor:
-            # (n_crops,) thresholds built on the device (no host-to-device copy).
+            # (n_crops,) thresholds built on the device from Python numbers (no host-to-device copy).
             thresholds = torch.full((len(crop_kinds),), probabilities[2], device=draws.device)
+            position = torch.arange(len(crop_kinds), device=draws.device)
             for crop, kind in enumerate(crop_kinds):
                 if kind < 2:
-                    thresholds[crop] = probabilities[kind]
+                    thresholds = torch.where(position == crop, probabilities[kind], thresholds)
             return thresholds
 
         blur = draws[..., 6] < per_crop(config.blur_probability)

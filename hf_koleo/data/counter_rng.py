@@ -36,8 +36,13 @@ def hash32(values: torch.Tensor) -> torch.Tensor:
 
 
 def hash32_int(value: int) -> int:
-    """:func:`hash32` of one Python int (bit-identical to the tensor version)."""
-    return int(hash32(torch.tensor([value & MASK32], dtype=torch.int64))[0])
+    """:func:`hash32` of one Python int, computed on the host (bit-identical to the tensor version)."""
+    value &= MASK32
+    value ^= value >> 16
+    value = (value * _MULTIPLIERS[0]) & MASK32
+    value ^= value >> 15
+    value = (value * _MULTIPLIERS[1]) & MASK32
+    return value ^ (value >> 16)
 
 
 def sample_keys(seed: int, epoch: int, indices: torch.Tensor) -> torch.Tensor:

@@ -10,13 +10,14 @@ host reads, and never more than the target. The randomness is per image (see
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
 import torch
 
 from ..losses import max_masked_patches
-from .counter_rng import uniforms
+from .counter_rng import sample_keys, uniforms
 
 MASK_BLOCKS = 16
 _DRAWS_PER_BLOCK = 4
@@ -93,3 +94,24 @@ class MaskSettings:
     def masks(self, keys: torch.Tensor, n_crops: int = 2) -> torch.Tensor:
         """``(batch, n_crops, grid_size**2)`` bool masks for images with these keys."""
         return block_masks(keys, n_crops, self.grid_size, self.ratio_range, self.probability)
+
+    def slot_budget(self, n_crops: int) -> int:
+        """Static number of iBOT patch slots for ``n_crops`` global crops (``mask_slots`` of the model).
+
+        The mean plus 5 standard deviations of the masked-patch count of ``n_crops`` crops, from
+        the count distribution of this masking, never more than every crop's maximum: a third
+        of the per-crop bound at DINO's settings, and a batch exceeds it about once in three
+        million (its last masked patches then leave the iBOT loss for that step).
+        """
+        mean, std = _masked_count_moments(self.grid_size, tuple(self.ratio_range), self.probability)
+        budget = math.ceil(n_crops * mean + 5 * math.sqrt(n_crops) * std)
+        per_crop = max_masked_patches(self.grid_size**2, self.ratio_range[1])
+        return max(1, min(n_crops * per_crop, budget))
+
+
+@functools.lru_cache(maxsize=32)
+def _masked_count_moments(grid_size: int, ratio_range: tuple[float, float], probability: float) -> tuple[float, float]:
+    """Mean and standard deviation of the masked patches of one crop, over 4,096 simulated crops."""
+    keys = sample_keys(0x5EED, 0, torch.arange(2048))
+    counts = block_masks(keys, 2, grid_size, ratio_range, probability).sum(-1).double().flatten()
+    return float(counts.mean()), float(counts.std())

@@ -57,6 +57,25 @@ def fashion_mnist_dir(name: str) -> Path:
     return target
 
 
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+DATA_FILE_SUFFIXES = (".parquet", ".tar", ".arrow", ".csv", ".json", ".jsonl", ".zip", ".gz")
+
+
+def looks_like_path(name: str) -> bool:
+    """Whether a source name that is not on disk was meant as a local path rather than a Hub id.
+
+    ``./x``, ``/x``, ``~/x``, ``a/b/c``, a data-file suffix, or a first component that is a local
+    folder (``data/train`` when ``data/`` exists) are paths; ``owner/name[:split]`` is a Hub id.
+    """
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or (os.sep != "/" and os.sep in name):
+        return True
+    stem = name.partition(":")[0]
+    if stem.lower().endswith(DATA_FILE_SUFFIXES + IMAGE_SUFFIXES):
+        return True
+    first = stem.split("/")[0]
+    return "/" in stem and Path(first).is_dir()
+
+
 def resolve_data_files(name: str) -> tuple[str, dict]:
     """``(builder, load_dataset keyword arguments)`` for a source name (no I/O but file globbing)."""
     if name in EMBEDDED:
@@ -82,13 +101,13 @@ def resolve_data_files(name: str) -> tuple[str, dict]:
         if tars:
             return "webdataset", {"data_files": tars}
         return "imagefolder", {"data_dir": str(path)}
-    if name.startswith((".", "/", "~")) or name.count("/") > 1:  # a path, not owner/name
-        raise FileNotFoundError(f"data source {name!r} does not exist")
+    if looks_like_path(name):
+        raise FileNotFoundError(
+            f"data source {name!r} does not exist: no such file or folder {str(path.absolute())!r} "
+            "(a Hub dataset id is owner/name[:split])"
+        )
     hub_id, _, split = name.partition(":")
     return hub_id, {"split_override": split or None}
-
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
 def count_records(name: str) -> int | None:

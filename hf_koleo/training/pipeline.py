@@ -151,6 +151,7 @@ class DataPipeline:
         )
         if self.masking is not None:
             batch["masks"] = self.masking.masks(keys)
+            batch["mask_slots"] = self.masking.slot_budget(2 * len(keys))
         batch["labels"] = raw["labels"]
         return batch
 

@@ -103,24 +103,7 @@ def pretrain(arguments: PretrainingArguments, model_config: KoLeoDinoConfig) -> 
         apply_schedules(optimizer, values)
         for _ in range(arguments.gradient_accumulation_steps):
             batch = data.next_batch(state)
-            with accelerator.accumulate(model):
-                output = model(
-                    batch["global_crops"],
-                    batch.get("local_crops"),
-                    batch.get("masks"),
-                    teacher_temperature=values.teacher_temperature,
-                )
-                accelerator.backward(output.loss)
-                gradient_norm = None
-                if accelerator.sync_gradients:
-                    if step < values.freeze_last_layer_steps:
-                        cancel_last_layer_gradients(unwrapped)
-                    gradient_norm = accelerator.clip_grad_norm_(model.parameters(), arguments.clip_grad or math.inf)
-                    # A NaN/inf gradient skips this update inside the fused optimiser: no sync, nothing lost.
-                    skip_update_if(accelerator, optimizer, ~torch.isfinite(gradient_norm))
-                guard.observe(step, output.loss, gradient_norm, batch)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+            output = train_step(accelerator, model, optimizer, batch, values, step, arguments.clip_grad, guard)
             assignments = output.teacher_cls_assignments.flatten()
             assignment_counts.index_add_(0, assignments, torch.ones_like(assignments))
             images = batch["global_crops"].shape[0] * accelerator.num_processes
@@ -167,6 +150,42 @@ def pretrain(arguments: PretrainingArguments, model_config: KoLeoDinoConfig) -> 
     summary = _finish(accelerator, unwrapped, arguments, data, state)
     accelerator.end_training()
     return summary
+
+
+def train_step(
+    accelerator: Accelerator,
+    model,
+    optimizer,
+    batch: dict[str, Any],
+    values: ScheduleValues,
+    step: int,
+    clip_grad: float,
+    guard: NonFiniteGuard,
+):
+    """Forward, backward, clip, optimiser step for one (micro-)batch; never reads a device value on the host.
+
+    A NaN/inf gradient makes the fused optimiser skip the update on the device; ``guard`` counts
+    it and keeps the batch, for the check every ``log_every`` steps.
+    """
+    with accelerator.accumulate(model):
+        output = model(
+            batch["global_crops"],
+            batch.get("local_crops"),
+            batch.get("masks"),
+            teacher_temperature=values.teacher_temperature,
+            mask_slots=batch.get("mask_slots"),
+        )
+        accelerator.backward(output.loss)
+        gradient_norm = None
+        if accelerator.sync_gradients:
+            if step < values.freeze_last_layer_steps:
+                cancel_last_layer_gradients(accelerator.unwrap_model(model))
+            gradient_norm = accelerator.clip_grad_norm_(model.parameters(), clip_grad or math.inf)
+            skip_update_if(accelerator, optimizer, ~torch.isfinite(gradient_norm))
+        guard.observe(step, output.loss, gradient_norm, batch)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return output
 
 
 def _log(accelerator: Accelerator, output_dir: Path, metrics: dict[str, Any], step: int) -> None:
@@ -243,4 +262,4 @@ def _finish(accelerator, model, arguments, data: DataPipeline, state: TrainerSta
     return summary
 
 
-__all__ = ["NonFiniteLossError", "ScheduleValues", "pretrain"]
+__all__ = ["NonFiniteLossError", "ScheduleValues", "pretrain", "train_step"]

@@ -1,0 +1,77 @@
+import pytest
+import torch
+from accelerate import Accelerator
+from data_fixtures import write_parquet
+from test_training import TINY_RUN
+
+from hf_koleo import KoLeoDinoForPreTraining
+from hf_koleo.training.arguments import parse_pretraining_args
+from hf_koleo.training.checkpoint import TrainerState
+from hf_koleo.training.host_sync import HostSyncRecorder
+from hf_koleo.training.pipeline import DataPipeline
+from hf_koleo.training.steps import NonFiniteGuard, apply_schedules, build_optimizer, schedule_values
+from hf_koleo.training.trainer import train_step
+
+
+def test_the_recorder_sees_host_reads_and_host_to_device_copies():
+    values = torch.arange(6.0)
+    with HostSyncRecorder() as recorder:
+        values.sum().item()
+        values[values > 2]
+        values.nonzero()
+        torch.tensor([1.0, 2.0])
+        torch.repeat_interleave(torch.tensor([1, 2]))
+        values.clamp(min=1).max()  # stays on the device: not recorded
+    names = [name for name, _ in recorder.syncs]
+    assert names.count("aten::_local_scalar_dense") == 1 and "aten::nonzero" in names and "aten::index" in names
+    assert "aten::lift_fresh" in names and "aten::repeat_interleave" in names
+    assert all("test_host_sync.py" in where for _, where in recorder.syncs)
+
+
+def tiny_setup(tmp_path, *extra):
+    path = write_parquet(tmp_path / "data.parquet", 48)
+    arguments, model_config = parse_pretraining_args(
+        [*TINY_RUN, "--data", str(path), "--output_dir", str(tmp_path / "run"), *extra]
+    )
+    accelerator = Accelerator(cpu=True)
+    model = KoLeoDinoForPreTraining(model_config)
+    model, optimizer = accelerator.prepare(model, build_optimizer(model, arguments.weight_decay))
+    data = DataPipeline(arguments, model_config, accelerator)
+    values = schedule_values(arguments, 0, 4, 12.0, 1e-3)
+    apply_schedules(optimizer, values)
+    return accelerator, model, optimizer, data, values
+
+
+@pytest.mark.parametrize("centring", ["ema", "sinkhorn_knopp"])
+def test_a_whole_training_step_never_waits_for_the_device(tmp_path, centring):
+    accelerator, model, optimizer, data, values = tiny_setup(tmp_path, "--model.centring", centring)
+    state, guard = TrainerState(), NonFiniteGuard()
+    for step in range(3):  # step 0 copies the augmentation's constants to the device once
+        with HostSyncRecorder() as recorder:
+            batch = data.next_batch(state)  # crops, colours and iBOT masks on the device
+            output = train_step(accelerator, model, optimizer, batch, values, step, 3.0, guard)
+            accelerator.unwrap_model(model).update_teacher(0.99)
+        if step > 0:
+            assert recorder.syncs == [], recorder.syncs
+    assert output.ibot_loss > 0 and output.koleo_proto_loss != 0 and int(guard.count) == 0
+
+
+def test_a_non_finite_step_is_skipped_on_the_device_and_counted(tmp_path):
+    accelerator, model, optimizer, data, values = tiny_setup(tmp_path)
+    state, guard = TrainerState(), NonFiniteGuard()
+    first = {name: parameter.detach().clone() for name, parameter in model.named_parameters()}
+    train_step(accelerator, model, optimizer, data.next_batch(state), values, 0, 3.0, guard)
+    assert any(not torch.equal(p, first[n]) for n, p in model.named_parameters())
+    before = {name: parameter.detach().clone() for name, parameter in model.named_parameters()}
+    poisoned = data.next_batch(state)
+    poisoned["global_crops"] = poisoned["global_crops"] * float("nan")
+    with HostSyncRecorder() as recorder:
+        train_step(accelerator, model, optimizer, poisoned, values, 1, 3.0, guard)
+    assert recorder.syncs == []
+    for name, parameter in model.named_parameters():
+        assert torch.equal(parameter, before[name]), name
+    assert int(guard.count) == 1 and int(guard.first_step) == 1
+    assert torch.isnan(guard.batch["global_crops"]).all()
+    train_step(accelerator, model, optimizer, data.next_batch(state), values, 2, 3.0, guard)
+    assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters())  # training goes on
+    assert int(guard.count) == 1 and int(guard.first_step) == 1
