@@ -103,6 +103,12 @@ class KoLeoDinoConfig(PreTrainedConfig):
     initializer_range: float = 0.02
 
     def __post_init__(self, **kwargs: Any) -> None:
+        _require(
+            "backbone_config",
+            self.backbone_config,
+            self.backbone_config is None or isinstance(self.backbone_config, (dict, PreTrainedConfig)),
+            "a mapping of backbone settings (with its model_type) or a PreTrainedConfig",
+        )
         if isinstance(self.backbone_config, dict) and "model_type" not in self.backbone_config:
             self.backbone_config = {"model_type": "dinov2", **self.backbone_config}
         try:
@@ -157,6 +163,23 @@ class KoLeoDinoConfig(PreTrainedConfig):
             len(mask_range) == 2 and 0 <= mask_range[0] <= mask_range[1] < 1,
             "two numbers 0 <= min <= max < 1",
         )
+        self._check_combinations()
+
+    def _check_combinations(self) -> None:
+        """Settings that are each valid but together build something that cannot train."""
+        hidden_size = getattr(self.backbone_config, "hidden_size", None)
+        num_heads = getattr(self.backbone_config, "num_attention_heads", None)
+        if isinstance(hidden_size, int) and isinstance(num_heads, int) and num_heads > 0 and hidden_size % num_heads:
+            raise ValueError(
+                f"KoLeoDinoConfig.backbone_config.hidden_size ({hidden_size}) must be divisible by "
+                f"backbone_config.num_attention_heads ({num_heads})"
+            )
+        if not self.shared_head and self.ibot_loss_weight == 0 and self.koleo_proto_on in ("patch", "both"):
+            raise ValueError(
+                f"KoLeoDinoConfig.shared_head=False with ibot_loss_weight=0 and koleo_proto_on={self.koleo_proto_on!r} "
+                "builds a patch head that no loss trains: set ibot_loss_weight > 0, shared_head=True or "
+                "koleo_proto_on='cls'"
+            )
 
 
 def _is_int_at_least(minimum: int):

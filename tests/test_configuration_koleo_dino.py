@@ -47,8 +47,25 @@ def test_round_trip_through_auto_config(tmp_path):
         ("norm_last_layer", "yes", "norm_last_layer must be True or False"),
         ("backbone_config", {"model_type": "bert"}, "backbone_config.model_type must be one of"),
         ("backbone_config", {"model_type": "dinov2", "hidden_size": "wide"}, "backbone_config is invalid"),
+        ("backbone_config", 5, "backbone_config must be a mapping .* got 5"),
+        ("backbone_config", [1, 2], "backbone_config must be a mapping"),
     ],
 )
 def test_invalid_values_raise_value_error_naming_the_field(field, value, message):
     with pytest.raises(ValueError, match=message):
         tiny_config(**{field: value})
+
+
+@pytest.mark.parametrize("model_type", ["dinov2", "vit"])
+def test_hidden_size_not_divisible_by_the_heads_is_rejected(model_type):
+    backbone = {**TINY_BACKBONE, "model_type": model_type, "hidden_size": 30, "num_attention_heads": 4}
+    with pytest.raises(ValueError, match=r"hidden_size \(30\) must be divisible by .*num_attention_heads \(4\)"):
+        tiny_config(backbone_config=backbone)
+
+
+@pytest.mark.parametrize("koleo_proto_on", ["patch", "both"])
+def test_a_separate_patch_head_that_no_loss_trains_is_rejected(koleo_proto_on):
+    with pytest.raises(ValueError, match="shared_head=False with ibot_loss_weight=0 .* patch head that no loss trains"):
+        tiny_config(shared_head=False, ibot_loss_weight=0.0, koleo_proto_weight=0.1, koleo_proto_on=koleo_proto_on)
+    tiny_config(shared_head=False, ibot_loss_weight=1.0, koleo_proto_weight=0.1, koleo_proto_on=koleo_proto_on)
+    tiny_config(shared_head=True, ibot_loss_weight=0.0, koleo_proto_weight=0.1, koleo_proto_on=koleo_proto_on)
