@@ -8,6 +8,7 @@ statistics, plot) -> :func:`push_folder` (``create_repo`` + ``upload_folder``).
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
@@ -27,6 +28,21 @@ PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 REMOTE_CODE_FILES = ("configuration_koleo_dino.py", "modeling_koleo_dino.py", "losses.py")
 RUN_ARGUMENTS_FILE = "run_arguments.json"
 REPORT_FILE = "prototype_report.json"
+# What an export folder holds: a previous export may be replaced, any other content is refused.
+EXPORT_NAMES = frozenset(
+    {
+        "config.json",
+        "model.safetensors",
+        "model.safetensors.index.json",
+        "preprocessor_config.json",
+        "README.md",
+        "prototype_collapse.png",
+        "pretraining",
+        RUN_ARGUMENTS_FILE,
+        REPORT_FILE,
+    }
+)
+DEFAULT_HUB_TIMEOUT = 60.0
 
 
 def _is_latest_checkpoint(checkpoint: Path) -> bool:
@@ -60,10 +76,14 @@ def build_image_processor(model_type: str, image_size: int, image_mean, image_st
     return processor_class(**settings)
 
 
-def load_pretraining_model(path: str | os.PathLike, allow_pickle: bool = False) -> KoLeoDinoForPreTraining:
-    """Load a pretraining checkpoint from safetensors; a pickle-only checkpoint needs ``allow_pickle``.
+def check_weight_files(path: str | os.PathLike, allow_pickle: bool = False) -> bool:
+    """Whether the model folder ``path`` has safetensors weights; refuse a pickle-only one unless allowed.
 
     Pickle files can run arbitrary code when loaded, so they are refused unless the caller trusts them.
+
+    Raises:
+        ValueError: only ``pytorch_model.bin`` and ``allow_pickle`` is False.
+        FileNotFoundError: no weights at all.
     """
     folder = Path(path)
     has_safetensors = any(folder.glob("*.safetensors"))
@@ -75,7 +95,13 @@ def load_pretraining_model(path: str | os.PathLike, allow_pickle: bool = False) 
         )
     if not has_safetensors and not has_pickle:
         raise FileNotFoundError(f"{folder} holds no model weights (model.safetensors)")
-    return KoLeoDinoForPreTraining.from_pretrained(folder, use_safetensors=has_safetensors)
+    return has_safetensors
+
+
+def load_pretraining_model(path: str | os.PathLike, allow_pickle: bool = False) -> KoLeoDinoForPreTraining:
+    """Load a pretraining checkpoint from safetensors; a pickle-only checkpoint needs ``allow_pickle``."""
+    has_safetensors = check_weight_files(path, allow_pickle)
+    return KoLeoDinoForPreTraining.from_pretrained(Path(path), use_safetensors=has_safetensors)
 
 
 def export_backbone(
@@ -152,6 +178,47 @@ def export_checkpoint(
     return output_dir
 
 
+class HubUnreachableError(ConnectionError):
+    """The Hub endpoint refused the connection, or accepted it and did not answer in time."""
+
+
+@contextlib.contextmanager
+def hub_request_timeout(seconds: float):
+    """Give every huggingface_hub request that sets no timeout of its own (``create_repo``, commits) one.
+
+    huggingface_hub shares one ``httpx`` client (``get_session()``) built with ``timeout=None``; only
+    downloads pass ``HF_HUB_ETAG_TIMEOUT`` / ``HF_HUB_DOWNLOAD_TIMEOUT`` per request. The timeout
+    bounds each wait (connect, each read or write), not the whole transfer.
+    """
+    from huggingface_hub import get_session
+
+    session = get_session()
+    previous = session.timeout
+    session.timeout = seconds
+    try:
+        yield
+    finally:
+        session.timeout = previous
+
+
+@contextlib.contextmanager
+def naming_the_endpoint(endpoint: str, timeout: float):
+    """Turn a refused connection or an endpoint that never answers into one error naming it."""
+    import httpx2
+
+    try:
+        yield
+    except httpx2.TimeoutException as error:
+        raise HubUnreachableError(
+            f"the Hub at {endpoint} (HF_ENDPOINT) did not answer within {timeout:g} s "
+            f"({type(error).__name__}); check the endpoint or raise --timeout"
+        ) from error
+    except httpx2.TransportError as error:
+        raise HubUnreachableError(
+            f"cannot reach the Hub at {endpoint} (HF_ENDPOINT): {type(error).__name__}: {error}"
+        ) from error
+
+
 def push_folder(
     folder: str | os.PathLike,
     repo_id: str,
@@ -159,21 +226,76 @@ def push_folder(
     revision: str | None = None,
     commit_message: str = "Upload hf_koleo backbone",
     token: str | None = None,
+    timeout: float = DEFAULT_HUB_TIMEOUT,
+    endpoint: str | None = None,
 ) -> str:
     """``create_repo`` (existing is fine) + ``upload_folder``; honours ``HF_TOKEN`` and ``HF_ENDPOINT``.
 
-    Returns the commit URL.
+    Args:
+        timeout: seconds any single request may wait on the Hub before giving up.
+        endpoint: the Hub URL (default ``HF_ENDPOINT`` or huggingface.co).
+
+    Returns the commit URL. Raises :class:`HubUnreachableError` naming the endpoint when it refuses
+    the connection or stays silent for ``timeout`` seconds.
     """
     from huggingface_hub import HfApi
 
-    api = HfApi(token=token)
-    api.create_repo(repo_id, private=private, exist_ok=True)
-    if revision and revision != "main":
-        api.create_branch(repo_id, branch=revision, exist_ok=True)
-    commit = api.upload_folder(
-        folder_path=str(folder), repo_id=repo_id, revision=revision, commit_message=commit_message
-    )
+    api = HfApi(token=token, endpoint=endpoint)
+    with naming_the_endpoint(api.endpoint, timeout), hub_request_timeout(timeout):
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        if revision and revision != "main":
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        commit = api.upload_folder(
+            folder_path=str(folder), repo_id=repo_id, revision=revision, commit_message=commit_message
+        )
     return str(commit)
+
+
+def check_export_destination(checkpoint: str | os.PathLike, output_dir: str | os.PathLike) -> None:
+    """Refuse an output that is, lies inside or contains the checkpoint, or holds other files.
+
+    Raises before anything is written: an export replaces its output folder as a whole.
+    """
+    checkpoint, output = Path(checkpoint).resolve(), Path(output_dir).resolve()
+    if output == checkpoint or checkpoint in output.parents or output in checkpoint.parents:
+        relation = "is" if output == checkpoint else "is inside" if checkpoint in output.parents else "contains"
+        raise ValueError(
+            f"--output {output_dir} {relation} the checkpoint folder {checkpoint}; "
+            "export to a separate folder, or the checkpoint would be overwritten"
+        )
+    if output.is_file():
+        raise ValueError(f"--output {output_dir} is a file; give a folder to export into")
+    if output.is_dir():
+        foreign = sorted(
+            path.name
+            for path in output.iterdir()
+            if path.name not in EXPORT_NAMES and not path.name.endswith(".safetensors")  # shards
+        )
+        if foreign:
+            raise ValueError(
+                f"--output {output_dir} already holds files that are not an export ({', '.join(foreign[:5])}); "
+                "choose a new or empty folder (a previous export is replaced)"
+            )
+
+
+@contextlib.contextmanager
+def staged_folder(output_dir: str | os.PathLike):
+    """Yield a staging folder beside ``output_dir`` that replaces it only when the block succeeds."""
+    output = Path(output_dir)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = output.with_name(f".tmp-{output.name}-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    previous = output.with_name(f".old-{output.name}-{os.getpid()}")
+    if output.exists():
+        os.replace(output, previous)
+    os.replace(staging, output)
+    shutil.rmtree(previous, ignore_errors=True)
 
 
 def prepare_upload_folder(
@@ -184,23 +306,33 @@ def prepare_upload_folder(
     include_pretraining_model: bool = False,
     allow_pickle: bool = False,
     license: str = "apache-2.0",
+    project_url: str | None = None,
 ) -> Path:
-    """Export + model card: the exact folder that gets uploaded."""
-    from .model_card import build_model_card
+    """Export + model card: the exact folder that gets uploaded.
 
+    Everything is checked (destination, checkpoint weights, evaluation files) before anything is
+    written, and the folder is built beside ``output_dir`` and renamed into place: a failure
+    leaves no half-written export, and a previous export at ``output_dir`` is replaced whole.
+    """
+    from .model_card import build_model_card, read_evaluation_files
+
+    check_export_destination(checkpoint, output_dir)
+    evaluations = read_evaluation_files(evaluation_files)
     model = load_pretraining_model(checkpoint, allow_pickle)
-    output_dir = export_checkpoint(checkpoint, output_dir, include_pretraining_model, allow_pickle, model)
-    optional = {
-        name: json.loads((output_dir / name).read_text()) if (output_dir / name).exists() else None
-        for name in (RUN_ARGUMENTS_FILE, REPORT_FILE)
-    }
-    build_model_card(
-        output_dir,
-        model_id,
-        model,
-        optional[REPORT_FILE],
-        optional[RUN_ARGUMENTS_FILE],
-        evaluation_files,
-        license,
-    )
-    return output_dir
+    with staged_folder(output_dir) as staging:
+        export_checkpoint(checkpoint, staging, include_pretraining_model, allow_pickle, model)
+        optional = {
+            name: json.loads((staging / name).read_text()) if (staging / name).exists() else None
+            for name in (RUN_ARGUMENTS_FILE, REPORT_FILE)
+        }
+        build_model_card(
+            staging,
+            model_id,
+            model,
+            optional[REPORT_FILE],
+            optional[RUN_ARGUMENTS_FILE],
+            evaluations,
+            license,
+            project_url=project_url,
+        )
+    return Path(output_dir)

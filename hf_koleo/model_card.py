@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
+from .data.sources import EMBEDDED, looks_like_path
 from .prototypes import nearest_neighbour_distances, unique_prototype_curve
 
 TEMPLATE = Path(__file__).parent / "model_cards" / "koleo_backbone.md"
 PLOT_FILE = "prototype_collapse.png"
+FASHION_MNIST_HUB_ID = "zalando-datasets/fashion_mnist"
+EVAL_RESULT_KEYS = ("task_type", "dataset_type", "dataset_name", "metric_type", "metric_name", "metric_value")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 TRAINING_KEYS = (
     "data",
     "max_steps",
@@ -94,19 +100,74 @@ def plot_prototypes(model, output_path: str | os.PathLike, eps_values, curves: d
     return Path(output_path)
 
 
-def _eval_results(evaluation_files) -> tuple[list, dict]:
+def read_evaluation_files(paths) -> list[dict[str, Any]]:
+    """The result records of ``scripts/evaluate.py`` JSON files, each checked to hold a usable ``model_index``.
+
+    Raises:
+        FileNotFoundError: a file does not exist.
+        ValueError: a file is not JSON or not an evaluation result; the message names the file.
+    """
+    records = []
+    for path in paths:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"evaluation results file {path} not found")
+        try:
+            record = json.loads(path.read_bytes().decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ValueError(f"evaluation results file {path} is not valid JSON: {error}") from None
+        entries = record.get("model_index") if isinstance(record, dict) else None
+        if not isinstance(record, dict) or not isinstance(record.get("model"), str) or not isinstance(entries, list):
+            raise ValueError(
+                f"evaluation results file {path} is not a scripts/evaluate.py result (needs 'model' and 'model_index')"
+            )
+        for entry in entries:
+            missing = [key for key in EVAL_RESULT_KEYS if not isinstance(entry, dict) or key not in entry]
+            if missing:
+                raise ValueError(f"evaluation results file {path}: a model_index entry lacks {missing}")
+        records.append(record)
+    return records
+
+
+def _eval_results(evaluations) -> tuple[list, dict]:
     """``EvalResult``s of the model itself, and ``{(dataset, metric): value}`` of the pixel baseline."""
     from huggingface_hub import EvalResult
 
     results, baseline = [], {}
-    for path in evaluation_files:
-        record = json.loads(Path(path).read_text())
+    for record in evaluations:
         for entry in record["model_index"]:
             if record["model"] == "pixels":
                 baseline[(entry["dataset_name"], entry["metric_name"])] = entry["metric_value"]
-            else:
-                results.append(EvalResult(**entry))
+            else:  # the Hub reads dataset.type as a dataset id
+                dataset_id = hub_dataset_id(entry["dataset_type"]) or entry["dataset_type"]
+                results.append(EvalResult(**{**entry, "dataset_type": dataset_id}))
     return results, baseline
+
+
+def hub_dataset_id(source: str) -> str | None:
+    """The Hub dataset id of a data source name, or None for a local path (not on the Hub).
+
+    The built-in Fashion-MNIST sources (``demo``, ``fashion_mnist:*``) are Fashion-MNIST's Hub id;
+    ``owner/name[:split]`` is ``owner/name``.
+    """
+    if not source:
+        return None
+    if source in EMBEDDED or source.startswith("fashion_mnist:"):
+        return FASHION_MNIST_HUB_ID
+    stem = source.partition(":")[0]
+    if looks_like_path(source) or Path(stem).expanduser().exists() or not _HUB_ID.match(stem):
+        return None
+    return stem
+
+
+def package_project_url() -> str | None:
+    """The hf_koleo home page from the installed package's metadata (``Home-page`` / ``Project-URL``)."""
+    try:
+        metadata = importlib.metadata.metadata("hf_koleo")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    urls = [metadata.get("Home-page")] + [entry.split(",", 1)[-1] for entry in metadata.get_all("Project-URL") or []]
+    return next((url.strip() for url in urls if url and url.strip().startswith("https://")), None)
 
 
 def build_model_card(
@@ -115,10 +176,11 @@ def build_model_card(
     model=None,
     report: dict[str, Any] | None = None,
     run_arguments: dict[str, Any] | None = None,
-    evaluation_files=(),
+    evaluations=(),
     license: str = "apache-2.0",
     datasets: list[str] | None = None,
     eps_values=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.4),
+    project_url: str | None = None,
 ):
     """Render the card (and the plot, when the pretraining ``model`` is given) into ``output_dir``.
 
@@ -128,8 +190,10 @@ def build_model_card(
         model: the :class:`KoLeoDinoForPreTraining`, for the prototype plot.
         report: a :func:`prototype_report` dict (``prototype_report.json``).
         run_arguments: the run's ``PretrainingArguments`` as a dict.
-        evaluation_files: result JSON files of ``scripts/evaluate.py``; the model's become
-            ``model-index``, those of ``--model pixels`` the baseline column.
+        evaluations: result records of ``scripts/evaluate.py`` (see :func:`read_evaluation_files`);
+            the model's become ``model-index``, those of ``--model pixels`` the baseline column.
+        datasets: Hub dataset ids for the metadata (default: the run's ``data`` when it has one).
+        project_url: where the card links hf_koleo (default: the package metadata; no link if unset).
     """
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -138,7 +202,8 @@ def build_model_card(
     run_arguments = run_arguments or {}
     report = report or {}
     model_config = model.config.to_dict() if model is not None else {}
-    eval_results, baseline = _eval_results(evaluation_files)
+    eval_results, baseline = _eval_results(evaluations)
+    trained_on = hub_dataset_id(run_arguments.get("data", ""))  # None for a local path
     uses_ibot = model_config.get("ibot_loss_weight", 0) > 0
     uses_koleo_proto = model_config.get("koleo_proto_weight", 0) > 0
     method = ("iBOT" if uses_ibot else "DINO") + (" + KoLeo-proto" if uses_koleo_proto else "")
@@ -149,7 +214,7 @@ def build_model_card(
         pipeline_tag="image-feature-extraction",
         license=license,
         tags=tags,
-        datasets=datasets or ([run_arguments["data"]] if "data" in run_arguments else None),
+        datasets=datasets or ([trained_on] if trained_on else None),
         model_name=model_id.rstrip("/").split("/")[-1],
         eval_results=eval_results or None,
     )
@@ -182,6 +247,7 @@ def build_model_card(
         card_data,
         template_path=str(TEMPLATE),
         model_name=model_id.rstrip("/").split("/")[-1],
+        project_url=project_url or package_project_url(),
         method=method,
         architecture=(backbone_config.get("architectures") or ["Dinov2Model"])[0],
         usage_snippet=usage_snippet(model_id),
@@ -204,4 +270,11 @@ def build_model_card(
     return card
 
 
-__all__ = ["build_model_card", "plot_prototypes", "usage_snippet"]
+__all__ = [
+    "build_model_card",
+    "hub_dataset_id",
+    "package_project_url",
+    "plot_prototypes",
+    "read_evaluation_files",
+    "usage_snippet",
+]

@@ -19,6 +19,7 @@ from hf_koleo.benchmarking import (
     render_benchmarks_markdown,
     run_benchmark_suite,
 )
+from hf_koleo.cli import run_main
 
 
 def main() -> None:
@@ -54,4 +55,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

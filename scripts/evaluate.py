@@ -11,9 +11,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 
-from hf_koleo.evaluation import evaluate_backbone, write_result
+from hf_koleo.cli import run_main
+from hf_koleo.evaluation import check_result_path, default_device, evaluate_backbone, write_result
 
 
 def summary_lines(result: dict) -> list[str]:
@@ -37,29 +37,29 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--limit-train", type=int, default=None)
     parser.add_argument("--limit-test", type=int, default=None)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default=default_device(), help="default: the accelerator if present, else cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-cache", action="store_true", help="recompute features even if cached")
+    parser.add_argument("--allow-pickle", action="store_true", help="accept models with only pytorch_model.bin")
     arguments = parser.parse_args()
-    try:
-        result = evaluate_backbone(
-            arguments.protocol,
-            arguments.model,
-            arguments.train_data,
-            arguments.test_data,
-            arguments.batch_size,
-            arguments.limit_train,
-            arguments.limit_test,
-            arguments.device,
-            arguments.seed,
-            not arguments.no_cache,
-        )
-    except (ValueError, FileNotFoundError, OSError) as error:
-        sys.exit(f"evaluate.py: error: {error}")
+    check_result_path(arguments.output)  # before minutes of feature extraction, not after
+    result = evaluate_backbone(
+        arguments.protocol,
+        arguments.model,
+        arguments.train_data,
+        arguments.test_data,
+        arguments.batch_size,
+        arguments.limit_train,
+        arguments.limit_test,
+        arguments.device,
+        arguments.seed,
+        not arguments.no_cache,
+        arguments.allow_pickle,
+    )
     write_result(result, arguments.output)
     print("\n".join(summary_lines(result)))
     print(json.dumps({"output": arguments.output}))
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -7,8 +7,8 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
+from hf_koleo.cli import run_main
 from hf_koleo.hub import prepare_upload_folder
 
 
@@ -25,21 +25,20 @@ def main() -> None:
     )
     parser.add_argument("--allow-pickle", action="store_true", help="accept pytorch_model.bin checkpoints")
     parser.add_argument("--license", default="apache-2.0")
+    parser.add_argument("--project-url", default=None, help="where the card links hf_koleo (default: package metadata)")
     arguments = parser.parse_args()
-    try:
-        folder = prepare_upload_folder(
-            arguments.checkpoint,
-            arguments.output,
-            arguments.model_id or arguments.output,
-            arguments.eval_results,
-            arguments.include_pretraining_model,
-            arguments.allow_pickle,
-            arguments.license,
-        )
-    except (ValueError, FileNotFoundError, OSError) as error:
-        sys.exit(f"export.py: error: {error}")
+    folder = prepare_upload_folder(
+        arguments.checkpoint,
+        arguments.output,
+        arguments.model_id or arguments.output,
+        arguments.eval_results,
+        arguments.include_pretraining_model,
+        arguments.allow_pickle,
+        arguments.license,
+        arguments.project_url,
+    )
     print(f"exported to {folder}: " + ", ".join(sorted(path.name for path in folder.iterdir())))
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from hf_koleo.cli import run_main
 from hf_koleo.data.fashion_mnist import RAW_DIR, prepare_fashion_mnist
 
 
@@ -35,4 +36,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

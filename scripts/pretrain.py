@@ -10,6 +10,7 @@ import json
 import logging
 import sys
 
+from hf_koleo.cli import run_main
 from hf_koleo.training.arguments import parse_pretraining_args
 from hf_koleo.training.launch import relaunch_as_cpu_processes
 from hf_koleo.training.trainer import pretrain
@@ -18,14 +19,11 @@ from hf_koleo.training.trainer import pretrain
 def main(argv: list[str] | None = None) -> None:
     relaunch_as_cpu_processes(__file__, sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        arguments, model_config = parse_pretraining_args(sys.argv[1:] if argv is None else argv)
-    except (ValueError, FileNotFoundError) as error:
-        sys.exit(f"pretrain.py: error: {error}")
+    arguments, model_config = parse_pretraining_args(sys.argv[1:] if argv is None else argv)
     summary = pretrain(arguments, model_config)
     if "prototype_report" in summary:
         print(json.dumps(summary, indent=2))
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

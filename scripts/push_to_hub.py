@@ -8,10 +8,11 @@
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
+from pathlib import Path
 
-from hf_koleo.hub import prepare_upload_folder, push_folder
+from hf_koleo.cli import run_main
+from hf_koleo.hub import DEFAULT_HUB_TIMEOUT, prepare_upload_folder, push_folder
 
 
 def main() -> None:
@@ -25,7 +26,14 @@ def main() -> None:
     parser.add_argument("--include-pretraining-model", action="store_true")
     parser.add_argument("--allow-pickle", action="store_true")
     parser.add_argument("--license", default="apache-2.0")
+    parser.add_argument("--project-url", default=None, help="where the card links hf_koleo (default: package metadata)")
     parser.add_argument("--token", default=None, help="default: HF_TOKEN or the cached login")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_HUB_TIMEOUT,
+        help="seconds one request may wait on the Hub before the push stops with an error",
+    )
     parser.add_argument(
         "--dry-run",
         metavar="FOLDER",
@@ -34,18 +42,16 @@ def main() -> None:
     )
     arguments = parser.parse_args()
     with tempfile.TemporaryDirectory() as staging:
-        try:
-            folder = prepare_upload_folder(
-                arguments.checkpoint,
-                arguments.dry_run or staging,
-                arguments.repo_id,
-                arguments.eval_results,
-                arguments.include_pretraining_model,
-                arguments.allow_pickle,
-                arguments.license,
-            )
-        except (ValueError, FileNotFoundError, OSError) as error:
-            sys.exit(f"push_to_hub.py: error: {error}")
+        folder = prepare_upload_folder(
+            arguments.checkpoint,
+            arguments.dry_run or Path(staging) / "upload",
+            arguments.repo_id,
+            arguments.eval_results,
+            arguments.include_pretraining_model,
+            arguments.allow_pickle,
+            arguments.license,
+            arguments.project_url,
+        )
         files = sorted(str(path.relative_to(folder)) for path in folder.rglob("*") if path.is_file())
         if arguments.dry_run:
             print(
@@ -54,10 +60,16 @@ def main() -> None:
             )
             return
         url = push_folder(
-            folder, arguments.repo_id, arguments.private, arguments.revision, arguments.commit_message, arguments.token
+            folder,
+            arguments.repo_id,
+            arguments.private,
+            arguments.revision,
+            arguments.commit_message,
+            arguments.token,
+            arguments.timeout,
         )
     print(f"pushed {len(files)} files: {url}")
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

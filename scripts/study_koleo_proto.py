@@ -10,6 +10,7 @@ import argparse
 import logging
 from pathlib import Path
 
+from hf_koleo.cli import run_main
 from hf_koleo.study import load_study_config, run_study
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "study_koleo_proto.yaml"
@@ -27,4 +28,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -9,12 +9,15 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_cli import run_script
 from transformers import Dinov2Config, Dinov2Model
 
 import hf_koleo.evaluation.features as features_module
 from hf_koleo.evaluation import (
     FeatureSet,
+    check_result_path,
     classification_metrics,
+    default_device,
     evaluate_backbone,
     extract_features,
     few_shot_protocol,
@@ -169,3 +172,51 @@ def test_the_evaluate_library_is_found_even_behind_a_script_named_evaluate(tmp_p
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delitem(sys.modules, "evaluate", raising=False)
     assert hasattr(_import_evaluate_library(), "load")
+
+
+def test_pickle_only_models_are_refused_unless_allowed(tmp_path, cache):
+    config = Dinov2Config(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, image_size=12, patch_size=4)
+    folder = tmp_path / "pickled"
+    model = Dinov2Model(config)
+    model.config.save_pretrained(folder)
+    torch.save(model.state_dict(), folder / "pytorch_model.bin")
+    build_image_processor("dinov2", 12, [0.5] * 3, [0.5] * 3).save_pretrained(folder)
+    assert (folder / "pytorch_model.bin").exists() and not list(folder.glob("*.safetensors"))
+    data = colour_dataset(tmp_path / "train.parquet")
+    with pytest.raises(ValueError, match="only pickle weights .*--allow-pickle"):
+        evaluate_backbone("knn", str(folder), data, data)
+    assert not (cache / "features").exists()  # refused before any feature was computed
+    features = extract_features(str(folder), data, limit=4, progress=False, allow_pickle=True)
+    assert features.cls.shape == (4, 16)
+
+
+@pytest.mark.parametrize("model", ["/tmp/hf_koleo_no_such_model", "./no_such_backbone", "outputs/run/backbone"])
+def test_a_model_path_that_does_not_exist_is_named_not_taken_for_a_repo_id(model, tmp_path, cache, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    data = colour_dataset(tmp_path / "train.parquet")
+    with pytest.raises(FileNotFoundError, match=f"model '{model}' does not exist: no such folder"):
+        evaluate_backbone("knn", model, data, data)
+
+
+def test_a_result_path_that_is_a_folder_is_refused_before_any_work(tmp_path, cache, capsys, monkeypatch):
+    with pytest.raises(ValueError, match="is a folder: give the result file to write"):
+        check_result_path(tmp_path)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="is a file, not a folder"):
+        check_result_path(tmp_path / "file" / "result.json")
+    assert check_result_path(tmp_path / "new" / "result.json") == tmp_path / "new" / "result.json"
+
+    import hf_koleo.evaluation
+
+    monkeypatch.setattr(hf_koleo.evaluation, "evaluate_backbone", lambda *a: pytest.fail("features were computed"))
+    arguments = ["knn", "--model", "pixels", "--train-data", "demo", "--test-data", "demo:test"]
+    assert run_script("evaluate", *arguments, "--output", str(tmp_path), monkeypatch=monkeypatch) == 2
+    assert capsys.readouterr().err.startswith(f"evaluate.py: error: --output {tmp_path} is a folder")
+
+
+def test_the_device_defaults_to_the_accelerator_when_one_is_present(monkeypatch):
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: True)
+    monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda: torch.device("cuda"))
+    assert default_device() == "cuda"
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: False)
+    assert default_device() == "cpu"

@@ -1,5 +1,7 @@
 import json
 import os
+import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -9,10 +11,13 @@ import torch
 import yaml
 from data_fixtures import write_parquet
 from hub_server import start_hub_server
+from test_cli import run_script
 from test_training import run
 
+import hf_koleo.model_card
 from hf_koleo import KoLeoDinoForPreTraining
-from hf_koleo.hub import load_pretraining_model, prepare_upload_folder
+from hf_koleo.hub import HubUnreachableError, load_pretraining_model, prepare_upload_folder, push_folder
+from hf_koleo.model_card import build_model_card, hub_dataset_id
 from hf_koleo.training.checkpoint import list_checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,7 +73,9 @@ def stock_load(model_id: str, pixels: torch.Tensor, tmp_path: Path, revision="ma
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def push_script(checkpoint: Path, tmp_path: Path, extra: list[str], **environment) -> subprocess.CompletedProcess:
+def push_script(
+    checkpoint: Path, tmp_path: Path, extra: list[str], returncode: int = 0, **environment
+) -> subprocess.CompletedProcess:
     """Run scripts/push_to_hub.py for ``checkpoint`` to tester/koleo-tiny in a clean environment."""
     command = [
         sys.executable,
@@ -84,8 +91,9 @@ def push_script(checkpoint: Path, tmp_path: Path, extra: list[str], **environmen
         capture_output=True,
         text=True,
         env={**clean_environment(tmp_path, **environment), "PYTHONPATH": str(ROOT)},
+        timeout=300,  # a hang fails the test instead of the suite
     )
-    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert completed.returncode == returncode, completed.stderr[-3000:]
     return completed
 
 
@@ -213,3 +221,159 @@ def test_an_earlier_checkpoint_gets_its_own_prototype_report(trained, tmp_path):
     assert report["teacher/cls"]["nn_distance_mean"] == pytest.approx(
         float(nearest_neighbour_distances(expected).double().mean())
     )
+
+
+def files_of(folder: Path) -> dict[str, bytes]:
+    return {str(path.relative_to(folder)): path.read_bytes() for path in folder.rglob("*") if path.is_file()}
+
+
+@pytest.mark.parametrize("relation", ["is", "is inside", "contains"])
+def test_export_refuses_an_output_overlapping_the_checkpoint_before_writing(trained, tmp_path, relation):
+    run_dir = trained.parent.parent
+    output = {"is": trained, "is inside": trained / "export", "contains": run_dir}[relation]
+    before = files_of(run_dir)
+    with pytest.raises(ValueError, match=f"{relation} the checkpoint folder"):
+        prepare_upload_folder(trained, output, "x")
+    assert files_of(run_dir) == before
+
+
+def test_dry_run_into_the_checkpoint_is_one_line_and_leaves_it_resumable(trained, capsys, monkeypatch):
+    before = files_of(trained)
+    arguments = ["--checkpoint", str(trained), "--repo-id", "tester/x", "--dry-run", str(trained)]
+    assert run_script("push_to_hub", *arguments, monkeypatch=monkeypatch) == 2
+    stderr = capsys.readouterr().err
+    assert stderr.count("\n") == 1 and "push_to_hub.py: error: --output" in stderr and "is the checkpoint" in stderr
+    assert files_of(trained) == before
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "not found"),
+        ("{not json", "is not valid JSON"),
+        ('{"model": "x"}', "is not a scripts/evaluate.py result"),
+        ('{"model": "x", "model_index": [{"metric_value": 1.0}]}', "a model_index entry lacks"),
+    ],
+    ids=["missing", "not_json", "no_model_index", "incomplete_entry"],
+)
+def test_bad_eval_results_name_the_file_and_leave_no_export(trained, tmp_path, content, message):
+    evaluation = tmp_path / "eval.json"
+    if content is not None:
+        evaluation.write_text(content)
+    with pytest.raises((ValueError, FileNotFoundError), match=re.escape(f"evaluation results file {evaluation}")):
+        prepare_upload_folder(trained, tmp_path / "export", "x", [evaluation])
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        prepare_upload_folder(trained, tmp_path / "export", "x", [evaluation])
+    assert sorted(path.name for path in tmp_path.iterdir()) == ([] if content is None else ["eval.json"])
+
+
+def test_a_failure_mid_export_leaves_neither_the_output_nor_the_staging_folder(trained, tmp_path, monkeypatch):
+    def card_fails(*args, **kwargs):
+        raise OSError("disk full while writing README.md")
+
+    monkeypatch.setattr(hf_koleo.model_card, "build_model_card", card_fails)
+    with pytest.raises(OSError, match="disk full"):
+        prepare_upload_folder(trained, tmp_path / "export", "x")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_replaces_a_previous_export_but_refuses_a_folder_with_other_files(trained, tmp_path):
+    output = tmp_path / "export"
+    prepare_upload_folder(trained, output, "x")
+    (output / "README.md").write_text("a stale card")
+    prepare_upload_folder(trained, output, "x")
+    assert "a stale card" not in (output / "README.md").read_text()
+    (output / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="already holds files that are not an export \\(notes.txt\\)"):
+        prepare_upload_folder(trained, output, "x")
+    assert (output / "notes.txt").read_text() == "mine" and sorted(path.name for path in tmp_path.iterdir()) == [
+        "export"
+    ]
+
+
+def card_metadata(folder: Path) -> dict:
+    return yaml.safe_load((folder / "README.md").read_text().split("---")[1])
+
+
+def test_card_links_only_to_what_exists_and_names_hub_dataset_ids(trained, tmp_path, monkeypatch):
+    evaluation = tmp_path / "eval.json"
+    entry = {
+        "task_type": "image-classification",
+        "dataset_type": "demo",
+        "dataset_name": "demo:test",
+        "metric_type": "accuracy",
+        "metric_name": "kNN top-1 (k=20)",
+        "metric_value": 71.5,
+    }
+    evaluation.write_text(json.dumps({"model": "x", "model_index": [entry]}))
+    monkeypatch.setattr(hf_koleo.model_card, "package_project_url", lambda: None)
+    folder = prepare_upload_folder(trained, tmp_path / "export", "x", [evaluation])
+    text = (folder / "README.md").read_text()
+    assert "github.com/hf-koleo" not in text and "[hf_koleo](" not in text and "using\nhf_koleo." in text
+    metadata = card_metadata(folder)
+    assert "datasets" not in metadata  # trained on a local parquet file: not on the Hub
+    assert metadata["model-index"][0]["results"][0]["dataset"]["type"] == "zalando-datasets/fashion_mnist"
+    build_model_card(folder, "x", run_arguments={"data": "demo"}, project_url="https://example.org/hf_koleo")
+    assert "[hf_koleo](https://example.org/hf_koleo)" in (folder / "README.md").read_text()
+    assert card_metadata(folder)["datasets"] == ["zalando-datasets/fashion_mnist"]
+
+
+@pytest.mark.parametrize(
+    ("source", "dataset_id"),
+    [
+        ("demo", "zalando-datasets/fashion_mnist"),
+        ("demo:test", "zalando-datasets/fashion_mnist"),
+        ("fashion_mnist:train_lt100", "zalando-datasets/fashion_mnist"),
+        ("someone/some-images:validation", "someone/some-images"),
+        ("/data/train.parquet", None),
+        ("shards/train-*.tar", None),
+        ("./images", None),
+    ],
+)
+def test_hub_dataset_ids_of_data_sources(source, dataset_id):
+    assert hub_dataset_id(source) == dataset_id
+
+
+def silent_endpoint() -> tuple[socket.socket, str]:
+    """A loopback endpoint that accepts connections (the kernel's backlog) and never answers."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    return listener, f"http://127.0.0.1:{listener.getsockname()[1]}"
+
+
+def refused_endpoint() -> str:
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()  # nothing listens there now
+    return f"http://127.0.0.1:{port}"
+
+
+def test_a_silent_hub_times_out_with_an_error_naming_the_endpoint(tmp_path):
+    from huggingface_hub import get_session
+
+    (tmp_path / "config.json").write_text("{}")
+    listener, endpoint = silent_endpoint()
+    timeout_before = get_session().timeout
+    with listener, pytest.raises(HubUnreachableError, match=rf"Hub at {re.escape(endpoint)} \(HF_ENDPOINT\) did not"):
+        push_folder(tmp_path, "tester/x", timeout=0.3, endpoint=endpoint)
+    assert get_session().timeout == timeout_before  # the shared client is left as it was
+
+
+def test_a_refused_connection_is_an_error_naming_the_endpoint(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    endpoint = refused_endpoint()
+    with pytest.raises(HubUnreachableError, match=rf"cannot reach the Hub at {re.escape(endpoint)} \(HF_ENDPOINT\)"):
+        push_folder(tmp_path, "tester/x", timeout=5, endpoint=endpoint)
+
+
+def test_push_script_to_a_silent_hub_ends_with_one_line_instead_of_hanging(trained, tmp_path):
+    listener, endpoint = silent_endpoint()
+    with listener:
+        completed = push_script(trained, tmp_path, ["--timeout", "1"], returncode=2, HF_ENDPOINT=endpoint)
+    assert completed.stderr.strip().splitlines()[-1] == (
+        f"push_to_hub.py: error: the Hub at {endpoint} (HF_ENDPOINT) did not answer within 1 s (ReadTimeout); "
+        "check the endpoint or raise --timeout"
+    )
+    assert "Traceback" not in completed.stderr

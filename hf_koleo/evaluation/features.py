@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..data.images import decode_image
-from ..data.sources import cache_dir, load_source, resolve_data_files
+from ..data.sources import cache_dir, load_source, looks_like_path, resolve_data_files
 
 logger = logging.getLogger(__name__)
 PIXELS = "pixels"
@@ -68,12 +68,43 @@ def _pixels(images, size: int) -> torch.Tensor:
     return torch.stack(rows)
 
 
-def _load_backbone(model: str, device: str):
+def default_device() -> str:
+    """The accelerator when one is present (``cuda``, ``mps``, ...), else ``cpu``."""
+    if torch.accelerator.is_available():
+        return torch.accelerator.current_accelerator().type
+    return "cpu"
+
+
+def check_model(model: str, allow_pickle: bool = False) -> None:
+    """Fail before any work on a model that cannot load: a missing folder or pickle-only weights.
+
+    Args:
+        model: ``"pixels"``, a local model folder or a Hub id.
+        allow_pickle: accept a folder that holds only ``pytorch_model.bin`` (pickle runs code when loaded).
+    """
+    from ..hub import check_weight_files
+
+    if model == PIXELS:
+        return
+    path = Path(model).expanduser()
+    if path.is_dir():
+        check_weight_files(path, allow_pickle)
+    elif path.exists():
+        raise ValueError(f"model {model!r} is a file: give a model folder, a Hub model id or 'pixels'")
+    elif looks_like_path(model):
+        raise FileNotFoundError(
+            f"model {model!r} does not exist: no such folder {str(path.absolute())!r} (a Hub model id is owner/name)"
+        )
+
+
+def _load_backbone(model: str, device: str, allow_pickle: bool = False):
     from transformers import AutoImageProcessor, AutoModel
 
     from .. import KoLeoDinoConfig  # noqa: F401 - registers koleo_dino with the Auto classes
 
-    backbone = AutoModel.from_pretrained(model).to(device).eval()
+    # Without allow_pickle only safetensors load (a Hub repo with only pytorch_model.bin is refused too).
+    use_safetensors = None if allow_pickle else True
+    backbone = AutoModel.from_pretrained(model, use_safetensors=use_safetensors).to(device).eval()
     try:
         processor = AutoImageProcessor.from_pretrained(model)
     except (OSError, ValueError) as error:
@@ -93,6 +124,7 @@ def extract_features(
     pixel_size: int | None = None,
     use_cache: bool = True,
     progress: bool = True,
+    allow_pickle: bool = False,
 ) -> FeatureSet:
     """Features of the first ``limit`` (all if None) decodable images of ``data``.
 
@@ -103,13 +135,15 @@ def extract_features(
         data: a data source name (see :func:`hf_koleo.data.sources.load_source`).
         use_cache: reuse / write ``$HF_KOLEO_CACHE/features/<key>.safetensors``; the key covers the
             model and data (names and file sizes/times), ``limit`` and ``pixel_size``.
+        allow_pickle: load a model that has only pickle weights (``pytorch_model.bin``).
     """
+    check_model(model, allow_pickle)
     cache_path = feature_cache_path(model, data, limit, pixel_size)
     if use_cache and cache_path.exists():
         tensors = load_file(str(cache_path))
         logger.info("features of %s on %s read from %s", model, data, cache_path)
         return FeatureSet(tensors["cls"], tensors.get("patch_mean"), tensors["labels"], int(tensors["skipped"]))
-    backbone, processor = (None, None) if model == PIXELS else _load_backbone(model, device)
+    backbone, processor = (None, None) if model == PIXELS else _load_backbone(model, device, allow_pickle)
     cls_rows, patch_rows, labels, skipped, batch = [], [], [], 0, []
 
     def flush() -> None:

@@ -25,13 +25,13 @@ def extract_train_test(
     device: str = "cpu",
     use_cache: bool = True,
     progress: bool = True,
+    allow_pickle: bool = False,
 ) -> tuple[FeatureSet, FeatureSet]:
     """Training and test features; raw test pixels are resized to the training images' size."""
-    train = extract_features(model, train_data, batch_size, limit_train, device, use_cache=use_cache, progress=progress)
+    options = dict(use_cache=use_cache, progress=progress, allow_pickle=allow_pickle)
+    train = extract_features(model, train_data, batch_size, limit_train, device, **options)
     pixel_size = int(math.isqrt(train.cls.shape[1] // 3)) if model == PIXELS else None
-    test = extract_features(
-        model, test_data, batch_size, limit_test, device, pixel_size, use_cache=use_cache, progress=progress
-    )
+    test = extract_features(model, test_data, batch_size, limit_test, device, pixel_size, **options)
     return train, test
 
 
@@ -46,13 +46,17 @@ def evaluate_backbone(
     device: str = "cpu",
     seed: int = 0,
     use_cache: bool = True,
+    allow_pickle: bool = False,
 ) -> dict[str, Any]:
-    """Run ``protocol`` (``knn``, ``linear``, ``fewshot`` or ``all``) and return the result record."""
+    """Run ``protocol`` (``knn``, ``linear``, ``fewshot`` or ``all``) and return the result record.
+
+    ``allow_pickle`` lets a model folder with only ``pytorch_model.bin`` load (pickle runs code).
+    """
     names = list(PROTOCOLS) if protocol == "all" else [protocol]
     if protocol != "all" and protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {sorted(PROTOCOLS)} or 'all', got {protocol!r}")
     train, test = extract_train_test(
-        model, train_data, test_data, batch_size, limit_train, limit_test, device, use_cache
+        model, train_data, test_data, batch_size, limit_train, limit_test, device, use_cache, allow_pickle=allow_pickle
     )
     result = {
         "model": model,
@@ -116,6 +120,17 @@ def model_index_results(result: dict[str, Any]) -> list[dict[str, Any]]:
         }
         for metric in metrics
     ]
+
+
+def check_result_path(output: str | os.PathLike) -> Path:
+    """Refuse, before any work, a result path that cannot be written as a file (a folder, or under a file)."""
+    path = Path(output)
+    if path.is_dir():
+        raise ValueError(f"--output {output} is a folder: give the result file to write, e.g. {path / 'result.json'}")
+    existing = next((parent for parent in path.parents if parent.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise ValueError(f"--output {output}: {existing} is a file, not a folder")
+    return path
 
 
 def write_result(result: dict[str, Any], output: str | os.PathLike) -> Path:
