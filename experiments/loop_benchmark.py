@@ -1,0 +1,251 @@
+"""Speed of the training loop on the accelerator (GPU; runs on CPU too, at any size).
+
+For a pretraining config (the argv ``scripts/pretrain.py`` takes) and several per-device batch
+sizes, measures in one process:
+
+* **data**: ``DataPipeline.next_batch`` alone (decode-once images -> crops, colours, masks on the device);
+* **step**: ``train_step`` + EMA on a batch already on the device (the model alone);
+* **end to end**: data + step + EMA, as the trainer runs them;
+* the ratios the GPU-speed issue sets targets for: step time at 4x the batch / at the batch,
+  data img/s / step img/s, end-to-end / step;
+* **host syncs** inside data + step: ``torch.cuda.set_sync_debug_mode("error")`` on a GPU, the
+  :class:`HostSyncRecorder` on a CPU;
+* KoLeo-proto forward + backward at a given K on the device.
+
+Every timing waits for the device (``torch.cuda.synchronize``) before reading the clock.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+
+from hf_koleo import KoLeoDinoForPreTraining, koleo_proto_loss
+from hf_koleo.training.arguments import parse_pretraining_args
+from hf_koleo.training.checkpoint import TrainerState
+from hf_koleo.training.host_sync import HostSyncRecorder
+from hf_koleo.training.pipeline import DataPipeline
+from hf_koleo.training.steps import NonFiniteGuard, apply_schedules, build_optimizer, schedule_values
+from hf_koleo.training.trainer import train_step
+
+
+def _wait(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class Loop:
+    """Everything one batch size needs: the model, optimiser and data path as the trainer builds them."""
+
+    accelerator: Accelerator
+    model: Any
+    optimizer: Any
+    data: DataPipeline
+    values: Any
+    batch_size: int
+    state: TrainerState
+    guard: NonFiniteGuard
+    step_index: int = 0
+
+    @classmethod
+    def build(cls, argv: list[str], batch_size: int) -> Loop:
+        arguments, model_config = parse_pretraining_args([*argv, "--per_device_batch_size", str(batch_size)])
+        accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=arguments.mixed_precision or None)
+        torch.manual_seed(arguments.seed)
+        model = KoLeoDinoForPreTraining(model_config)
+        model, optimizer = accelerator.prepare(model, build_optimizer(model, arguments.weight_decay))
+        if arguments.compile:
+            accelerator.unwrap_model(model).student.compile()
+            accelerator.unwrap_model(model).teacher.compile()
+        data = DataPipeline(arguments, model_config, accelerator)
+        values = schedule_values(arguments, 0, 1000, 100.0, arguments.peak_lr(1))
+        values.freeze_last_layer_steps = 0
+        apply_schedules(optimizer, values)
+        return cls(accelerator, model, optimizer, data, values, batch_size, TrainerState(), NonFiniteGuard())
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    def next_batch(self) -> dict[str, Any]:
+        return self.data.next_batch(self.state)
+
+    def step(self, batch: dict[str, Any]) -> None:
+        train_step(self.accelerator, self.model, self.optimizer, batch, self.values, self.step_index, 3.0, self.guard)
+        self.accelerator.unwrap_model(self.model).update_teacher(0.996)
+        self.step_index += 1
+
+
+def _timed(device: torch.device, function, repeats: int) -> float:
+    """Seconds per call, the device waited for before and after."""
+    _wait(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        function()
+    _wait(device)
+    return (time.perf_counter() - start) / repeats
+
+
+def host_syncs(loop: Loop, steps: int = 2) -> list[str]:
+    """Synchronising operations in ``steps`` data + training steps (after a warm-up step); [] is the goal."""
+    loop.step(loop.next_batch())
+    _wait(loop.device)
+    if loop.device.type == "cuda":
+        found: list[str] = []
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for _ in range(steps):
+                loop.step(loop.next_batch())
+        except RuntimeError as error:  # the first synchronising call
+            found.append(str(error).splitlines()[0])
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        return found
+    with HostSyncRecorder() as recorder:
+        for _ in range(steps):
+            loop.step(loop.next_batch())
+    return [f"{name} at {where}" for name, where in recorder.syncs]
+
+
+def measure_batch(argv: list[str], batch_size: int, steps: int, warmup: int = 3) -> dict[str, Any]:
+    """Data alone, step alone and end to end for one per-device batch size."""
+    loop = Loop.build(argv, batch_size)
+    for _ in range(warmup):
+        loop.step(loop.next_batch())
+    data_seconds = _timed(loop.device, loop.next_batch, steps)
+    fixed = loop.next_batch()
+    step_seconds = _timed(loop.device, lambda: loop.step(fixed), steps)
+    end_to_end_seconds = _timed(loop.device, lambda: loop.step(loop.next_batch()), steps)
+    syncs = host_syncs(loop)
+    return {
+        "batch_size": batch_size,
+        "resident": loop.data.resident,
+        "data_images_per_second": batch_size / data_seconds,
+        "step_ms": 1000 * step_seconds,
+        "step_images_per_second": batch_size / step_seconds,
+        "end_to_end_images_per_second": batch_size / end_to_end_seconds,
+        "data_over_step": step_seconds / data_seconds,
+        "end_to_end_over_step": step_seconds / end_to_end_seconds,
+        "host_syncs": syncs,
+    }
+
+
+def measure_loop(argv: list[str], batch_sizes: list[int], steps: int = 20) -> dict[str, Any]:
+    """:func:`measure_batch` per batch size, plus step-time scaling between consecutive sizes."""
+    rows = [measure_batch(argv, batch_size, steps) for batch_size in batch_sizes]
+    for smaller, larger in zip(rows, rows[1:]):
+        larger["step_time_ratio_to_previous"] = larger["step_ms"] / smaller["step_ms"]
+        larger["batch_ratio_to_previous"] = larger["batch_size"] / smaller["batch_size"]
+    return {"argv": argv, "device": device_name(), "rows": rows}
+
+
+def measure_koleo_on_device(num_prototypes: int, dim: int = 256, repeats: int = 5) -> dict[str, Any]:
+    """KoLeo-proto forward + backward on the accelerator: ms per call and peak extra memory."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    prototypes = torch.randn(num_prototypes, dim, device=device, requires_grad=True)
+
+    def call() -> None:
+        koleo_proto_loss(prototypes).backward()
+
+    call()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    seconds = [_timed(device, call, 1) for _ in range(repeats)]
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
+    return {"num_prototypes": num_prototypes, "dim": dim, "ms": 1000 * statistics.median(seconds), "peak_mib": peak}
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()} (torch {torch.__version__})"
+    return f"CPU, {torch.get_num_threads()} threads (torch {torch.__version__})"
+
+
+def render_loop_markdown(name: str, results: dict[str, Any]) -> list[str]:
+    """A markdown table of :func:`measure_loop` results."""
+    lines = [
+        f"### {name} ({results['device']})",
+        "",
+        f"`{' '.join(results['argv'])}`",
+        "",
+        "| batch | data img/s | step ms | step img/s | end-to-end img/s | data ÷ step | end-to-end ÷ step "
+        "| step time vs previous batch | host syncs |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in results["rows"]:
+        scaling = row.get("step_time_ratio_to_previous")
+        scaling_cell = f"{scaling:.2f}x for {row['batch_ratio_to_previous']:.0f}x batch" if scaling else "–"
+        syncs = "none" if not row["host_syncs"] else "; ".join(row["host_syncs"])[:120]
+        lines.append(
+            f"| {row['batch_size']} | {row['data_images_per_second']:,.0f} | {row['step_ms']:.1f} "
+            f"| {row['step_images_per_second']:,.0f} | {row['end_to_end_images_per_second']:,.0f} "
+            f"| {row['data_over_step']:.2f} | {row['end_to_end_over_step']:.2f} | {scaling_cell} | {syncs} |"
+        )
+    return [*lines, ""]
+
+
+# The GPU-speed issue's measurements: (name, pretrain argv, per-device batch sizes).
+GPU_SUITE = (
+    ("fashion_mnist", ["--config", "configs/fashion_mnist.yaml", "--mixed_precision", "bf16"], [256, 1024, 4096]),
+    (
+        "vits16_in1k (ViT-S/16, 2x224 + 10x96, iBOT, K = 8192; Fashion-MNIST images, resident)",
+        ["--config", "configs/vits16_in1k.yaml", "--data", "fashion_mnist:train", "--dataset_size", "0"],
+        [32, 128],
+    ),
+)
+# The same pipeline at sizes a 2-core CPU (and CI) runs in seconds.
+QUICK_SUITE = (
+    (
+        "demo, tiny",
+        [
+            "--config",
+            "configs/demo.yaml",
+            "--model.backbone_config",
+            "{hidden_size: 32, num_hidden_layers: 1, num_attention_heads: 2, image_size: 32, patch_size: 8}",
+            "--model.num_prototypes",
+            "64",
+            "--model.head_hidden_size",
+            "32",
+            "--global_crops_size",
+            "16",
+            "--local_crops_size",
+            "8",
+        ],
+        [4, 16],
+    ),
+)
+
+
+def run_loop_suite(quick: bool = False, steps: int = 20, koleo_prototypes: int = 65536) -> dict[str, Any]:
+    """Every loop measurement of the suite, and KoLeo-proto at ``koleo_prototypes`` on the device."""
+    results: dict[str, Any] = {"device": device_name(), "loops": {}}
+    for name, argv, batch_sizes in QUICK_SUITE if quick else GPU_SUITE:
+        results["loops"][name] = measure_loop([*argv, "--report_to", "none", "--max_steps", "1000"], batch_sizes, steps)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    results["koleo_proto"] = measure_koleo_on_device(koleo_prototypes)
+    return results
+
+
+def render_loop_suite_markdown(results: dict[str, Any], command: str) -> str:
+    lines = [
+        "## Training loop on the accelerator",
+        "",
+        f"Measured on {results['device']} with `{command}`.",
+        "",
+    ]
+    for name, loop in results["loops"].items():
+        lines += render_loop_markdown(name, loop)
+    koleo = results["koleo_proto"]
+    lines += [
+        f"KoLeo-proto forward + backward, K = {koleo['num_prototypes']:,}, d = {koleo['dim']}: "
+        f"{koleo['ms']:.1f} ms, peak {koleo['peak_mib']:.0f} MiB.",
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,37 @@
+"""Speed of the training loop on the accelerator: data path, step (and its scaling with the batch), end to end, host syncs.
+
+python scripts/benchmark_loop.py --output docs/benchmarks_gpu.md      # the GPU-speed suite (run on a GPU)
+python scripts/benchmark_loop.py --quick --output /tmp/loop.md        # the same pipeline, tiny, on a CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/ sits beside hf_koleo, not installed
+
+from experiments.loop_benchmark import render_loop_suite_markdown, run_loop_suite  # noqa: E402
+from hf_koleo.cli import run_main  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output", default="docs/benchmarks_gpu.md")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (CPU, tests)")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per measurement")
+    parser.add_argument("--koleo-prototypes", type=int, help="K of the KoLeo-proto timing (65536; 1024 with --quick)")
+    arguments = parser.parse_args()
+    koleo_prototypes = arguments.koleo_prototypes or (1024 if arguments.quick else 65536)
+    results = run_loop_suite(arguments.quick, arguments.steps, koleo_prototypes)
+    output = Path(arguments.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(render_loop_suite_markdown(results, "python " + " ".join(sys.argv)))
+    output.with_suffix(".json").write_text(json.dumps(results, indent=2))
+    print(output.read_text())
+
+
+if __name__ == "__main__":
+    run_main(main)

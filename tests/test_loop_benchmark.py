@@ -1,0 +1,30 @@
+import pytest
+
+from experiments.loop_benchmark import render_loop_suite_markdown, run_loop_suite
+
+
+@pytest.fixture(scope="module")
+def quick_results(tmp_path_factory):
+    return run_loop_suite(quick=True, steps=2, koleo_prototypes=128)
+
+
+def test_quick_suite_measures_data_step_and_end_to_end_at_each_batch(quick_results):
+    (loop,) = quick_results["loops"].values()
+    small, large = loop["rows"]
+    assert (small["batch_size"], large["batch_size"]) == (4, 16) and small["resident"]
+    for row in (small, large):
+        assert row["data_images_per_second"] > 0 and row["step_ms"] > 0
+        # the ratios come from the row's own timings
+        assert row["data_over_step"] == pytest.approx(row["data_images_per_second"] / row["step_images_per_second"])
+        assert row["end_to_end_over_step"] == pytest.approx(
+            row["end_to_end_images_per_second"] / row["step_images_per_second"]
+        )
+        assert row["host_syncs"] == []  # the CPU recorder saw no host read in data + step
+    assert large["step_time_ratio_to_previous"] == pytest.approx(large["step_ms"] / small["step_ms"])
+    assert quick_results["koleo_proto"]["num_prototypes"] == 128 and quick_results["koleo_proto"]["ms"] > 0
+
+
+def test_quick_suite_renders_one_table_row_per_batch(quick_results):
+    markdown = render_loop_suite_markdown(quick_results, "python scripts/benchmark_loop.py --quick")
+    rows = [line for line in markdown.splitlines() if line.startswith("| 4 |") or line.startswith("| 16 |")]
+    assert len(rows) == 2 and "none" in rows[0] and "KoLeo-proto" in markdown
