@@ -1,4 +1,4 @@
-"""Speed of the training loop on the accelerator: data path, step (and its scaling with the batch), end to end, host syncs.
+"""Speed of the training loop on the accelerator: data path, step and its scaling, end to end, host syncs.
 
 python scripts/benchmark_loop.py --output docs/benchmarks_gpu.md      # the GPU-speed suite (run on a GPU)
 python scripts/benchmark_loop.py --quick --output /tmp/loop.md        # the same pipeline, tiny, on a CPU
