@@ -271,3 +271,21 @@ def test_accelerate_cpu_launch_without_mpirun_is_detected():
     assert requested_cpu_processes(single_started, ["accelerate", "launch", "--num_processes=3", "x.py"]) == 3
     assert requested_cpu_processes({**single_started, "WORLD_SIZE": "2"}, launcher) == 1
     assert requested_cpu_processes({"ACCELERATE_USE_CPU": "False", "MASTER_ADDR": "x"}, launcher) == 1
+
+
+def test_compile_option_compiles_both_backbones_in_place_and_keeps_checkpoints_loadable(
+    data_path, tmp_path, monkeypatch
+):
+    compiled = []
+    original_compile = torch.nn.Module.compile
+
+    def eager_compile(self, *args, **kwargs):  # dynamo traces the real forward; no C++ build in CI
+        compiled.append(type(self).__name__)
+        return original_compile(self, backend="eager")
+
+    monkeypatch.setattr(torch.nn.Module, "compile", eager_compile)
+    summary = run(data_path, tmp_path / "compiled", "--compile", "true", "--max_steps", "2", "--save_every", "2")
+    assert compiled == ["KoLeoDinoModel", "KoLeoDinoModel"] and summary["steps"] == 2
+    checkpoint = list_checkpoints(tmp_path / "compiled")[-1]
+    assert "student.backbone.embeddings.cls_token" in student_parameters(checkpoint)  # names unchanged
+    KoLeoDinoForPreTraining.from_pretrained(checkpoint)
