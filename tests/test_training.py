@@ -157,8 +157,12 @@ def test_run_ends_with_checkpoint_backbone_and_report(data_path, tmp_path):
         assert torch.allclose(checkpoint_backbone(pixels).pooler_output, expected, atol=1e-5)
 
 
-def test_resume_gives_the_same_parameters_as_a_straight_run(data_path, tmp_path, monkeypatch):
-    run(data_path, tmp_path / "straight")
+@pytest.mark.parametrize(
+    ("path", "extra", "position"),
+    [("resident", (), [0, 4]), ("streamed", ("--in_memory", "no", "--num_workers", "2"), [0, 4])],
+)
+def test_resume_gives_the_same_parameters_as_a_straight_run(data_path, tmp_path, monkeypatch, path, extra, position):
+    run(data_path, tmp_path / "straight", *extra)
     import hf_koleo.training.trainer as trainer
 
     original_save = trainer.save_checkpoint
@@ -169,16 +173,16 @@ def test_resume_gives_the_same_parameters_as_a_straight_run(data_path, tmp_path,
 
     monkeypatch.setattr(trainer, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
-        run(data_path, tmp_path / "resumed")
+        run(data_path, tmp_path / "resumed", *extra)
     monkeypatch.undo()
-    run(data_path, tmp_path / "resumed", "--resume")
+    run(data_path, tmp_path / "resumed", "--resume", *extra)
     straight = student_parameters(list_checkpoints(tmp_path / "straight")[-1])
     resumed = student_parameters(list_checkpoints(tmp_path / "resumed")[-1])
     assert straight.keys() == resumed.keys()
     for key in straight:
         assert torch.equal(straight[key], resumed[key]), key
     state = json.loads((list_checkpoints(tmp_path / "resumed")[-1] / "trainer_state.json").read_text())
-    assert state["step"] == 4 and state["position"] == [0, 4]
+    assert state["step"] == 4 and state["position"] == position
 
 
 def test_interrupted_save_leaves_the_latest_checkpoint_readable(data_path, tmp_path, monkeypatch):
