@@ -41,11 +41,15 @@ def write_imagefolder(root: Path, per_class: int = 3) -> Path:
     return root
 
 
-def write_webdataset(path: Path, n_images: int = 6) -> Path:
+def write_webdataset(path: Path, n_images: int = 6, truncated: tuple[int, ...] = ()) -> Path:
+    """``n_images`` PNG + ``.cls`` samples; the PNGs of the samples in ``truncated`` lose their second half."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with tarfile.open(path, "w") as archive:
         for index in range(n_images):
-            for suffix, payload in ((".png", png_bytes(index)), (".cls", str(index % 2).encode())):
+            image = png_bytes(index)
+            if index in truncated:
+                image = image[: len(image) // 2]
+            for suffix, payload in ((".png", image), (".cls", str(index % 2).encode())):
                 info = tarfile.TarInfo(f"sample{index:04d}{suffix}")
                 info.size = len(payload)
                 archive.addfile(info, io.BytesIO(payload))

@@ -3,9 +3,12 @@ import json
 import pytest
 from data_fixtures import write_fake_fashion_mnist, write_imagefolder, write_parquet, write_webdataset
 
+from hf_koleo.data.decoded import load_decoded
 from hf_koleo.data.fashion_mnist import long_tailed_counts, prepare_fashion_mnist, read_idx
 from hf_koleo.data.images import decode_image
 from hf_koleo.data.sources import count_records, load_source, resolve_data_files
+from hf_koleo.data.stream import CanvasStream
+from hf_koleo.evaluation.features import extract_features
 
 
 def first_records(dataset, n):
@@ -40,6 +43,18 @@ def test_webdataset_tar_shards(tmp_path):
     records = first_records(load_source(str(tmp_path / "wds" / "train-*.tar")), 100)
     assert len(records) == 12 and {record["label"] for record in records} == {0, 1}
     assert decode_image(records[0]["image"]).mode == "RGB"
+
+
+def test_a_truncated_png_in_a_webdataset_tar_is_skipped_and_counted(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_KOLEO_CACHE", str(tmp_path / "cache"))
+    tar = str(write_webdataset(tmp_path / "wds" / "train-0000.tar", n_images=6, truncated=(2,)))
+    assert len(first_records(load_source(tar), 100)) == 6  # datasets no longer decodes (and raises) itself
+    decoded = load_decoded(tar, 8, use_cache=False)
+    assert (len(decoded), decoded.n_corrupt) == (5, 1)
+    batches = [batch for _, batch in zip(range(2), CanvasStream(load_source(tar), 8, batch_size=3))]
+    assert [batch["n_corrupt"] for batch in batches] == [1, 0] and batches[0]["images"].shape[0] == 2
+    features = extract_features("pixels", tar, pixel_size=8, use_cache=False, progress=False)
+    assert (features.cls.shape[0], features.skipped) == (5, 1)
 
 
 def test_hub_ids_resolve_to_a_streamed_hub_dataset():

@@ -151,11 +151,14 @@ def standardise_columns(dataset, name: str = "dataset"):
     if image_column is None:
         raise ValueError(f"data source {name!r} has no image column; columns are {columns}")
     label_column = next((c for c in LABEL_COLUMNS if c in columns), None)
+    if isinstance(features.get(image_column), datasets.Image):
+        # Before any rename: ``rename_columns`` is a ``map`` that decodes its input with the features
+        # it sees, so a cast afterwards would come too late (one truncated PNG in a webdataset tar
+        # raised inside ``datasets`` instead of being skipped and counted).
+        dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
     keep = {image_column: "image", **({label_column: "label"} if label_column else {})}
     dataset = dataset.select_columns(list(keep))
     renames = {old: new for old, new in keep.items() if old != new}
     if renames:
         dataset = dataset.rename_columns(renames)
-    if isinstance((dataset.features or {}).get("image"), datasets.Image):
-        dataset = dataset.cast_column("image", datasets.Image(decode=False))
     return dataset
