@@ -6,13 +6,13 @@ python scripts/pretrain.py --config configs/fashion_mnist.yaml --max_steps 100 -
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 
 from hf_koleo.cli import run_main
 from hf_koleo.training.arguments import parse_pretraining_args
 from hf_koleo.training.launch import relaunch_as_cpu_processes
+from hf_koleo.training.summary import format_summary
 from hf_koleo.training.trainer import pretrain
 
 
@@ -21,8 +21,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     arguments, model_config = parse_pretraining_args(sys.argv[1:] if argv is None else argv)
     summary = pretrain(arguments, model_config)
-    if "prototype_report" in summary:
-        print(json.dumps(summary, indent=2))
+    if "prototype_report" in summary:  # the main process: the full report is in the report JSON
+        print(format_summary(summary))
 
 
 if __name__ == "__main__":

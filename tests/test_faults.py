@@ -13,7 +13,7 @@ from functools import cached_property
 from pathlib import Path
 
 import pytest
-from data_fixtures import write_parquet
+from data_fixtures import write_parquet, write_webdataset
 from test_training import ROOT, TINY_RUN, run, student_parameters
 
 from hf_koleo.training import trainer
@@ -148,6 +148,15 @@ def run_that_fails_releases_its_lock(fault: Fault):
     assert held == [True] and not lock.exists()
 
 
+def one_truncated_png_in_webdataset_shards_is_skipped_and_counted(fault: Fault):
+    tar = write_webdataset(fault.tmp_path / "wds" / "train-0000.tar", n_images=20, truncated=(3,))
+    fault.monkeypatch.setenv("HF_KOLEO_CACHE", str(fault.tmp_path / "cache"))
+    for in_memory in ("no", "yes"):  # streamed (CanvasStream) and resident (load_decoded)
+        summary = run(tar, fault.tmp_path / f"run-{in_memory}", "--in_memory", in_memory)
+        assert summary["steps"] == 4 and summary["corrupt_records"] >= 1, summary
+    assert "image file is truncated" in fault.caplog.text or "undecodable" in fault.caplog.text
+
+
 FAULTS = [
     checkpoints_race_when_another_rank_writes_late,
     disk_full_during_a_checkpoint_removes_the_partial_folder,
@@ -156,6 +165,7 @@ FAULTS = [
     stale_lock_of_a_dead_run_is_taken_over,
     lock_of_a_run_on_another_host_is_never_taken_over,
     run_that_fails_releases_its_lock,
+    one_truncated_png_in_webdataset_shards_is_skipped_and_counted,
 ]
 
 

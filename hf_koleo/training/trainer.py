@@ -20,7 +20,7 @@ from ..hub import build_image_processor, export_backbone
 from ..modeling_koleo_dino import KoLeoDinoForPreTraining
 from ..prototypes import prototype_report
 from .arguments import PretrainingArguments
-from .checkpoint import TrainerState, load_resume_checkpoint, save_checkpoint
+from .checkpoint import TrainerState, list_checkpoints, load_resume_checkpoint, save_checkpoint
 from .launch import needs_cpu_backend
 from .lock import locks_output_dir
 from .pipeline import DataPipeline
@@ -96,6 +96,7 @@ def pretrain(arguments: PretrainingArguments, model_config: KoLeoDinoConfig) -> 
     assignment_counts = torch.zeros(model_config.num_prototypes, device=accelerator.device, dtype=torch.long)
     guard = NonFiniteGuard()
     window_start, window_images = time.perf_counter(), 0
+    run_start = (window_start, state.images_seen)  # the summary's img/s: this session's steps only
     output = None
     # The step below never reads a device value on the host: the GPU runs ahead until logging.
     for step in range(state.step, total_steps):
@@ -147,7 +148,7 @@ def pretrain(arguments: PretrainingArguments, model_config: KoLeoDinoConfig) -> 
                 run_arguments=asdict(arguments),
             )
     progress.close()
-    summary = _finish(accelerator, unwrapped, arguments, data, state)
+    summary = _finish(accelerator, unwrapped, arguments, data, state, run_start)
     accelerator.end_training()
     return summary
 
@@ -241,15 +242,23 @@ def _tracker_config(arguments: PretrainingArguments, model_config: KoLeoDinoConf
     return flat
 
 
-def _finish(accelerator, model, arguments, data: DataPipeline, state: TrainerState) -> dict[str, Any]:
+def _finish(
+    accelerator, model, arguments, data: DataPipeline, state: TrainerState, run_start: tuple[float, int]
+) -> dict[str, Any]:
+    """Export the backbone and the prototype report; the run's summary (see ``training.summary``)."""
+    started, images_before = run_start
     summary: dict[str, Any] = {
         "steps": state.step,
         "images_seen": state.images_seen,
-        "corrupt_records": state.corrupt_records,
+        "images_per_second": (state.images_seen - images_before) / max(time.perf_counter() - started, 1e-9),
+        # Resident sources drop undecodable records once, when decoding; streamed ones at every pass.
+        "corrupt_records": data.batches.data.n_corrupt if data.resident else state.corrupt_records,
     }
     if not accelerator.is_main_process:
         return summary
     output_dir = Path(arguments.output_dir)
+    checkpoints = list_checkpoints(output_dir)
+    summary["checkpoint"] = str(checkpoints[-1]) if checkpoints else None
     backbone_dir = export_backbone(
         model, output_dir / "backbone", arguments.global_crops_size, arguments.image_mean, arguments.image_std
     )
@@ -257,8 +266,9 @@ def _finish(accelerator, model, arguments, data: DataPipeline, state: TrainerSta
     model.eval()
     report = prototype_report(model, pixel_values=pixel_values, eps=0.025)
     model.train()
-    (output_dir / "prototype_report.json").write_text(json.dumps(report, indent=2))
-    summary.update(backbone=str(backbone_dir), prototype_report=report)
+    report_path = output_dir / "prototype_report.json"
+    report_path.write_text(json.dumps(report, indent=2))
+    summary.update(backbone=str(backbone_dir), report_path=str(report_path), prototype_report=report)
     return summary
 
 
