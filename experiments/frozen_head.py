@@ -1,0 +1,697 @@
+"""Partial prototype collapse with a frozen backbone: only the DINO head trains (arXiv 2410.14060, sec. 3).
+
+The paper's argument: the DINO objective asks the marginal latent class distribution to match a
+(centred, near uniform) target, and the head can meet it by moving prototypes alone, so many
+prototypes drift onto each other (*partial prototype collapse*). Freezing the backbone isolates
+that mechanism: nothing but the head (MLP + prototypes) learns, from two augmented views of each
+image, with the DINO loss, an EMA teacher and EMA centring, with or without KoLeo-proto.
+
+Two frozen "backbones" produce the head's inputs:
+
+* :class:`PixelViews`: raw pixels, ``(S * S)``-d flattened grayscale views cut on the fly
+  (random resized crop, flip, brightness) with the library's batched crop kernels;
+* :class:`FeatureBankViews`: a trained backbone (any ``AutoModel`` folder, e.g. an exported
+  ``Dinov2Model``), run once over ``n_views`` augmented views per image
+  (:func:`build_backbone_views`); each step takes two different cached views of an image.
+
+:func:`run_frozen_head` trains one head and returns its metrics over time; :func:`run_study` runs
+a grid of backbones x variants x seeds; :func:`render_markdown` and :func:`plot_study` report it.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+from hf_koleo import DINOHead, koleo_proto_loss
+from hf_koleo.data.augment import CROP_ATTEMPTS, crop_and_resize, random_resized_boxes
+from hf_koleo.data.counter_rng import sample_keys, uniforms
+from hf_koleo.data.decoded import load_decoded
+from hf_koleo.data.sources import cache_dir
+from hf_koleo.losses import batch_centre, centred_teacher_probs, dino_loss, ema_centre
+from hf_koleo.prototypes import (
+    DEFAULT_EPS_VALUES,
+    distance_quantiles,
+    marginal_entropy,
+    nearest_neighbour_distances,
+    unique_prototype_curve,
+    utilisation,
+)
+
+logger = logging.getLogger(__name__)
+
+TRACKED_EPS = (0.01, 0.025, 0.05, 0.1)
+TRACKED_QUANTILES = (0.0, 0.1, 0.5, 0.9)
+# Fashion-MNIST pixel statistics (those of configs/fashion_mnist.yaml), to centre the raw pixels.
+PIXEL_MEAN, PIXEL_STD = 0.286, 0.353
+# Uniforms per view: the crop box attempts, a flip coin and a brightness factor.
+_DRAWS_PER_VIEW = 4 * CROP_ATTEMPTS + 2
+
+
+@dataclass
+class ViewAugmentation:
+    """The views both backbones see: random resized crop, horizontal flip, brightness."""
+
+    crop_scale: tuple[float, float] = (0.4, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip_probability: float = 0.5
+    brightness: float = 0.4
+
+    def __call__(self, images: torch.Tensor, extents: torch.Tensor, keys: torch.Tensor, n_views: int, size: int):
+        """``n_views`` views of each image, a pure function of its key.
+
+        Args:
+            images: ``(batch, C, S, S)`` uint8 canvases.
+            extents: ``(batch, 2)`` image ``(height, width)`` on its canvas.
+            keys: ``(batch,)`` int64 keys from :func:`sample_keys`.
+            n_views: views per image.
+            size: output side.
+
+        Returns:
+            ``(batch, n_views, C, size, size)`` float in [0, 1].
+        """
+        batch = images.shape[0]
+        draws = uniforms(keys, n_views * _DRAWS_PER_VIEW, "global_crops").reshape(batch, n_views, -1)
+        boxes = random_resized_boxes(
+            draws[..., : 4 * CROP_ATTEMPTS].reshape(batch * n_views, -1),
+            extents.repeat_interleave(n_views, dim=0),
+            list(self.crop_scale),
+            list(self.crop_ratio),
+        ).reshape(batch, n_views, 4)
+        flips = draws[..., 4 * CROP_ATTEMPTS] < self.flip_probability
+        crops = crop_and_resize(images.float() / 255.0, boxes, flips, size, extents)
+        factor = 1.0 - self.brightness + 2.0 * self.brightness * draws[..., 4 * CROP_ATTEMPTS + 1]
+        return (crops * factor[..., None, None, None]).clamp(0.0, 1.0)
+
+
+class Views(Protocol):
+    """What the head trains on: ``n_images`` images, each giving ``dim``-d inputs."""
+
+    n_images: int
+    dim: int
+
+    def views(self, indices: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """``(batch, 2, dim)``: two augmented views of each indexed image."""
+
+    def clean(self, indices: torch.Tensor) -> torch.Tensor:
+        """``(batch, dim)``: the un-augmented image (for arg-max utilisation)."""
+
+
+@dataclass
+class PixelViews:
+    """Raw pixels as the frozen backbone: flattened, centred grayscale crops at the image's own size."""
+
+    images: torch.Tensor  # (N, 1, S, S) uint8
+    extents: torch.Tensor  # (N, 2)
+    augmentation: ViewAugmentation = field(default_factory=ViewAugmentation)
+
+    @property
+    def n_images(self) -> int:
+        return self.images.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self.images.shape[-1] * self.images.shape[-2]
+
+    def views(self, indices: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        crops = self.augmentation(self.images[indices], self.extents[indices], keys, 2, self.images.shape[-1])
+        return (crops.flatten(2) - PIXEL_MEAN) / PIXEL_STD
+
+    def clean(self, indices: torch.Tensor) -> torch.Tensor:
+        return (self.images[indices].flatten(1).float() / 255.0 - PIXEL_MEAN) / PIXEL_STD
+
+
+@dataclass
+class FeatureBankViews:
+    """Cached features of ``V`` augmented views per image; a step draws two different ones."""
+
+    bank: torch.Tensor  # (N, V, D)
+    clean_features: torch.Tensor  # (N, D)
+
+    @property
+    def n_images(self) -> int:
+        return self.bank.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self.bank.shape[-1]
+
+    def views(self, indices: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        n_views = self.bank.shape[1]
+        draws = uniforms(keys, 2, "global_crops")
+        first = (draws[:, 0] * n_views).long()
+        second = (first + 1 + (draws[:, 1] * (n_views - 1)).long()) % n_views  # never the first
+        return self.bank[indices[:, None], torch.stack([first, second], dim=1)]
+
+    def clean(self, indices: torch.Tensor) -> torch.Tensor:
+        return self.clean_features[indices]
+
+
+def load_pixel_views(source: str, limit: int | None = None, image_size: int = 28) -> PixelViews:
+    """The first ``limit`` images of a data source (e.g. ``fashion_mnist:train``) as :class:`PixelViews`."""
+    decoded = load_decoded(source, image_size)
+    stop = len(decoded) if limit is None else min(limit, len(decoded))
+    return PixelViews(decoded.images[:stop, :1].contiguous(), decoded.extents[:stop])
+
+
+def _model_fingerprint(model_dir: Path) -> list:
+    return [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(model_dir.iterdir()) if p.is_file()]
+
+
+def _processor_geometry(processor) -> tuple[int, list[float], list[float]]:
+    """Input side, mean and std the backbone was trained with, from its image processor."""
+    if getattr(processor, "do_center_crop", False) and getattr(processor, "crop_size", None):
+        size = processor.crop_size["height"]
+    else:
+        size = processor.size.get("height") or processor.size["shortest_edge"]
+    return int(size), list(processor.image_mean), list(processor.image_std)
+
+
+@torch.no_grad()
+def build_backbone_views(
+    model_dir: str | Path,
+    source: str,
+    n_images: int,
+    n_views: int,
+    seed: int = 0,
+    batch_size: int = 256,
+    augmentation: ViewAugmentation | None = None,
+    use_cache: bool = True,
+) -> FeatureBankViews:
+    """Run a frozen backbone once over ``n_views`` augmented views and the clean view of each image.
+
+    Views come from the 28 px canvases with :class:`ViewAugmentation`, resized to the backbone's
+    input side and normalised with its image processor's mean and std; the feature is the CLS
+    token of ``last_hidden_state`` (as ``hf_koleo.evaluation.features`` takes it). The clean view
+    is the whole image resized the same way (bilinear, no crop). Cached under
+    ``$HF_KOLEO_CACHE/frozen_head/`` keyed by the model files and every argument.
+
+    Returns:
+        :class:`FeatureBankViews` with ``bank`` ``(n_images, n_views, hidden)``.
+    """
+    from transformers import AutoImageProcessor, AutoModel
+
+    model_dir = Path(model_dir)
+    augmentation = augmentation or ViewAugmentation()
+    key = json.dumps([_model_fingerprint(model_dir), source, n_images, n_views, seed, asdict(augmentation)])
+    cache_path = cache_dir() / "frozen_head" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.safetensors"
+    if use_cache and cache_path.exists():
+        tensors = load_file(str(cache_path))
+        return FeatureBankViews(tensors["bank"], tensors["clean"])
+    backbone = AutoModel.from_pretrained(model_dir, use_safetensors=True).eval()
+    size, mean, std = _processor_geometry(AutoImageProcessor.from_pretrained(model_dir))
+    mean_t, std_t = torch.tensor(mean).view(3, 1, 1), torch.tensor(std).view(3, 1, 1)
+    decoded = load_decoded(source, 28)
+    n_images = min(n_images, len(decoded))
+    full_boxes = torch.cat([torch.zeros(n_images, 2), decoded.extents[:n_images].flip(1).float()], dim=1)
+
+    def embed(pixels: torch.Tensor) -> torch.Tensor:  # (n, 3, size, size) in [0, 1] -> (n, hidden)
+        return backbone(pixel_values=(pixels - mean_t) / std_t).last_hidden_state[:, 0].float()
+
+    banks, cleans = [], []
+    for start in range(0, n_images, batch_size):
+        indices = torch.arange(start, min(start + batch_size, n_images))
+        images, extents = decoded.images[indices], decoded.extents[indices]
+        views = augmentation(images, extents, sample_keys(seed, 0, indices), n_views, size)
+        banks.append(embed(views.flatten(0, 1)).reshape(len(indices), n_views, -1))
+        whole = crop_and_resize(
+            images.float() / 255.0, full_boxes[indices, None], torch.zeros(len(indices), 1, dtype=torch.bool), size
+        )
+        cleans.append(embed(whole[:, 0]))
+        logger.info("backbone views: %d / %d images", indices[-1] + 1, n_images)
+    bank_views = FeatureBankViews(torch.cat(banks), torch.cat(cleans))
+    if use_cache:
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+        staging = cache_path.with_name(cache_path.name + ".tmp")
+        save_file({"bank": bank_views.bank, "clean": bank_views.clean_features}, str(staging))
+        staging.replace(cache_path)
+    return bank_views
+
+
+@dataclass
+class FrozenHeadConfig:
+    """One head-only DINO run (defaults: the issue's first measurement)."""
+
+    num_prototypes: int = 4096
+    hidden_size: int = 1024
+    bottleneck_size: int = 256
+    student_temperature: float = 0.1
+    teacher_temperature: float = 0.04
+    centre_momentum: float = 0.9
+    teacher_momentum: float = 0.996
+    learning_rate: float = 5e-4
+    weight_decay: float = 0.04
+    batch_size: int = 256
+    steps: int = 3000
+    eval_every: int = 100
+    eval_images: int = 4096
+    koleo_proto_weight: float = 0.0
+    seed: int = 0
+    init_std: float = 0.02  # KoLeoDinoConfig.initializer_range
+
+
+def build_head(in_features: int, config: FrozenHeadConfig) -> DINOHead:
+    """A 3-layer :class:`DINOHead` initialised as ``KoLeoDinoForPreTraining`` does (truncated normal)."""
+    head = DINOHead(in_features, config.num_prototypes, config.hidden_size, config.bottleneck_size)
+    for module in head.mlp:
+        if isinstance(module, nn.Linear):
+            nn.init.trunc_normal_(module.weight, std=config.init_std)
+            nn.init.zeros_(module.bias)
+    nn.init.trunc_normal_(head.prototypes, std=config.init_std)
+    return head
+
+
+@dataclass
+class HeadState:
+    """What a head-only DINO run carries from step to step."""
+
+    student: DINOHead
+    teacher: DINOHead
+    optimizer: torch.optim.Optimizer
+    centre: torch.Tensor  # (1, K)
+
+
+def init_state(in_features: int, config: FrozenHeadConfig) -> HeadState:
+    """Student head, its EMA teacher (an exact copy), AdamW and a zero centre, seeded by ``config.seed``."""
+    torch.manual_seed(config.seed)
+    student = build_head(in_features, config)
+    teacher = copy.deepcopy(student).requires_grad_(False)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    return HeadState(student, teacher, optimizer, torch.zeros(1, config.num_prototypes))
+
+
+def head_step(state: HeadState, views: torch.Tensor, config: FrozenHeadConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """One DINO step on the head alone: teacher targets, student loss (+ KoLeo-proto), AdamW, EMA, centre.
+
+    Args:
+        views: ``(batch, 2, dim)`` two views of each image; the teacher sees both, the student
+            predicts each from the other.
+
+    Returns:
+        ``(dino_loss, koleo_proto_loss)`` detached scalars (KoLeo-proto is computed only when
+        its weight is positive, else 0).
+    """
+    batch, n_views, dim = views.shape
+    flat = views.reshape(batch * n_views, dim)
+    with torch.no_grad():
+        teacher_logits = state.teacher(flat)
+    teacher_probs = centred_teacher_probs(teacher_logits, state.centre, config.teacher_temperature)
+    student_logits = state.student(flat).reshape(batch, n_views, -1)
+    loss = dino_loss(student_logits, teacher_probs.reshape(batch, n_views, -1), config.student_temperature)
+    koleo = torch.zeros(())
+    if config.koleo_proto_weight > 0:
+        koleo = koleo_proto_loss(state.student.prototypes)
+    state.optimizer.zero_grad(set_to_none=True)
+    (loss + config.koleo_proto_weight * koleo).backward()
+    state.optimizer.step()
+    with torch.no_grad():
+        teacher_parameters = list(state.teacher.parameters())
+        torch._foreach_mul_(teacher_parameters, config.teacher_momentum)
+        torch._foreach_add_(teacher_parameters, list(state.student.parameters()), alpha=1 - config.teacher_momentum)
+        new_centre, count = batch_centre(teacher_logits)
+        state.centre = ema_centre(state.centre, new_centre, config.centre_momentum, count)
+    return loss.detach(), koleo.detach()
+
+
+@torch.no_grad()
+def head_metrics(state: HeadState, clean_inputs: torch.Tensor, config: FrozenHeadConfig) -> dict[str, Any]:
+    """Collapse metrics of the teacher head (the one DINO keeps) on a fixed set of clean inputs.
+
+    Returns:
+        ``unique`` ``{eps: count}`` at :data:`TRACKED_EPS`, ``student_unique@0.025``,
+        ``nn_distance`` quantiles, ``used`` (prototypes that are the teacher's arg-max for at
+        least one input), ``assignment_perplexity`` and ``marginal_perplexity`` (``exp`` of the
+        entropy of the mean centred, sharpened teacher distribution: the marginal latent class
+        distribution the loss matches).
+    """
+    prototypes = state.teacher.prototypes
+    logits = state.teacher(clean_inputs)
+    use = utilisation(logits.argmax(dim=1), config.num_prototypes)
+    probs = centred_teacher_probs(logits, state.centre, config.teacher_temperature)
+    return {
+        "unique": {f"{eps:g}": count for eps, count in unique_prototype_curve(prototypes, TRACKED_EPS).items()},
+        "student_unique@0.025": unique_prototype_curve(state.student.prototypes, [0.025])[0.025],
+        "nn_distance": distance_quantiles(nearest_neighbour_distances(prototypes), TRACKED_QUANTILES),
+        "used": use["used"],
+        "assignment_perplexity": use["assignment_perplexity"],
+        "marginal_perplexity": math.exp(marginal_entropy(probs)),
+    }
+
+
+def run_frozen_head(
+    views: Views, config: FrozenHeadConfig, log: Callable[[dict[str, Any]], None] | None = None
+) -> dict[str, Any]:
+    """Train one DINO head on a frozen backbone's views and track its prototypes.
+
+    Images are drawn uniformly with replacement (``torch.Generator`` seeded by ``config.seed``);
+    the views of image ``i`` at step ``t`` are a pure function of ``(seed, t, i)``. Metrics
+    (:func:`head_metrics`) are taken at step 0, every ``eval_every`` steps and at the end, on the
+    clean views of the first ``eval_images`` images.
+
+    Returns:
+        ``{"config", "history": [{"step", "dino_loss", "koleo_proto_loss", **head_metrics}],
+        "final_eps_curve": {eps: unique} over DEFAULT_EPS_VALUES, "seconds"}``; the losses are
+        means over the steps since the previous row (None at step 0).
+    """
+    state = init_state(views.dim, config)
+    generator = torch.Generator().manual_seed(config.seed)
+    clean_inputs = views.clean(torch.arange(min(config.eval_images, views.n_images)))
+    history, loss_sum, koleo_sum, since = [], torch.zeros(()), torch.zeros(()), 0
+    start = time.perf_counter()
+    for step in range(config.steps + 1):
+        if step % config.eval_every == 0 or step == config.steps:
+            row = {
+                "step": step,
+                "dino_loss": float(loss_sum) / since if since else None,
+                "koleo_proto_loss": float(koleo_sum) / since if since else None,
+                **head_metrics(state, clean_inputs, config),
+            }
+            history.append(row)
+            loss_sum, koleo_sum, since = torch.zeros(()), torch.zeros(()), 0
+            if log is not None:
+                log(row)
+        if step == config.steps:
+            break
+        indices = torch.randint(views.n_images, (config.batch_size,), generator=generator)
+        loss, koleo = head_step(state, views.views(indices, sample_keys(config.seed, step, indices)), config)
+        loss_sum, koleo_sum, since = loss_sum + loss, koleo_sum + koleo, since + 1
+    curve = unique_prototype_curve(state.teacher.prototypes, DEFAULT_EPS_VALUES)
+    return {
+        "config": asdict(config),
+        "history": history,
+        "final_eps_curve": {f"{eps:g}": count for eps, count in curve.items()},
+        "seconds": time.perf_counter() - start,
+    }
+
+
+@dataclass
+class BackbonePlan:
+    """One frozen backbone of a study: how to build its views and the head settings it gets."""
+
+    name: str
+    build_views: Callable[[], Views]
+    head: FrozenHeadConfig
+    description: str = ""
+
+
+def run_study(
+    backbones: Sequence[BackbonePlan],
+    variants: dict[str, float],
+    seeds: Sequence[int],
+    log: Callable[[str], None] = logger.info,
+) -> dict[str, Any]:
+    """Every (backbone, variant, seed): a head-only run. ``variants`` maps a name to a KoLeo-proto weight.
+
+    Returns:
+        ``{"backbones": {name: {"description", "dim", "n_images", "setup_seconds", "head"}},
+        "runs": [{"backbone", "variant", "seed", **run_frozen_head(...)}], "seconds"}``.
+    """
+    start = time.perf_counter()
+    results: dict[str, Any] = {"backbones": {}, "runs": []}
+    for plan in backbones:
+        setup_start = time.perf_counter()
+        views = plan.build_views()
+        results["backbones"][plan.name] = {
+            "description": plan.description,
+            "dim": views.dim,
+            "n_images": views.n_images,
+            "setup_seconds": time.perf_counter() - setup_start,
+            "head": asdict(plan.head),
+        }
+        for variant, weight in variants.items():
+            for seed in seeds:
+                config = FrozenHeadConfig(**{**asdict(plan.head), "koleo_proto_weight": weight, "seed": seed})
+
+                def report(row: dict[str, Any], tag=f"{plan.name}/{variant}/seed {seed}") -> None:
+                    log(f"{tag} step {row['step']}: unique {row['unique']} used {row['used']} loss {row['dino_loss']}")
+
+                run = run_frozen_head(views, config, report)
+                results["runs"].append({"backbone": plan.name, "variant": variant, "seed": seed, **run})
+    results["seconds"] = time.perf_counter() - start
+    return results
+
+
+def study_plans(quick: bool, backbone_dir: str | Path, data: str) -> list[BackbonePlan]:
+    """The two frozen backbones of the study, sized for a loaded 2-core CPU (``quick``: seconds)."""
+    if quick:
+        head = FrozenHeadConfig(
+            num_prototypes=64,
+            hidden_size=64,
+            bottleneck_size=16,
+            batch_size=32,
+            steps=12,
+            eval_every=6,
+            eval_images=64,
+        )
+        return [
+            BackbonePlan("pixels", lambda: load_pixel_views(data, limit=256), head, "raw pixels (quick)"),
+            BackbonePlan(
+                "backbone",
+                lambda: build_backbone_views(backbone_dir, data, n_images=64, n_views=2, use_cache=False),
+                head,
+                f"{backbone_dir} (quick)",
+            ),
+        ]
+    pixel_head = FrozenHeadConfig(steps=1500, learning_rate=1e-3, eval_every=100)
+    backbone_head = FrozenHeadConfig(steps=1500, learning_rate=1e-3, eval_every=100)
+    return [
+        BackbonePlan(
+            "pixels",
+            lambda: load_pixel_views(data),
+            pixel_head,
+            f"raw pixels of {data}: 28x28 grayscale views flattened to 784-d, centred",
+        ),
+        BackbonePlan(
+            "backbone",
+            lambda: build_backbone_views(backbone_dir, data, n_images=10000, n_views=8),
+            backbone_head,
+            f"CLS features of the frozen backbone {backbone_dir} on 8 cached augmented views of the first 10,000 "
+            f"images of {data}",
+        ),
+    ]
+
+
+def _mean_std(values: Sequence[float], digits: int = 0) -> str:
+    values = [float(value) for value in values]
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return f"{mean:,.{digits}f}"
+    std = math.sqrt(sum((value - mean) ** 2 for value in values) / (len(values) - 1))
+    return f"{mean:,.{digits}f} ± {std:,.{digits}f}"
+
+
+def _grouped(results: dict[str, Any]) -> dict[tuple[str, str], list[dict[str, Any]]]:
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for run in results["runs"]:
+        groups.setdefault((run["backbone"], run["variant"]), []).append(run)
+    return groups
+
+
+def summarise(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per (backbone, variant): end-of-run metrics of every seed, and when collapse began.
+
+    ``first_step_below_99`` is the first evaluated step where unique@0.025 fell below 99 % of K
+    (None if it never did), per seed.
+    """
+    rows = []
+    for (backbone, variant), runs in _grouped(results).items():
+        finals = [run["history"][-1] for run in runs]
+        num_prototypes = runs[0]["config"]["num_prototypes"]
+        first_below = [
+            next((row["step"] for row in run["history"] if row["unique"]["0.025"] < 0.99 * num_prototypes), None)
+            for run in runs
+        ]
+        rows.append(
+            {
+                "backbone": backbone,
+                "variant": variant,
+                "seeds": [run["seed"] for run in runs],
+                "num_prototypes": num_prototypes,
+                "steps": runs[0]["config"]["steps"],
+                "unique": {f"{eps:g}": [final["unique"][f"{eps:g}"] for final in finals] for eps in TRACKED_EPS},
+                "nn_distance_min": [final["nn_distance"]["q0"] for final in finals],
+                "nn_distance_median": [final["nn_distance"]["q0.5"] for final in finals],
+                "used": [final["used"] for final in finals],
+                "marginal_perplexity": [final["marginal_perplexity"] for final in finals],
+                "dino_loss": [final["dino_loss"] for final in finals],
+                "first_step_below_99": first_below,
+                "seconds": [run["seconds"] for run in runs],
+            }
+        )
+    return rows
+
+
+def render_markdown(results: dict[str, Any], figure_prefix: str = "figures/frozen_head") -> str:
+    """``docs/frozen_head.md``: setup, end-of-run table, unique@0.025 over steps, figures, reading."""
+    summary = summarise(results)
+    lines = [
+        "# Partial prototype collapse with a frozen backbone (head-only DINO)",
+        "",
+        f"Generated by `{results['command']}` on {results['machine']}; study wall time "
+        f"{results['seconds'] / 60:.1f} min."
+        + (" **Quick mode: a pipeline check, not a measurement.**" if results["quick"] else ""),
+        "",
+        "Only the DINO head trains (3-layer MLP -> L2-normalised bottleneck -> K weight-normalised prototypes); the "
+        "backbone is frozen. Student and teacher heads see two augmented views of each image (random resized crop, "
+        "flip, brightness), the student predicts each view's teacher distribution from the other view with "
+        "`hf_koleo.losses.dino_loss`; the teacher is an EMA of the student and its logits are centred (EMA) and "
+        "sharpened. KoLeo-proto adds `weight * koleo_proto_loss(student prototypes)`. Collapse is measured on the "
+        "teacher's prototypes (`hf_koleo.prototypes`); *used* counts the prototypes that are the teacher's arg-max "
+        "for at least one clean image of the evaluation set; *marginal perplexity* is exp of the entropy of the mean "
+        "centred, sharpened teacher distribution (the marginal latent class distribution the loss matches).",
+        "",
+        "## Setup",
+        "",
+        "| backbone | input | images | head (hidden / bottleneck / K) | batch | steps | lr (AdamW, wd) | T student / "
+        "teacher | centre / teacher EMA | eval images | setup (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, backbone in results["backbones"].items():
+        head = backbone["head"]
+        lines.append(
+            f"| {name} | {backbone['description']} ({backbone['dim']}-d) | {backbone['n_images']:,} | "
+            f"{head['hidden_size']} / {head['bottleneck_size']} / {head['num_prototypes']:,} | {head['batch_size']} | "
+            f"{head['steps']:,} | {head['learning_rate']:g}, {head['weight_decay']:g} | "
+            f"{head['student_temperature']:g} / {head['teacher_temperature']:g} | {head['centre_momentum']:g} / "
+            f"{head['teacher_momentum']:g} | {head['eval_images']:,} | {backbone['setup_seconds']:.0f} |"
+        )
+    lines += [
+        "",
+        "Variants: "
+        + ", ".join(f"{name} (KoLeo-proto weight {weight:g})" for name, weight in results["variants"].items())
+        + ". "
+        f"Seeds: {', '.join(str(seed) for seed in results['seeds'])} (head initialisation, image order and views).",
+        "",
+        "## End of training (teacher prototypes; mean ± std over seeds)",
+        "",
+        "| backbone | variant | K | unique @0.01 | @0.025 | @0.05 | @0.1 | min NN distance | median NN distance | "
+        "used (arg-max) | marginal perplexity | DINO loss | first step < 99 % unique @0.025 | s / run |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in summary:
+        unique = " | ".join(_mean_std(row["unique"][f"{eps:g}"]) for eps in TRACKED_EPS)
+        first = ", ".join("never" if step is None else f"{step:,}" for step in row["first_step_below_99"])
+        lines.append(
+            f"| {row['backbone']} | {row['variant']} | {row['num_prototypes']:,} | {unique} | "
+            f"{_mean_std(row['nn_distance_min'], 3)} | {_mean_std(row['nn_distance_median'], 3)} | "
+            f"{_mean_std(row['used'])} | {_mean_std(row['marginal_perplexity'])} | {_mean_std(row['dino_loss'], 3)} | "
+            f"{first} | {_mean_std(row['seconds'])} |"
+        )
+    lines += ["", "## Unique prototypes (eps 0.025) over training, per seed", ""]
+    for (backbone, variant), runs in _grouped(results).items():
+        steps = [row["step"] for row in runs[0]["history"]]
+        shown = sorted({steps[index] for index in range(0, len(steps), max(1, len(steps) // 8))} | {steps[-1]})
+        lines += [
+            f"**{backbone} / {variant}**",
+            "",
+            "| seed | " + " | ".join(f"{step:,}" for step in shown) + " |",
+            "|---|" + "---|" * len(shown),
+        ]
+        for run in runs:
+            by_step = {row["step"]: row["unique"]["0.025"] for row in run["history"]}
+            lines.append(f"| {run['seed']} | " + " | ".join(f"{by_step[step]:,}" for step in shown) + " |")
+        lines.append("")
+    lines += [
+        "## Figures",
+        "",
+        f"![unique prototypes and used prototypes vs step]({figure_prefix}_unique_vs_step.png)",
+        "",
+        f"![unique prototypes vs eps at the end]({figure_prefix}_eps_curve.png)",
+        "",
+        "## What the numbers say",
+        "",
+        *reading(summary),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def reading(summary: list[dict[str, Any]]) -> list[str]:
+    """One sentence per (backbone, variant), computed from the runs (no hand-written numbers)."""
+    sentences = []
+    for row in summary:
+        num_prototypes = row["num_prototypes"]
+        unique = row["unique"]["0.025"]
+        fraction = [count / num_prototypes for count in unique]
+        began = [step for step in row["first_step_below_99"] if step is not None]
+        onset = (
+            f"unique@0.025 first fell below 99 % of K at step {', '.join(f'{step:,}' for step in began)}"
+            if began
+            else "unique@0.025 never fell below 99 % of K"
+        )
+        sentences.append(
+            f"- **{row['backbone']} / {row['variant']}**: after {row['steps']:,} steps, "
+            f"{_mean_std(unique)} of {num_prototypes:,} teacher prototypes unique at eps 0.025 "
+            f"({_mean_std([100 * value for value in fraction], 1)} %), {_mean_std(row['unique']['0.1'])} at eps 0.1; "
+            f"{onset}; {_mean_std(row['used'])} prototypes used by the teacher arg-max, "
+            f"marginal perplexity {_mean_std(row['marginal_perplexity'])}."
+        )
+    return sentences
+
+
+def plot_study(results: dict[str, Any], figure_prefix: str | Path) -> list[Path]:
+    """Two figures: unique (eps 0.025 and 0.1) and used prototypes vs step; unique vs eps at the end."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colours = {"baseline": "tab:red", "koleo_proto": "tab:blue"}
+    groups = _grouped(results)
+    backbones = list(results["backbones"])
+    paths = [Path(f"{figure_prefix}_unique_vs_step.png"), Path(f"{figure_prefix}_eps_curve.png")]
+    paths[0].parent.mkdir(parents=True, exist_ok=True)
+    figure, axes = plt.subplots(2, len(backbones), figsize=(6 * len(backbones), 7), squeeze=False)
+    eps_figure, eps_axes = plt.subplots(1, len(backbones), figsize=(6 * len(backbones), 3.8), squeeze=False)
+    for column, backbone in enumerate(backbones):
+        num_prototypes = results["backbones"][backbone]["head"]["num_prototypes"]
+        for (name, variant), runs in groups.items():
+            if name != backbone:
+                continue
+            colour = colours.get(variant, None)
+            for index, run in enumerate(runs):
+                steps = [row["step"] for row in run["history"]]
+                label = variant if index == 0 else None
+                for eps, style in (("0.025", "-"), ("0.1", ":")):
+                    values = [row["unique"][eps] for row in run["history"]]
+                    axes[0, column].plot(
+                        steps, values, style, color=colour, alpha=0.8, label=f"{label} (eps {eps})" if label else None
+                    )
+                axes[1, column].plot(steps, [row["used"] for row in run["history"]], color=colour, label=label)
+                curve = run["final_eps_curve"]
+                eps_axes[0, column].plot(
+                    [float(eps) for eps in curve], list(curve.values()), "o-", color=colour, label=label, markersize=3
+                )
+        axes[0, column].set(
+            title=f"{backbone}: unique prototypes (K = {num_prototypes:,})",
+            xlabel="step",
+            ylabel="unique teacher prototypes",
+            ylim=(0, num_prototypes * 1.05),
+        )
+        axes[1, column].set(title=f"{backbone}: prototypes used (teacher arg-max)", xlabel="step", ylabel="used")
+        eps_axes[0, column].set(
+            title=f"{backbone}: end of training",
+            xscale="log",
+            xlabel="eps",
+            ylabel="unique teacher prototypes",
+            ylim=(0, num_prototypes * 1.05),
+        )
+        for axis in (axes[0, column], axes[1, column], eps_axes[0, column]):
+            axis.legend(fontsize=8)
+            axis.grid(alpha=0.3)
+    for fig, path in ((figure, paths[0]), (eps_figure, paths[1])):
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+    return paths

@@ -1,0 +1,144 @@
+"""Head-only DINO on a frozen backbone (experiments/frozen_head.py, scripts/frozen_head_study.py)."""
+
+import json
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import Dinov2Config, Dinov2Model
+
+from experiments.frozen_head import (
+    FeatureBankViews,
+    FrozenHeadConfig,
+    PixelViews,
+    head_step,
+    init_state,
+    run_frozen_head,
+)
+from hf_koleo.data.counter_rng import sample_keys
+from hf_koleo.hub import build_image_processor
+from hf_koleo.prototypes import nearest_neighbour_distances
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "frozen_head_study.py"
+
+
+def clustered_views(n_images=512, n_clusters=8, dim=16, spread=0.3, noise=0.1, n_views=4) -> FeatureBankViews:
+    """Features of a frozen backbone that sees 8 tight clusters sharing a common direction."""
+    generator = torch.Generator().manual_seed(0)
+    centres = torch.ones(dim) + spread * torch.randn(n_clusters, dim, generator=generator)
+    labels = torch.arange(n_images) % n_clusters
+    bank = centres[labels][:, None] + noise * torch.randn(n_images, n_views, dim, generator=generator)
+    return FeatureBankViews(bank, centres[labels])
+
+
+def tiny_head(**overrides) -> FrozenHeadConfig:
+    settings = dict(
+        num_prototypes=128,
+        hidden_size=32,
+        bottleneck_size=4,
+        batch_size=64,
+        steps=200,
+        eval_every=100,
+        eval_images=512,
+        learning_rate=1e-2,
+        teacher_momentum=0.99,
+    )
+    return FrozenHeadConfig(**{**settings, **overrides})
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny matrices run faster on one thread, and much faster when other work shares the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_baseline_prototypes_merge_while_koleo_proto_keeps_them_apart(one_thread):
+    views = clustered_views()
+    baseline = run_frozen_head(views, tiny_head())["history"]
+    koleo = run_frozen_head(views, tiny_head(koleo_proto_weight=0.1))["history"]
+    assert baseline[0]["unique"] == koleo[0]["unique"]  # same seed, same start
+    start = baseline[0]["unique"]["0.1"]
+    assert baseline[-1]["unique"]["0.1"] < 0.7 * start  # many prototypes merged (126 -> 67 when written)
+    assert koleo[-1]["unique"]["0.1"] >= start  # none did
+    assert koleo[-1]["nn_distance"]["q0.5"] > 2 * baseline[-1]["nn_distance"]["q0.5"]
+
+
+def test_a_koleo_proto_step_moves_the_closest_prototypes_apart():
+    views = clustered_views()
+    indices = torch.arange(64)
+    batch = views.views(indices, sample_keys(0, 0, indices))
+    minimum = {}
+    for weight in (0.0, 1.0):
+        config = tiny_head(bottleneck_size=8, learning_rate=1e-2, koleo_proto_weight=weight)
+        state = init_state(views.dim, config)
+        before = nearest_neighbour_distances(state.student.prototypes).min()
+        for _ in range(5):
+            head_step(state, batch, config)
+        minimum[weight] = nearest_neighbour_distances(state.student.prototypes).min() - before
+    assert minimum[1.0] > 0 > minimum[0.0]
+
+
+def test_head_step_trains_only_the_student_and_moves_the_teacher_by_ema():
+    views = clustered_views()
+    config = tiny_head(teacher_momentum=0.9)
+    state = init_state(views.dim, config)
+    teacher_before = state.teacher.prototypes.detach().clone()
+    indices = torch.arange(32)
+    head_step(state, views.views(indices, sample_keys(0, 0, indices)), config)
+    expected = 0.9 * teacher_before + 0.1 * state.student.prototypes.detach()
+    torch.testing.assert_close(state.teacher.prototypes, expected)
+    assert state.teacher.prototypes.grad is None
+    assert state.centre.abs().sum() > 0  # the EMA centre took the batch's teacher logits
+
+
+def test_views_are_a_pure_function_of_the_keys_and_the_two_views_differ():
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (6, 1, 28, 28), dtype=torch.uint8, generator=generator)
+    pixels = PixelViews(images, torch.full((6, 2), 28))
+    indices = torch.tensor([0, 3, 5])
+    first = pixels.views(indices, sample_keys(1, 7, indices))
+    assert first.shape == (3, 2, 784)
+    torch.testing.assert_close(first, pixels.views(indices, sample_keys(1, 7, indices)))
+    assert not torch.allclose(first[:, 0], first[:, 1])
+    assert not torch.allclose(first, pixels.views(indices, sample_keys(1, 8, indices)))
+    bank = clustered_views(n_views=3)
+    pair = bank.views(torch.arange(200), sample_keys(0, 0, torch.arange(200)))
+    assert pair.shape == (200, 2, 16)
+    assert not (pair[:, 0] == pair[:, 1]).all(dim=1).any()  # two different cached views every time
+
+
+def test_quick_study_tables_hold_the_numbers_of_its_own_runs(tmp_path, monkeypatch, one_thread):
+    backbone = tmp_path / "backbone"
+    config = Dinov2Config(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, mlp_ratio=2, image_size=16, patch_size=4
+    )
+    Dinov2Model(config).save_pretrained(backbone)
+    build_image_processor("dinov2", 16, [0.5] * 3, [0.5] * 3).save_pretrained(backbone)
+    monkeypatch.setenv("HF_KOLEO_CACHE", str(tmp_path / "cache"))
+    output = tmp_path / "out"
+    argv = [str(SCRIPT), "--quick", "--backbone", str(backbone), "--output_dir", str(output)]
+    monkeypatch.setattr(sys, "argv", argv)
+    runpy.run_path(str(SCRIPT), run_name="__main__")
+    results = json.loads((output / "frozen_head.json").read_text())
+    markdown = (output / "frozen_head.md").read_text()
+    assert {(run["backbone"], run["variant"]) for run in results["runs"]} == {
+        (backbone_name, variant) for backbone_name in ("pixels", "backbone") for variant in ("baseline", "koleo_proto")
+    }
+    assert results["backbones"]["pixels"]["dim"] == 784 and results["backbones"]["backbone"]["dim"] == 32
+    for run in results["runs"]:
+        final = run["history"][-1]
+        assert final["step"] == run["config"]["steps"]
+        median = f"{final['nn_distance']['q0.5']:,.3f}"
+        row = next(
+            line for line in markdown.splitlines() if line.startswith(f"| {run['backbone']} | {run['variant']} |")
+        )
+        assert median in row and f"| {final['used']:,} |" in row
+        assert f"| {final['unique']['0.025']:,} |" in row
+    assert "Quick mode" in markdown and results["command"] in markdown
+    for name in ("unique_vs_step", "eps_curve"):
+        assert (output / "figures" / f"frozen_head_{name}.png").stat().st_size > 10_000
