@@ -9,21 +9,19 @@ statistics, plot) -> :func:`push_folder` (``create_repo`` + ``upload_folder``).
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Any
 
+from .backbone_export import export_backbone
 from .modeling_koleo_dino import KoLeoDinoForPreTraining
 from .prototypes import prototype_report
+from .training.checkpoint import list_checkpoints
 
 logger = logging.getLogger(__name__)
 
-# The stock image processor each backbone type pairs with on the Hub.
-PROCESSOR_TYPES = {"dinov2": "BitImageProcessor", "vit": "ViTImageProcessor"}
 PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 REMOTE_CODE_FILES = ("configuration_koleo_dino.py", "modeling_koleo_dino.py", "losses.py")
 RUN_ARGUMENTS_FILE = "run_arguments.json"
@@ -47,33 +45,8 @@ DEFAULT_HUB_TIMEOUT = 60.0
 
 def _is_latest_checkpoint(checkpoint: Path) -> bool:
     """Whether ``checkpoint`` is the newest complete checkpoint of its run (whose final report it matches)."""
-    from .training.checkpoint import list_checkpoints
-
     checkpoints = list_checkpoints(checkpoint.parent.parent)
     return bool(checkpoints) and checkpoints[-1].resolve() == checkpoint.resolve()
-
-
-def build_image_processor(model_type: str, image_size: int, image_mean, image_std):
-    """The stock processor for ``model_type``: resize the short side, centre-crop, normalise."""
-    import transformers
-
-    name = PROCESSOR_TYPES[model_type]
-    # Without torchvision, transformers 5 serves the PIL backend of the same processor.
-    if importlib.util.find_spec("torchvision") is None:
-        name = f"{name}Pil"
-    processor_class = getattr(transformers, name)
-    settings: dict[str, Any] = dict(
-        do_resize=True, do_normalize=True, image_mean=list(image_mean), image_std=list(image_std), do_convert_rgb=True
-    )
-    if model_type == "vit":  # ViTImageProcessor resizes to a fixed size
-        settings["size"] = {"height": image_size, "width": image_size}
-    else:
-        settings.update(
-            size={"shortest_edge": image_size},
-            do_center_crop=True,
-            crop_size={"height": image_size, "width": image_size},
-        )
-    return processor_class(**settings)
 
 
 def check_weight_files(path: str | os.PathLike, allow_pickle: bool = False) -> bool:
@@ -102,23 +75,6 @@ def load_pretraining_model(path: str | os.PathLike, allow_pickle: bool = False) 
     """Load a pretraining checkpoint from safetensors; a pickle-only checkpoint needs ``allow_pickle``."""
     has_safetensors = check_weight_files(path, allow_pickle)
     return KoLeoDinoForPreTraining.from_pretrained(Path(path), use_safetensors=has_safetensors)
-
-
-def export_backbone(
-    model: KoLeoDinoForPreTraining,
-    output_dir: str | os.PathLike,
-    image_size: int,
-    image_mean=(0.485, 0.456, 0.406),
-    image_std=(0.229, 0.224, 0.225),
-) -> Path:
-    """Write the teacher backbone as a stock ``Dinov2Model`` / ``ViTModel`` plus its image processor."""
-    output_dir = Path(output_dir)
-    backbone = model.teacher.backbone
-    backbone.config.architectures = [type(backbone).__name__]
-    backbone.save_pretrained(output_dir, safe_serialization=True)
-    build_image_processor(backbone.config.model_type, image_size, image_mean, image_std).save_pretrained(output_dir)
-    logger.info("exported the teacher backbone to %s", output_dir)
-    return output_dir
 
 
 def export_pretraining_model(model: KoLeoDinoForPreTraining, output_dir: str | os.PathLike) -> Path:

@@ -224,11 +224,16 @@ class KoLeoDinoForPreTraining(KoLeoDinoPreTrainedModel):
             config.norm_last_layer,
         )
 
-    def _branch_modules(self, branch: str) -> nn.ModuleList:
-        modules = [getattr(self, branch), getattr(self, f"{branch}_head")]
-        if getattr(self, f"{branch}_patch_head") is not None:
-            modules.append(getattr(self, f"{branch}_patch_head"))
-        return nn.ModuleList(modules)
+    def branch(self, name: str) -> tuple[KoLeoDinoModel, DINOHead, DINOHead | None]:
+        """``(backbone, head, separate patch head or None)`` of the ``"student"`` or the ``"teacher"``."""
+        if name == "student":
+            return self.student, self.student_head, self.student_patch_head
+        if name == "teacher":
+            return self.teacher, self.teacher_head, self.teacher_patch_head
+        raise ValueError(f"branch must be 'student' or 'teacher', got {name!r}")
+
+    def _branch_modules(self, name: str) -> nn.ModuleList:
+        return nn.ModuleList([module for module in self.branch(name) if module is not None])
 
     def post_init(self) -> None:
         super().post_init()
@@ -257,15 +262,13 @@ class KoLeoDinoForPreTraining(KoLeoDinoPreTrainedModel):
 
     def prototype_heads(self, branch: str = "teacher") -> dict[str, DINOHead]:
         """``{"cls": head}`` plus ``"patch"`` when the patch head is separate."""
-        heads = {"cls": getattr(self, f"{branch}_head")}
-        if getattr(self, f"{branch}_patch_head") is not None:
-            heads["patch"] = getattr(self, f"{branch}_patch_head")
-        return heads
+        _, head, patch_head = self.branch(branch)
+        return {"cls": head} if patch_head is None else {"cls": head, "patch": patch_head}
 
     @torch.no_grad()
     def head_embeddings(self, pixel_values: torch.Tensor, branch: str = "teacher") -> torch.Tensor:
         """``(n, C, H, W) -> (n, head_bottleneck_size)`` normalised CLS embeddings in prototype space."""
-        backbone, head = getattr(self, branch), getattr(self, f"{branch}_head")
+        backbone, head, _ = self.branch(branch)
         return head.embed(backbone(pixel_values).pooler_output)
 
     def _teacher_probs(
@@ -288,8 +291,8 @@ class KoLeoDinoForPreTraining(KoLeoDinoPreTrainedModel):
 
     def patch_head(self, branch: str = "teacher") -> DINOHead:
         """The head of the iBOT patch tokens: the separate patch head, or the shared DINO head."""
-        separate = getattr(self, f"{branch}_patch_head")
-        return getattr(self, f"{branch}_head") if separate is None else separate
+        _, head, patch_head = self.branch(branch)
+        return head if patch_head is None else patch_head
 
     def _check_inputs(self, global_crops, local_crops, masks) -> None:
         if global_crops.dim() != 5:

@@ -260,3 +260,26 @@ def prototype_report(
                 model.config.student_temperature,
             )
     return report
+
+
+@torch.no_grad()
+def prototype_metrics(model, assignment_counts: torch.Tensor, eps_values) -> dict[str, Any]:
+    """Scalars for the trackers: unique prototypes per eps, NN-distance quantiles, utilisation.
+
+    Args:
+        model: a :class:`KoLeoDinoForPreTraining`.
+        assignment_counts: ``(K,)`` teacher CLS arg-max counts since the last call.
+    """
+    metrics: dict[str, Any] = {}
+    for branch in ("teacher", "student"):
+        for head_name, head in model.prototype_heads(branch).items():
+            prefix = f"prototypes/{branch}_{head_name}"
+            for eps, count in unique_prototype_curve(head.prototypes, eps_values).items():
+                metrics[f"{prefix}/unique@{eps:g}"] = count
+            quantiles = distance_quantiles(nearest_neighbour_distances(head.prototypes), (0.01, 0.5))
+            metrics.update({f"{prefix}/nn_distance_{key}": value for key, value in quantiles.items()})
+    usage = utilisation(
+        torch.repeat_interleave(torch.arange(len(assignment_counts)), assignment_counts.cpu()), len(assignment_counts)
+    )
+    metrics.update({f"prototypes/teacher_cls/{key}": value for key, value in usage.items()})
+    return metrics

@@ -13,6 +13,7 @@ from test_cli import run_script
 from transformers import Dinov2Config, Dinov2Model
 
 import hf_koleo.evaluation.features as features_module
+from hf_koleo.backbone_export import build_image_processor
 from hf_koleo.evaluation import (
     FeatureSet,
     check_result_path,
@@ -25,7 +26,6 @@ from hf_koleo.evaluation import (
     linear_protocol,
     weighted_knn_predict,
 )
-from hf_koleo.hub import build_image_processor
 
 ROOT = Path(__file__).resolve().parents[1]
 

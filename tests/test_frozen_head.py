@@ -17,8 +17,8 @@ from experiments.frozen_head import (
     init_state,
     run_frozen_head,
 )
+from hf_koleo.backbone_export import build_image_processor
 from hf_koleo.data.counter_rng import sample_keys
-from hf_koleo.hub import build_image_processor
 from hf_koleo.prototypes import nearest_neighbour_distances
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "frozen_head_study.py"

@@ -8,9 +8,9 @@ from hf_koleo import KoLeoDinoForPreTraining
 from hf_koleo.training.arguments import parse_pretraining_args
 from hf_koleo.training.checkpoint import TrainerState
 from hf_koleo.training.host_sync import HostSyncRecorder
+from hf_koleo.training.optimization import apply_schedules, build_optimizer, schedule_values
 from hf_koleo.training.pipeline import DataPipeline
-from hf_koleo.training.steps import NonFiniteGuard, apply_schedules, build_optimizer, schedule_values
-from hf_koleo.training.trainer import train_step
+from hf_koleo.training.trainer import NonFiniteGuard, train_step
 
 
 def test_the_recorder_sees_host_reads_and_host_to_device_copies():

@@ -13,7 +13,7 @@ from transformers import AutoImageProcessor, AutoModel
 from hf_koleo import KoLeoDinoForPreTraining
 from hf_koleo.training.arguments import parse_pretraining_args
 from hf_koleo.training.checkpoint import list_checkpoints
-from hf_koleo.training.schedules import cosine_schedule, linear_warmup
+from hf_koleo.training.optimization import cosine_schedule, linear_warmup
 from hf_koleo.training.trainer import NonFiniteLossError, pretrain
 
 ROOT = Path(__file__).resolve().parents[1]

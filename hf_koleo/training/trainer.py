@@ -15,25 +15,23 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
+from ..backbone_export import build_image_processor, export_backbone
 from ..configuration_koleo_dino import KoLeoDinoConfig
-from ..hub import build_image_processor, export_backbone
 from ..modeling_koleo_dino import KoLeoDinoForPreTraining
-from ..prototypes import prototype_report
+from ..prototypes import prototype_metrics, prototype_report
 from .arguments import PretrainingArguments
 from .checkpoint import TrainerState, list_checkpoints, load_resume_checkpoint, save_checkpoint
 from .launch import needs_cpu_backend
 from .lock import locks_output_dir
-from .pipeline import DataPipeline
-from .steps import (
-    NonFiniteGuard,
+from .optimization import (
     ScheduleValues,
     apply_schedules,
     build_optimizer,
     cancel_last_layer_gradients,
-    prototype_metrics,
     schedule_values,
     skip_update_if,
 )
+from .pipeline import DataPipeline
 
 logger = logging.getLogger(__name__)
 LOSS_TERMS = ("loss", "dino_loss", "ibot_loss", "koleo_proto_loss", "koleo_loss", "teacher_entropy")
@@ -41,6 +39,43 @@ LOSS_TERMS = ("loss", "dino_loss", "ibot_loss", "koleo_proto_loss", "koleo_loss"
 
 class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or infinite; a diagnostic checkpoint was saved first."""
+
+
+class NonFiniteGuard:
+    """Counts non-finite steps on the device and keeps the first offending batch; read only when logging."""
+
+    def __init__(self) -> None:
+        self.count: torch.Tensor | None = None
+        self.first_step: torch.Tensor | None = None
+        self.gradient_norm: torch.Tensor | None = None
+        self.batch: dict[str, torch.Tensor] = {}
+
+    def observe(self, step: int, loss: torch.Tensor, gradient_norm: torch.Tensor | None, batch: dict) -> None:
+        bad = ~torch.isfinite(loss.detach())
+        if gradient_norm is not None:
+            bad = bad | ~torch.isfinite(gradient_norm)
+            self.gradient_norm = gradient_norm.detach()
+        if self.count is None:
+            self.count = torch.zeros((), dtype=torch.long, device=loss.device)
+            self.first_step = torch.full((), -1, dtype=torch.long, device=loss.device)
+            self.gradient_norm = torch.zeros((), device=loss.device) if gradient_norm is None else self.gradient_norm
+        first = bad & (self.count == 0)
+        self.count += bad.long()
+        self.first_step = torch.where(first, step, self.first_step)
+        for key, value in batch.items():
+            if not torch.is_tensor(value) or value.device != loss.device:
+                continue
+            kept = self.batch.get(key)
+            if kept is None:
+                kept = value.detach().clone()
+            elif kept.shape != value.shape:
+                continue  # a streamed batch shortened by undecodable records: not captured
+            self.batch[key] = torch.where(first, value.detach(), kept)
+
+    def first_step_everywhere(self, accelerator) -> int:
+        """The earliest non-finite step over all processes (a sync: call it only when stopping)."""
+        steps = accelerator.gather(torch.where(self.first_step >= 0, self.first_step, 2**62).reshape(1))
+        return int(steps.min())
 
 
 def _trackers(report_to: str) -> list[str] | None:
@@ -272,4 +307,4 @@ def _finish(
     return summary
 
 
-__all__ = ["NonFiniteLossError", "ScheduleValues", "pretrain", "train_step"]
+__all__ = ["NonFiniteGuard", "NonFiniteLossError", "ScheduleValues", "pretrain", "train_step"]

@@ -1,16 +1,37 @@
-"""Helpers the training loop calls once per step: optimiser groups, schedules, last layer, metrics."""
+"""Optimisation: AdamW parameter groups, the DINO schedules (lr, weight decay, teacher momentum and
+temperature) as pure functions of the step, and the two optimiser tricks of the step (skip an update
+on the device, freeze the last layer early)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
 from ..modeling_koleo_dino import KoLeoDinoForPreTraining
-from ..prototypes import distance_quantiles, nearest_neighbour_distances, unique_prototype_curve, utilisation
 from .arguments import PretrainingArguments
-from .schedules import cosine_schedule, linear_warmup
+
+
+def cosine_schedule(
+    step: int, total_steps: int, start: float, end: float, warmup_steps: int = 0, warmup_start: float = 0.0
+) -> float:
+    """Linear warm-up from ``warmup_start`` to ``start`` over ``warmup_steps``, then cosine to ``end``.
+
+    The cosine reaches ``end`` at ``total_steps - 1`` and stays there afterwards.
+    """
+    if step < warmup_steps:
+        return warmup_start + (start - warmup_start) * step / warmup_steps
+    decay_steps = max(1, total_steps - warmup_steps - 1)
+    progress = min(1.0, (step - warmup_steps) / decay_steps)
+    return end + 0.5 * (start - end) * (1 + math.cos(math.pi * progress))
+
+
+def linear_warmup(step: int, warmup_steps: int, start: float, end: float) -> float:
+    """``start`` to ``end`` linearly over ``warmup_steps``, then ``end`` (teacher temperature)."""
+    if step >= warmup_steps:
+        return end
+    return start + (end - start) * step / warmup_steps
 
 
 @dataclass
@@ -46,43 +67,6 @@ def skip_update_if(accelerator, optimizer, skip: torch.Tensor) -> None:
     if accelerator.scaler is None:
         inner = getattr(optimizer, "optimizer", optimizer)
         inner.found_inf = skip.float().reshape(())
-
-
-class NonFiniteGuard:
-    """Counts non-finite steps on the device and keeps the first offending batch; read only when logging."""
-
-    def __init__(self) -> None:
-        self.count: torch.Tensor | None = None
-        self.first_step: torch.Tensor | None = None
-        self.gradient_norm: torch.Tensor | None = None
-        self.batch: dict[str, torch.Tensor] = {}
-
-    def observe(self, step: int, loss: torch.Tensor, gradient_norm: torch.Tensor | None, batch: dict) -> None:
-        bad = ~torch.isfinite(loss.detach())
-        if gradient_norm is not None:
-            bad = bad | ~torch.isfinite(gradient_norm)
-            self.gradient_norm = gradient_norm.detach()
-        if self.count is None:
-            self.count = torch.zeros((), dtype=torch.long, device=loss.device)
-            self.first_step = torch.full((), -1, dtype=torch.long, device=loss.device)
-            self.gradient_norm = torch.zeros((), device=loss.device) if gradient_norm is None else self.gradient_norm
-        first = bad & (self.count == 0)
-        self.count += bad.long()
-        self.first_step = torch.where(first, step, self.first_step)
-        for key, value in batch.items():
-            if not torch.is_tensor(value) or value.device != loss.device:
-                continue
-            kept = self.batch.get(key)
-            if kept is None:
-                kept = value.detach().clone()
-            elif kept.shape != value.shape:
-                continue  # a streamed batch shortened by undecodable records: not captured
-            self.batch[key] = torch.where(first, value.detach(), kept)
-
-    def first_step_everywhere(self, accelerator) -> int:
-        """The earliest non-finite step over all processes (a sync: call it only when stopping)."""
-        steps = accelerator.gather(torch.where(self.first_step >= 0, self.first_step, 2**62).reshape(1))
-        return int(steps.min())
 
 
 def epochs_to_steps(epochs: float, steps_per_epoch: float, name: str) -> int:
@@ -128,21 +112,3 @@ def cancel_last_layer_gradients(model: KoLeoDinoForPreTraining) -> None:
     for head in model.prototype_heads("student").values():
         head.prototypes.grad = None
         head.prototype_scale.grad = None
-
-
-@torch.no_grad()
-def prototype_metrics(model: KoLeoDinoForPreTraining, assignment_counts: torch.Tensor, eps_values) -> dict[str, Any]:
-    """Scalars for the trackers: unique prototypes per eps, NN-distance quantiles, utilisation."""
-    metrics: dict[str, Any] = {}
-    for branch in ("teacher", "student"):
-        for head_name, head in model.prototype_heads(branch).items():
-            prefix = f"prototypes/{branch}_{head_name}"
-            for eps, count in unique_prototype_curve(head.prototypes, eps_values).items():
-                metrics[f"{prefix}/unique@{eps:g}"] = count
-            quantiles = distance_quantiles(nearest_neighbour_distances(head.prototypes), (0.01, 0.5))
-            metrics.update({f"{prefix}/nn_distance_{key}": value for key, value in quantiles.items()})
-    usage = utilisation(
-        torch.repeat_interleave(torch.arange(len(assignment_counts)), assignment_counts.cpu()), len(assignment_counts)
-    )
-    metrics.update({f"prototypes/teacher_cls/{key}": value for key, value in usage.items()})
-    return metrics

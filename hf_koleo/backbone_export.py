@@ -1,0 +1,60 @@
+"""The stock backbone a pretraining model hands over: the teacher as ``Dinov2Model`` / ``ViTModel`` + image processor.
+
+Used by the trainer at the end of a run and by :mod:`hf_koleo.hub` for exports and pushes; it sits
+below both so neither imports the other.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from .modeling_koleo_dino import KoLeoDinoForPreTraining
+
+logger = logging.getLogger(__name__)
+
+# The stock image processor each backbone type pairs with on the Hub.
+PROCESSOR_TYPES = {"dinov2": "BitImageProcessor", "vit": "ViTImageProcessor"}
+
+
+def build_image_processor(model_type: str, image_size: int, image_mean, image_std):
+    """The stock processor for ``model_type``: resize the short side, centre-crop, normalise."""
+    import transformers
+
+    name = PROCESSOR_TYPES[model_type]
+    # Without torchvision, transformers 5 serves the PIL backend of the same processor.
+    if importlib.util.find_spec("torchvision") is None:
+        name = f"{name}Pil"
+    processor_class = getattr(transformers, name)
+    settings: dict[str, Any] = dict(
+        do_resize=True, do_normalize=True, image_mean=list(image_mean), image_std=list(image_std), do_convert_rgb=True
+    )
+    if model_type == "vit":  # ViTImageProcessor resizes to a fixed size
+        settings["size"] = {"height": image_size, "width": image_size}
+    else:
+        settings.update(
+            size={"shortest_edge": image_size},
+            do_center_crop=True,
+            crop_size={"height": image_size, "width": image_size},
+        )
+    return processor_class(**settings)
+
+
+def export_backbone(
+    model: KoLeoDinoForPreTraining,
+    output_dir: str | os.PathLike,
+    image_size: int,
+    image_mean=(0.485, 0.456, 0.406),
+    image_std=(0.229, 0.224, 0.225),
+) -> Path:
+    """Write the teacher backbone as a stock ``Dinov2Model`` / ``ViTModel`` plus its image processor."""
+    output_dir = Path(output_dir)
+    backbone = model.teacher.backbone
+    backbone.config.architectures = [type(backbone).__name__]
+    backbone.save_pretrained(output_dir, safe_serialization=True)
+    build_image_processor(backbone.config.model_type, image_size, image_mean, image_std).save_pretrained(output_dir)
+    logger.info("exported the teacher backbone to %s", output_dir)
+    return output_dir
