@@ -9,6 +9,7 @@ rejected with the list of valid ones.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import math
 from dataclasses import dataclass, field
@@ -228,13 +229,25 @@ def parse_pretraining_args(argv: list[str]) -> tuple[PretrainingArguments, KoLeo
         if index + 1 == len(argv) or argv[index + 1].startswith("--"):
             argv.insert(index + 1, "latest")
     settings = load_config_file(config_path) if config_path is not None else {}
+    return arguments_from_settings(settings, argv, source=f"config file {config_path}" if config_path else "settings")
+
+
+def arguments_from_settings(
+    settings: dict[str, Any], argv: list[str] | tuple[str, ...] = (), source: str = "settings"
+) -> tuple[PretrainingArguments, KoLeoDinoConfig]:
+    """Run arguments and model config from a mapping (what a YAML config holds) plus CLI-style overrides.
+
+    The one path from a dict to a run, shared by the command line, the study and the tests: run keys
+    at the top level, :class:`KoLeoDinoConfig` keys under ``model``; ``argv`` may hold ``--key value``
+    and ``--model.key value`` overrides. Unknown keys and bad values raise ``ValueError``.
+    """
+    settings = dict(settings)
     model_settings = settings.pop("model", None) or {}
     if not isinstance(model_settings, dict):
-        raise ValueError(
-            f"config file {config_path}: model must be a mapping of KoLeoDinoConfig keys, got {model_settings!r}"
-        )
-    model_settings = dict(model_settings)
+        raise ValueError(f"{source}: model must be a mapping of KoLeoDinoConfig keys, got {model_settings!r}")
+    model_settings = copy.deepcopy(model_settings)
     run_argv = _to_argv(settings)
+    argv = list(argv)
     index = 0
     while index < len(argv):
         token = argv[index]
