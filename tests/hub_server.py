@@ -1,6 +1,11 @@
 """A small Hub-compatible HTTP server on loopback: the endpoints huggingface_hub uses to create a
 repo, upload a folder (regular, non-LFS files) and download files, so tests can push and
-``from_pretrained`` through the real client with ``HF_ENDPOINT`` pointing here."""
+``from_pretrained`` through the real client with ``HF_ENDPOINT`` pointing here.
+
+Dataset repositories (:func:`add_dataset`) answer what ``datasets.load_dataset(id, streaming=True)``
+asks: the repo info, its tree, paths-info and ranged file downloads. ``HubState.cut_downloads``
+makes the next downloads of ``HubState.cut_suffix`` files close the socket half way through.
+"""
 
 from __future__ import annotations
 
@@ -8,14 +13,18 @@ import base64
 import hashlib
 import json
 import re
+import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import unquote, urlparse
+from urllib.parse import parse_qs, unquote, urlparse
 
 
 class HubState:
     def __init__(self) -> None:
         self.repos: dict[str, dict] = {}  # repo_id -> {"private": bool, "branches": {name: {"files", "sha"}}}
+        self.datasets: dict[str, dict] = {}  # dataset repos, the same shape
+        self.cut_downloads = 0  # how many of the next file downloads drop the connection half way
+        self.cut_suffix = ".parquet"
         self.requests: list[tuple[str, str, str | None]] = []  # (method, path, authorization)
         self.lock = threading.Lock()
 
@@ -50,8 +59,8 @@ class HubHandler(BaseHTTPRequestHandler):
     def _body(self) -> bytes:
         return self.rfile.read(int(self.headers.get("Content-Length", 0)))
 
-    def _repo(self, repo_id: str):
-        repo = self.state.repos.get(repo_id)
+    def _repo(self, repo_id: str, kind: str = "models"):
+        repo = (self.state.datasets if kind == "datasets" else self.state.repos).get(repo_id)
         if repo is None or (repo["private"] and not self.headers.get("Authorization")):
             self._error(404 if repo is None else 401, "RepoNotFound", f"Repository {repo_id} not found")
             return None
@@ -95,6 +104,20 @@ class HubHandler(BaseHTTPRequestHandler):
         match = re.fullmatch(r"/api/models/([^/]+/[^/]+)(?:/revision/(.+))?", path)
         if match and self.command == "GET":
             return self._model_info(match.group(1), match.group(2) or "main")
+        match = re.fullmatch(r"/api/datasets/([^/]+/[^/]+)(?:/revision/([^/]+))?", path)
+        if match and self.command == "GET":
+            return self._model_info(match.group(1), match.group(2) or "main", "datasets")
+        match = re.fullmatch(r"/api/datasets/([^/]+/[^/]+)/tree/([^/]+)(?:/(.*))?", path)
+        if match and self.command == "GET":
+            recursive = parse_qs(urlparse(self.path).query).get("recursive", [""])[0].lower() == "true"
+            return self._tree(match.group(1), match.group(2), match.group(3) or "", recursive)
+        match = re.fullmatch(r"/api/datasets/([^/]+/[^/]+)/paths-info/([^/]+)", path)
+        if match and self.command == "POST":
+            paths = parse_qs(self._body().decode()).get("paths", [])
+            return self._paths_info(match.group(1), match.group(2), paths)
+        match = re.fullmatch(r"/datasets/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)
+        if match and self.command in ("GET", "HEAD"):
+            return self._resolve(match.group(1), match.group(2), match.group(3), "datasets")
         match = re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)
         if match and self.command in ("GET", "HEAD"):
             return self._resolve(match.group(1), match.group(2), match.group(3))
@@ -160,9 +183,9 @@ class HubHandler(BaseHTTPRequestHandler):
             return repo["branches"][revision]
         return next((branch for branch in repo["branches"].values() if branch["sha"] == revision), None)
 
-    def _repo_branch(self, repo_id: str, revision: str) -> tuple[dict, dict] | None:
+    def _repo_branch(self, repo_id: str, revision: str, kind: str = "models") -> tuple[dict, dict] | None:
         """The repo and branch, or None after answering with the Hub's error."""
-        repo = self._repo(repo_id)
+        repo = self._repo(repo_id, kind)
         if repo is None:
             return None
         branch = self._branch(repo, revision)
@@ -171,8 +194,8 @@ class HubHandler(BaseHTTPRequestHandler):
             return None
         return repo, branch
 
-    def _model_info(self, repo_id: str, revision: str) -> None:
-        found = self._repo_branch(repo_id, revision)
+    def _model_info(self, repo_id: str, revision: str, kind: str = "models") -> None:
+        found = self._repo_branch(repo_id, revision, kind)
         if found is None:
             return
         repo, branch = found
@@ -187,16 +210,88 @@ class HubHandler(BaseHTTPRequestHandler):
             },
         )
 
-    def _resolve(self, repo_id: str, revision: str, filename: str) -> None:
-        found = self._repo_branch(repo_id, revision)
+    @staticmethod
+    def _entries(branch: dict, folder: str, recursive: bool) -> list[dict]:
+        """The tree API's entries under ``folder``: files, and the folders on the way."""
+        prefix = f"{folder.strip('/')}/" if folder.strip("/") else ""
+        entries: dict[str, dict] = {}
+        for name, payload in sorted(branch["files"].items()):
+            if not name.startswith(prefix):
+                continue
+            parts = name[len(prefix) :].split("/")
+            for depth in range(1, len(parts)):
+                if depth > 1 and not recursive:
+                    break
+                sub = prefix + "/".join(parts[:depth])
+                entries.setdefault(sub, {"type": "directory", "oid": _sha(sub.encode()), "path": sub})
+            if len(parts) == 1 or recursive:
+                entries[name] = {"type": "file", "oid": _sha(payload), "size": len(payload), "path": name}
+        return list(entries.values())
+
+    def _tree(self, repo_id: str, revision: str, folder: str, recursive: bool) -> None:
+        found = self._repo_branch(repo_id, revision, "datasets")
+        if found is None:
+            return
+        entries = self._entries(found[1], folder, recursive)
+        if folder and not entries:
+            return self._error(404, "EntryNotFound", f"{folder} does not exist")
+        self._json(200, entries)
+
+    def _paths_info(self, repo_id: str, revision: str, paths: list[str]) -> None:
+        found = self._repo_branch(repo_id, revision, "datasets")
+        if found is None:
+            return
+        entries = {entry["path"]: entry for entry in self._entries(found[1], "", recursive=True)}
+        self._json(200, [entries[path.strip("/")] for path in paths if path.strip("/") in entries])
+
+    def _resolve(self, repo_id: str, revision: str, filename: str, kind: str = "models") -> None:
+        found = self._repo_branch(repo_id, revision, kind)
         if found is None:
             return
         branch = found[1]
         if filename not in branch["files"]:
             return self._error(404, "EntryNotFound", f"{filename} does not exist")
         payload = branch["files"][filename]
-        headers = {"X-Repo-Commit": branch["sha"], "ETag": f'"{_sha(payload)}"'}
-        self._send(200, payload, headers, content_type="application/octet-stream")
+        headers = {"X-Repo-Commit": branch["sha"], "ETag": f'"{_sha(payload)}"', "Accept-Ranges": "bytes"}
+        status, body = 200, payload
+        ranged = re.fullmatch(r"bytes=(\d*)-(\d*)", self.headers.get("Range", ""))
+        if ranged:
+            start, end = ranged.groups()
+            first = int(start) if start else max(len(payload) - int(end), 0)
+            last = min(int(end) if start and end else len(payload) - 1, len(payload) - 1)
+            status, body = 206, payload[first : last + 1]
+            headers["Content-Range"] = f"bytes {first}-{last}/{len(payload)}"
+        if self.command == "GET" and filename.endswith(self.state.cut_suffix) and self._take_cut():
+            return self._cut(status, body, headers)
+        self._send(status, body, headers, content_type="application/octet-stream")
+
+    def _take_cut(self) -> bool:
+        with self.state.lock:
+            if self.state.cut_downloads <= 0:
+                return False
+            self.state.cut_downloads -= 1
+            return True
+
+    def _cut(self, status: int, body: bytes, headers: dict) -> None:
+        """Promise the whole body, send half of it, close the socket: a connection dropped mid-download."""
+        self.send_response(status)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(len(body)))
+        for key, value in headers.items():
+            self.send_header(key, value)
+        self.end_headers()
+        self.wfile.write(body[: len(body) // 2])
+        self.wfile.flush()
+        self.close_connection = True
+        self.connection.shutdown(socket.SHUT_RDWR)
+
+
+def add_dataset(state: HubState, repo_id: str, files: dict[str, bytes], private: bool = False) -> str:
+    """A dataset repository ``repo_id`` holding ``files`` (path in the repo -> bytes) on ``main``; its commit."""
+    sha = _sha(repr(sorted((name, _sha(payload)) for name, payload in files.items())).encode())
+    with state.lock:
+        state.datasets[repo_id] = {"private": private, "branches": {"main": {"files": dict(files), "sha": sha}}}
+    return sha
 
 
 def start_hub_server() -> tuple[ThreadingHTTPServer, HubState, str]:

@@ -6,7 +6,13 @@ from data_fixtures import write_fake_fashion_mnist, write_imagefolder, write_par
 from hf_koleo.data.decoded import load_decoded
 from hf_koleo.data.fashion_mnist import long_tailed_counts, prepare_fashion_mnist, read_idx
 from hf_koleo.data.images import decode_image
-from hf_koleo.data.sources import count_records, load_source, resolve_data_files
+from hf_koleo.data.sources import (
+    SourceConnectionError,
+    count_records,
+    guard_records,
+    load_source,
+    resolve_data_files,
+)
 from hf_koleo.data.stream import CanvasStream
 from hf_koleo.evaluation.features import extract_features
 
@@ -60,6 +66,19 @@ def test_a_truncated_png_in_a_webdataset_tar_is_skipped_and_counted(tmp_path, mo
 def test_hub_ids_resolve_to_a_streamed_hub_dataset():
     assert resolve_data_files("someone/some-images") == ("someone/some-images", {"split_override": None})
     assert resolve_data_files("someone/some-images:validation")[1] == {"split_override": "validation"}
+
+
+def test_only_transport_failures_while_reading_become_an_error_naming_the_source():
+    def records_then(error):
+        yield {"image": None}
+        raise error
+
+    dropped = ConnectionError("Server Disconnected")
+    dropped.__cause__ = OSError("peer closed connection")
+    with pytest.raises(SourceConnectionError, match=r"'a/b'.*\(HF_ENDPOINT\).*Server Disconnected: peer closed"):
+        list(guard_records(records_then(dropped), "a/b"))
+    with pytest.raises(ValueError, match="not a transport failure"):
+        list(guard_records(records_then(ValueError("not a transport failure")), "a/b"))
 
 
 @pytest.mark.parametrize("name", ["./missing_dir", "/no/such/path/here", "data/*.parquet"])

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 from data_fixtures import write_parquet, write_webdataset
+from test_hub_streaming import SMALL_RETRY_BUDGET, serve_dataset
+from test_hub_streaming import pretrain as pretrain_from_hub
 from test_training import ROOT, TINY_RUN, run, student_parameters
 
 from hf_koleo.training import trainer
@@ -157,6 +159,20 @@ def one_truncated_png_in_webdataset_shards_is_skipped_and_counted(fault: Fault):
     assert "image file is truncated" in fault.caplog.text or "undecodable" in fault.caplog.text
 
 
+def hub_dataset_whose_connection_keeps_dropping_stops_pretraining_with_one_line(fault: Fault):
+    server, state, endpoint = serve_dataset(fault.tmp_path, fault.monkeypatch)
+    try:
+        state.cut_downloads = 10**6  # every parquet download closes its socket half way
+        (fault.tmp_path / "budget.py").write_text(SMALL_RETRY_BUDGET)
+        result = pretrain_from_hub(fault.tmp_path / "run", wrapper=str(fault.tmp_path / "budget.py"), timeout=60)
+    finally:
+        server.shutdown()
+    assert result.returncode == 2, result.stderr[-3000:]
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith("pretrain.py: error: data source 'tester/tiny-images': the connection to the Hub at ")
+    assert f"{endpoint} (HF_ENDPOINT) kept failing" in error
+
+
 FAULTS = [
     checkpoints_race_when_another_rank_writes_late,
     disk_full_during_a_checkpoint_removes_the_partial_folder,
@@ -166,6 +182,7 @@ FAULTS = [
     lock_of_a_run_on_another_host_is_never_taken_over,
     run_that_fails_releases_its_lock,
     one_truncated_png_in_webdataset_shards_is_skipped_and_counted,
+    hub_dataset_whose_connection_keeps_dropping_stops_pretraining_with_one_line,
 ]
 
 

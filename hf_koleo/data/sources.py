@@ -13,13 +13,20 @@ Accepted names:
 
 Every source comes back with an ``image`` column left undecoded (``{"bytes", "path"}``; decoding
 happens later so a corrupt record is skipped, not fatal) and, where the source has one, ``label``.
+
+A Hub dataset is read through ``HF_ENDPOINT``; a dropped connection is retried by huggingface_hub
+(each request, with backoff) and ``datasets`` (each read, ``STREAMING_READ_MAX_RETRIES`` times).
+When those retries run out, opening (:func:`load_source`) or reading (:func:`guard_records`) the
+source raises :class:`SourceConnectionError`, naming the source and the endpoint.
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import re
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import datasets
@@ -35,6 +42,46 @@ EMBEDDED = {
 IMAGE_COLUMNS = ("image", "img", "jpg", "jpeg", "png", "webp", "pixel_values")
 LABEL_COLUMNS = ("label", "labels", "cls", "class", "fine_label")
 _FASHION_MNIST = re.compile(r"^fashion_mnist:(train|test)(?:_lt(\d+(?:\.\d+)?))?$")
+
+
+class SourceConnectionError(ConnectionError):
+    """A streamed data source could not be opened or read any further: the connection kept failing."""
+
+
+def _transport_failure(error: BaseException) -> bool:
+    """Whether ``error`` is the network failing (after the libraries' retries), not a bad request."""
+    from huggingface_hub.errors import HfHubHTTPError
+    from huggingface_hub.utils import httpx
+
+    if isinstance(error, HfHubHTTPError):
+        return error.response is not None and error.response.status_code >= 500
+    return isinstance(error, (ConnectionError, TimeoutError, httpx.TransportError))
+
+
+@contextlib.contextmanager
+def connection_errors_name_the_source(name: str) -> Iterator[None]:
+    """Re-raise a transport failure inside the block as a :class:`SourceConnectionError` naming ``name``."""
+    try:
+        yield
+    except SourceConnectionError:
+        raise
+    except Exception as error:
+        if not _transport_failure(error):
+            raise
+        cause = " ".join(str(error).split()) or type(error).__name__
+        if error.__cause__ is not None:  # datasets' "Server Disconnected" hides the transport's own message
+            cause = f"{cause}: {' '.join(str(error.__cause__).split())}"
+        raise SourceConnectionError(
+            f"data source {name!r}: the connection to the Hub at {datasets.config.HF_ENDPOINT} (HF_ENDPOINT) "
+            f"kept failing ({type(error).__name__}: {cause}) after huggingface_hub's and datasets' retries; "
+            "check the network or HF_ENDPOINT, then continue with --resume"
+        ) from error
+
+
+def guard_records(records: Iterable[dict], name: str) -> Iterator[dict]:
+    """``records`` of the source ``name``, a transport failure raised as :class:`SourceConnectionError`."""
+    with connection_errors_name_the_source(name):
+        yield from records
 
 
 def cache_dir() -> Path:
@@ -138,7 +185,8 @@ def load_source(name: str, split: str = "train", streaming: bool = True) -> data
     split = kwargs.pop("split_override", None) or split
     if builder in ("parquet", "webdataset", "imagefolder"):
         split = "train"  # local files always load as one "train" split
-    dataset = datasets.load_dataset(builder, split=split, streaming=streaming, **kwargs)
+    with connection_errors_name_the_source(name):
+        dataset = datasets.load_dataset(builder, split=split, streaming=streaming, **kwargs)
     return standardise_columns(dataset, name)
 
 

@@ -29,6 +29,7 @@ from datasets.distributed import split_dataset_by_node
 
 from .counter_rng import MASK32
 from .decoded import decode_record
+from .sources import guard_records
 
 logger = logging.getLogger(__name__)
 
@@ -128,7 +129,7 @@ class CanvasStream(torch.utils.data.IterableDataset):
         while True:
             records: list[dict] = []
             n_batches = 0
-            stream = _records(source)
+            stream = guard_records(_records(source), self.name)  # a lost Hub connection names the source
             if self.shuffle_buffer > 1:
                 stream = buffer_shuffle(
                     stream, self.shuffle_buffer, np.random.default_rng([self.seed, epoch, worker_id])
