@@ -25,7 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .images import decode_image
-from .sources import cache_dir, load_source, resolve_data_files
+from .sources import cache_dir, guard_records, load_source, resolve_data_files
 
 logger = logging.getLogger(__name__)
 
@@ -145,7 +145,7 @@ def load_decoded(name: str, size: int, use_cache: bool = True) -> DecodedImages:
             return DecodedImages(tensors["images"], tensors["extents"], tensors["labels"], metadata["n_corrupt"])
         except (OSError, ValueError, KeyError, SafetensorError) as error:  # a damaged cache is rebuilt, not fatal
             logger.warning("decoded cache %s is unreadable (%s): decoding %r again", path, error, name)
-    decoded = decode_records(load_source(name), size, name)
+    decoded = decode_records(guard_records(load_source(name), name), size, name)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         staging = path.with_name(f".{path.name}.tmp-{os.getpid()}")
