@@ -1,5 +1,12 @@
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+
+# ``experiments/`` is not installed with the package; plain ``pytest`` (unlike ``python -m pytest``) leaves
+# the checkout off sys.path.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hf_koleo import KoLeoDinoConfig
 

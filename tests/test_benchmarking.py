@@ -1,7 +1,10 @@
 from data_fixtures import write_parquet
 from test_training import ROOT, TINY_RUN
 
+from experiments.koleo_reference import dinov2_koleo_loss
 from hf_koleo.benchmarking import (
+    KOLEO_IMPLEMENTATIONS,
+    koleo_implementation,
     measure_data_pipeline,
     measure_koleo_proto,
     render_benchmarks_markdown,
@@ -12,6 +15,12 @@ from hf_koleo.benchmarking import (
 def test_koleo_benchmark_runs_at_tiny_size():
     result = measure_koleo_proto("blocked", num_prototypes=64, dim=8, repeats=2, threads=1)
     assert result["seconds_median"] > 0 and result["peak_extra_mib"] >= 0 and "error" not in result
+
+
+def test_koleo_benchmark_times_the_dinov2_algorithm_from_experiments():
+    assert koleo_implementation("dense") is dinov2_koleo_loss
+    result = measure_koleo_proto("dense", num_prototypes=64, dim=8, repeats=2, threads=1)
+    assert "error" not in result and result["seconds_median"] > 0
 
 
 def test_dense_koleo_is_not_attempted_when_it_cannot_fit():
@@ -37,3 +46,5 @@ def test_whole_suite_runs_at_tiny_sizes_and_renders_markdown():
     )
     markdown = render_benchmarks_markdown(results, "python scripts/benchmark.py all")
     assert "| 32 |" in markdown and "lightly" in markdown and results["step"][0]["speedup_median"] > 0
+    koleo = {row["implementation"]: row["seconds_median"] for row in results["koleo"]}
+    assert KOLEO_IMPLEMENTATIONS["dense"] in markdown and f"| {koleo['blocked'] / koleo['dense']:.2f} |" in markdown
