@@ -44,7 +44,10 @@ def main() -> None:
     parser.add_argument("--data", help="data source (default fashion_mnist:train; demo with --quick)")
     parser.add_argument("--seeds", default=None, help="comma-separated seeds (default 0,1; 0 with --quick)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: the whole pipeline in seconds")
+    parser.add_argument("--threads", type=int, help="torch threads (1 is fastest on a CPU other jobs share)")
     arguments = parser.parse_args()
+    if arguments.threads:
+        torch.set_num_threads(arguments.threads)
     if not Path(arguments.backbone).is_dir():
         raise FileNotFoundError(
             f"--backbone {arguments.backbone!r} is not a folder (export one with scripts/pretrain.py)"
