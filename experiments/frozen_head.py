@@ -569,6 +569,8 @@ def render_markdown(results: dict[str, Any], figure_prefix: str = "figures/froze
             f"{head['student_temperature']:g} / {head['teacher_temperature']:g} | {head['centre_momentum']:g} / "
             f"{head['teacher_momentum']:g} | {head['eval_images']:,} | {backbone['setup_seconds']:.0f} |"
         )
+    if results.get("backbone_origin"):
+        lines += ["", f"The trained backbone came from: {results['backbone_origin']}."]
     lines += [
         "",
         "Variants: "
@@ -615,8 +617,50 @@ def render_markdown(results: dict[str, Any], figure_prefix: str = "figures/froze
         "## What the numbers say",
         "",
         *reading(summary),
+        *comparison(summary),
+        "",
+        "## Against the paper and the issue's first measurement",
+        "",
+        ISSUE_CONTEXT,
     ]
     return "\n".join(lines) + "\n"
+
+
+ISSUE_CONTEXT = (
+    "Issue 11's first measurement (K = 4,096, batch 256, lr 5e-4, 3,000 steps, one seed) found unique@0.025 at "
+    "4,096 until step ~1,200, then 1,165 (28 %) at step 3,000 with 412 prototypes used, and 4,096 of 4,096 with "
+    "KoLeo-proto 0.1 (293 used). The full study here changes K, batch and lr to fit its CPU budget (see Setup), so "
+    "compare fractions of K and the shape of the curves rather than step numbers. The backbone is frozen, so any "
+    "merging is the head's own doing: the paper's mechanism (the DINO loss is met by moving prototypes, so "
+    "nothing stops them from coinciding) in isolation. It says nothing about end-to-end pretraining, kNN or "
+    "linear accuracy, or long-tailed data (the other deliverables of issue 11)."
+)
+
+
+def comparison(summary: list[dict[str, Any]]) -> list[str]:
+    """Baseline against KoLeo-proto per backbone: unique fraction, arg-max use and marginal perplexity."""
+    rows = {(row["backbone"], row["variant"]): row for row in summary}
+    sentences = []
+    for backbone in dict.fromkeys(row["backbone"] for row in summary):
+        baseline, koleo = rows.get((backbone, "baseline")), rows.get((backbone, "koleo_proto"))
+        if baseline is None or koleo is None:
+            continue
+
+        def mean(values: list[float]) -> float:
+            return sum(values) / len(values)
+
+        num_prototypes = baseline["num_prototypes"]
+        sentences.append(
+            f"- **{backbone}, baseline vs KoLeo-proto**: unique@0.025 "
+            f"{100 * mean(baseline['unique']['0.025']) / num_prototypes:.1f} % vs "
+            f"{100 * mean(koleo['unique']['0.025']) / num_prototypes:.1f} % of K, unique@0.1 "
+            f"{100 * mean(baseline['unique']['0.1']) / num_prototypes:.1f} % vs "
+            f"{100 * mean(koleo['unique']['0.1']) / num_prototypes:.1f} %; median nearest-neighbour distance "
+            f"{mean(baseline['nn_distance_median']):.3f} vs {mean(koleo['nn_distance_median']):.3f}; prototypes "
+            f"used {mean(baseline['used']):,.0f} vs {mean(koleo['used']):,.0f}; marginal perplexity "
+            f"{mean(baseline['marginal_perplexity']):,.0f} vs {mean(koleo['marginal_perplexity']):,.0f}."
+        )
+    return sentences
 
 
 def reading(summary: list[dict[str, Any]]) -> list[str]:
@@ -643,7 +687,7 @@ def reading(summary: list[dict[str, Any]]) -> list[str]:
 
 
 def plot_study(results: dict[str, Any], figure_prefix: str | Path) -> list[Path]:
-    """Two figures: unique (eps 0.025 and 0.1) and used prototypes vs step; unique vs eps at the end."""
+    """Two figures: unique (eps 0.025, 0.1), used prototypes and NN distances vs step; unique vs eps at the end."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -654,7 +698,7 @@ def plot_study(results: dict[str, Any], figure_prefix: str | Path) -> list[Path]
     backbones = list(results["backbones"])
     paths = [Path(f"{figure_prefix}_unique_vs_step.png"), Path(f"{figure_prefix}_eps_curve.png")]
     paths[0].parent.mkdir(parents=True, exist_ok=True)
-    figure, axes = plt.subplots(2, len(backbones), figsize=(6 * len(backbones), 7), squeeze=False)
+    figure, axes = plt.subplots(3, len(backbones), figsize=(6 * len(backbones), 10), squeeze=False)
     eps_figure, eps_axes = plt.subplots(1, len(backbones), figsize=(6 * len(backbones), 3.8), squeeze=False)
     for column, backbone in enumerate(backbones):
         num_prototypes = results["backbones"][backbone]["head"]["num_prototypes"]
@@ -671,6 +715,12 @@ def plot_study(results: dict[str, Any], figure_prefix: str | Path) -> list[Path]
                         steps, values, style, color=colour, alpha=0.8, label=f"{label} (eps {eps})" if label else None
                     )
                 axes[1, column].plot(steps, [row["used"] for row in run["history"]], color=colour, label=label)
+                for quantile, style in (("q0.5", "-"), ("q0", ":")):
+                    values = [row["nn_distance"][quantile] for row in run["history"]]
+                    name = {"q0.5": "median", "q0": "min"}[quantile]
+                    axes[2, column].plot(
+                        steps, values, style, color=colour, label=f"{label} ({name})" if label else None
+                    )
                 curve = run["final_eps_curve"]
                 eps_axes[0, column].plot(
                     [float(eps) for eps in curve], list(curve.values()), "o-", color=colour, label=label, markersize=3
@@ -682,6 +732,11 @@ def plot_study(results: dict[str, Any], figure_prefix: str | Path) -> list[Path]
             ylim=(0, num_prototypes * 1.05),
         )
         axes[1, column].set(title=f"{backbone}: prototypes used (teacher arg-max)", xlabel="step", ylabel="used")
+        axes[2, column].set(
+            title=f"{backbone}: nearest-neighbour distance between prototypes",
+            xlabel="step",
+            ylabel="Euclidean distance (unit prototypes)",
+        )
         eps_axes[0, column].set(
             title=f"{backbone}: end of training",
             xscale="log",
@@ -689,7 +744,7 @@ def plot_study(results: dict[str, Any], figure_prefix: str | Path) -> list[Path]
             ylabel="unique teacher prototypes",
             ylim=(0, num_prototypes * 1.05),
         )
-        for axis in (axes[0, column], axes[1, column], eps_axes[0, column]):
+        for axis in (*axes[:, column], eps_axes[0, column]):
             axis.legend(fontsize=8)
             axis.grid(alpha=0.3)
     for fig, path in ((figure, paths[0]), (eps_figure, paths[1])):

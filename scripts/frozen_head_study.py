@@ -2,6 +2,7 @@
 
 python scripts/frozen_head_study.py --backbone /tmp/demo/backbone    # docs/frozen_head.md (~40 min on 2 CPU cores)
 python scripts/frozen_head_study.py --quick --backbone DIR --output_dir /tmp/fh   # the same pipeline in seconds
+python scripts/frozen_head_study.py --from_json docs/frozen_head.json              # re-render docs/frozen_head.md
 
 The backbone is any folder ``AutoModel.from_pretrained`` loads with an image processor, e.g. the
 ``backbone`` folder ``scripts/pretrain.py --config configs/demo.yaml`` exports.
@@ -35,9 +36,7 @@ def machine() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument(
-        "--backbone", required=True, help="a folder AutoModel.from_pretrained loads (with its image processor)"
-    )
+    parser.add_argument("--backbone", help="a folder AutoModel.from_pretrained loads (with its image processor)")
     parser.add_argument(
         "--output_dir", default="docs", help="writes frozen_head.md/.json and figures/frozen_head_*.png"
     )
@@ -45,10 +44,20 @@ def main() -> None:
     parser.add_argument("--seeds", default=None, help="comma-separated seeds (default 0,1; 0 with --quick)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: the whole pipeline in seconds")
     parser.add_argument("--threads", type=int, help="torch threads (1 is fastest on a CPU other jobs share)")
+    parser.add_argument("--backbone_origin", help="how the backbone was made (a command), shown in the report")
+    parser.add_argument("--from_json", help="re-render the report and figures of a finished study's JSON (no runs)")
     arguments = parser.parse_args()
+    output_dir = Path(arguments.output_dir)
+    if arguments.from_json:
+        results = json.loads(Path(arguments.from_json).read_text())
+        if arguments.backbone_origin:
+            results["backbone_origin"] = arguments.backbone_origin
+            (output_dir / "frozen_head.json").write_text(json.dumps(results, indent=1))
+        write_report(results, output_dir)
+        return
     if arguments.threads:
         torch.set_num_threads(arguments.threads)
-    if not Path(arguments.backbone).is_dir():
+    if not arguments.backbone or not Path(arguments.backbone).is_dir():
         raise FileNotFoundError(
             f"--backbone {arguments.backbone!r} is not a folder (export one with scripts/pretrain.py)"
         )
@@ -63,11 +72,17 @@ def main() -> None:
         quick=arguments.quick,
         variants=VARIANTS,
         seeds=seeds,
+        backbone_origin=arguments.backbone_origin,
         seconds=time.perf_counter() - start,
     )
-    output_dir = Path(arguments.output_dir)
-    plot_study(results, output_dir / "figures" / "frozen_head")
+    output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "frozen_head.json").write_text(json.dumps(results, indent=1))
+    write_report(results, output_dir)
+
+
+def write_report(results: dict, output_dir: Path) -> None:
+    """``frozen_head.md`` and ``figures/frozen_head_*.png`` in ``output_dir`` from a study's results."""
+    plot_study(results, output_dir / "figures" / "frozen_head")
     (output_dir / "frozen_head.md").write_text(render_markdown(results))
     print((output_dir / "frozen_head.md").read_text())
 

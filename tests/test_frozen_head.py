@@ -68,7 +68,7 @@ def test_baseline_prototypes_merge_while_koleo_proto_keeps_them_apart(one_thread
     assert koleo[-1]["nn_distance"]["q0.5"] > 2 * baseline[-1]["nn_distance"]["q0.5"]
 
 
-def test_a_koleo_proto_step_moves_the_closest_prototypes_apart():
+def test_a_koleo_proto_step_moves_the_closest_prototypes_apart(one_thread):
     views = clustered_views()
     indices = torch.arange(64)
     batch = views.views(indices, sample_keys(0, 0, indices))
@@ -142,3 +142,9 @@ def test_quick_study_tables_hold_the_numbers_of_its_own_runs(tmp_path, monkeypat
     assert "Quick mode" in markdown and results["command"] in markdown
     for name in ("unique_vs_step", "eps_curve"):
         assert (output / "figures" / f"frozen_head_{name}.png").stat().st_size > 10_000
+    rendered = tmp_path / "rendered"
+    monkeypatch.setattr(
+        sys, "argv", [str(SCRIPT), "--from_json", str(output / "frozen_head.json"), "--output_dir", str(rendered)]
+    )
+    runpy.run_path(str(SCRIPT), run_name="__main__")
+    assert (rendered / "frozen_head.md").read_text() == markdown
