@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
+from experiments.markdown import markdown_table
 from hf_koleo import KoLeoDinoForPreTraining, koleo_proto_loss
 from hf_koleo.training.arguments import parse_pretraining_args
 from hf_koleo.training.checkpoint import TrainerState
@@ -174,20 +175,28 @@ def render_loop_markdown(name: str, results: dict[str, Any]) -> list[str]:
         "",
         f"`{' '.join(results['argv'])}`",
         "",
-        "| batch | data img/s | step ms | step img/s | end-to-end img/s | data ÷ step | end-to-end ÷ step "
-        "| step time vs previous batch | host syncs |",
-        "|---|---|---|---|---|---|---|---|---|",
     ]
+    header = ["batch", "data img/s", "step ms", "step img/s", "end-to-end img/s", "data ÷ step", "end-to-end ÷ step"]
+    header += ["step time vs previous batch", "host syncs"]
+    rows = []
     for row in results["rows"]:
         scaling = row.get("step_time_ratio_to_previous")
         scaling_cell = f"{scaling:.2f}x for {row['batch_ratio_to_previous']:.0f}x batch" if scaling else "–"
         syncs = "none" if not row["host_syncs"] else "; ".join(row["host_syncs"])[:120]
-        lines.append(
-            f"| {row['batch_size']} | {row['data_images_per_second']:,.0f} | {row['step_ms']:.1f} "
-            f"| {row['step_images_per_second']:,.0f} | {row['end_to_end_images_per_second']:,.0f} "
-            f"| {row['data_over_step']:.2f} | {row['end_to_end_over_step']:.2f} | {scaling_cell} | {syncs} |"
+        rows.append(
+            [
+                str(row["batch_size"]),
+                f"{row['data_images_per_second']:,.0f}",
+                f"{row['step_ms']:.1f}",
+                f"{row['step_images_per_second']:,.0f}",
+                f"{row['end_to_end_images_per_second']:,.0f}",
+                f"{row['data_over_step']:.2f}",
+                f"{row['end_to_end_over_step']:.2f}",
+                scaling_cell,
+                syncs,
+            ]
         )
-    return [*lines, ""]
+    return [*lines, *markdown_table(header, rows), ""]
 
 
 # The GPU-speed issue's measurements: (name, pretrain argv, per-device batch sizes).

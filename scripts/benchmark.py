@@ -12,14 +12,16 @@ import json
 import sys
 from pathlib import Path
 
-from hf_koleo.benchmarking import (
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/ sits beside hf_koleo, not installed
+
+from experiments.benchmarks import (  # noqa: E402
     KOLEO_IMPLEMENTATIONS,
     measure_data_pipeline,
     measure_koleo_proto,
     render_benchmarks_markdown,
     run_benchmark_suite,
 )
-from hf_koleo.cli import run_main
+from hf_koleo.cli import run_main  # noqa: E402
 
 
 def main() -> None:

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 
-from hf_koleo.cli import run_main
-from hf_koleo.study import load_study_config, run_study
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/ sits beside hf_koleo, not installed
+
+from experiments.study import load_study_config, run_study  # noqa: E402
+from hf_koleo.cli import run_main  # noqa: E402
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "study_koleo_proto.yaml"
 

@@ -1,8 +1,7 @@
 from data_fixtures import write_parquet
 from test_training import ROOT, TINY_RUN
 
-from experiments.koleo_reference import dinov2_koleo_loss
-from hf_koleo.benchmarking import (
+from experiments.benchmarks import (
     KOLEO_IMPLEMENTATIONS,
     koleo_implementation,
     measure_data_pipeline,
@@ -10,6 +9,7 @@ from hf_koleo.benchmarking import (
     render_benchmarks_markdown,
     run_benchmark_suite,
 )
+from experiments.koleo_reference import dinov2_koleo_loss
 
 
 def test_koleo_benchmark_runs_at_tiny_size():

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from experiments.study import VARIANTS, load_study_config, run_study
 from hf_koleo.data.fashion_mnist import RAW_DIR
-from hf_koleo.study import VARIANTS, load_study_config, run_study
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "study_koleo_proto.yaml"
 

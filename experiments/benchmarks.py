@@ -1,5 +1,11 @@
 """Measurements behind ``docs/benchmarks.md``: time and peak memory, each in a fresh process,
-and side-by-side timings against peers run alternately in one process."""
+and side-by-side timings against peers run alternately in one process.
+
+Run by ``scripts/benchmark.py``. Every ratio and img/s figure is computed from the timings the
+record carries (``seconds``), so a reader can recompute it; :func:`check_targets` marks the
+acceptance targets met or not. The peer step is built from lightly (``pip install --no-deps
+lightly``), with a torchvision stub where torchvision cannot import beside the CPU torch wheel.
+"""
 
 from __future__ import annotations
 
@@ -15,13 +21,14 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 from unittest import mock
 
 import torch
 
-from .losses import dino_loss, ibot_patch_loss, koleo_proto_loss, masked_patch_slots
+from experiments.koleo_reference import dinov2_koleo_loss
+from experiments.markdown import markdown_table
+from hf_koleo.losses import dino_loss, ibot_patch_loss, koleo_proto_loss, masked_patch_slots
 
 
 def _resident_mib() -> float:
@@ -55,22 +62,11 @@ KOLEO_IMPLEMENTATIONS: dict[str, str] = {
 
 
 def koleo_implementation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The KoLeo-proto loss called ``name`` in :data:`KOLEO_IMPLEMENTATIONS`.
-
-    ``"dense"`` is DINOv2's algorithm from ``experiments/koleo_reference.py``, imported here and not at
-    module level: the library never depends on ``experiments/`` (issue 13 moves this benchmark there).
-    """
-    if name == "blocked":
-        return koleo_proto_loss
-    if name != "dense":
+    """The KoLeo-proto loss called ``name`` in :data:`KOLEO_IMPLEMENTATIONS` (``"dense"``: DINOv2's algorithm)."""
+    implementations = {"blocked": koleo_proto_loss, "dense": dinov2_koleo_loss}
+    if name not in implementations:
         raise ValueError(f"implementation must be one of {sorted(KOLEO_IMPLEMENTATIONS)}, got {name!r}")
-    try:
-        from experiments.koleo_reference import dinov2_koleo_loss
-    except ModuleNotFoundError:  # ``python scripts/benchmark.py`` puts scripts/, not the checkout, on sys.path
-        sys.path.append(str(Path(__file__).resolve().parents[1]))
-        from experiments.koleo_reference import dinov2_koleo_loss
-
-    return dinov2_koleo_loss
+    return implementations[name]
 
 
 def _timed_forward_backward(make_inputs: Callable[[], tuple], compute: Callable, repeats: int) -> dict[str, float]:
@@ -85,6 +81,7 @@ def _timed_forward_backward(make_inputs: Callable[[], tuple], compute: Callable,
         for tensor in inputs:
             tensor.grad = None
     return {
+        "seconds": seconds,
         "seconds_median": statistics.median(seconds),
         "seconds_first": seconds[0],
         "peak_extra_mib": max(0.0, _peak_resident_mib() - baseline),
@@ -189,9 +186,9 @@ def measure_data_pipeline(argv: list[str], n_batches: int = 20) -> dict[str, Any
     """
     from accelerate import Accelerator
 
-    from .training.arguments import parse_pretraining_args
-    from .training.checkpoint import TrainerState
-    from .training.pipeline import DataPipeline
+    from hf_koleo.training.arguments import parse_pretraining_args
+    from hf_koleo.training.checkpoint import TrainerState
+    from hf_koleo.training.pipeline import DataPipeline
 
     arguments, model_config = parse_pretraining_args(argv)
     pipeline = DataPipeline(arguments, model_config, Accelerator(cpu=True))
@@ -203,6 +200,8 @@ def measure_data_pipeline(argv: list[str], n_batches: int = 20) -> dict[str, Any
     seconds = time.perf_counter() - start
     return {
         "images_per_second": images / seconds,
+        "images": images,
+        "seconds": seconds,
         "batches": n_batches,
         "batch_size": arguments.per_device_batch_size,
         "num_workers": arguments.num_workers,
@@ -255,7 +254,7 @@ def _step_settings(model_config) -> dict:
 
 
 def _make_ours(model_config):
-    from .modeling_koleo_dino import KoLeoDinoForPreTraining
+    from hf_koleo.modeling_koleo_dino import KoLeoDinoForPreTraining
 
     model = KoLeoDinoForPreTraining(model_config).train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
@@ -338,6 +337,7 @@ def compare_training_steps(
         "lightly_images_per_second": batch / statistics.median(seconds["lightly"]),
         "speedup_median": statistics.median(ratios),
         "rounds": rounds,
+        "seconds": seconds,
     }
 
 
@@ -364,6 +364,7 @@ def compare_feature_extraction(backbone_dir: str, batch: int = 64, rounds: int =
         "exported_images_per_second": batch / statistics.median(seconds["exported"]),
         "stock_images_per_second": batch / statistics.median(seconds["stock"]),
         "ratio": statistics.median(seconds["stock"]) / statistics.median(seconds["exported"]),
+        "seconds": seconds,
     }
 
 
@@ -384,9 +385,9 @@ def run_benchmark_suite(
     """Every measurement of ``docs/benchmarks.md`` (tiny sizes make it a smoke test)."""
     import tempfile
 
-    from .hub import export_backbone
-    from .modeling_koleo_dino import KoLeoDinoForPreTraining
-    from .training.arguments import parse_pretraining_args
+    from hf_koleo.backbone_export import export_backbone
+    from hf_koleo.modeling_koleo_dino import KoLeoDinoForPreTraining
+    from hf_koleo.training.arguments import parse_pretraining_args
 
     results: dict[str, Any] = {"machine": machine_description()}
     results["koleo"] = [
@@ -417,10 +418,6 @@ def run_benchmark_suite(
         export_backbone(KoLeoDinoForPreTraining(model_config), folder, arguments.global_crops_size)
         results["features"] = compare_feature_extraction(folder, step_batch, rounds)
     return results
-
-
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
 
 
 def render_benchmarks_markdown(results: dict[str, Any], command: str) -> str:
@@ -460,7 +457,7 @@ def render_benchmarks_markdown(results: dict[str, Any], command: str) -> str:
         "only the K chosen distances differentiated (`experiments/koleo_reference.py`).",
         "",
     ]
-    lines += _table(
+    lines += markdown_table(
         ["K", "ours (blocked) s", "ours peak MiB", f"{dinov2} s", f"{dinov2} peak MiB", "time ours ÷ DINOv2"], rows
     )
     lines += [
@@ -479,7 +476,7 @@ def render_benchmarks_markdown(results: dict[str, Any], command: str) -> str:
         ]
         for row in results["dino_ibot"]
     ]
-    lines += _table(["K", "batch", "s", "peak MiB"], rows)
+    lines += markdown_table(["K", "batch", "s", "peak MiB"], rows)
     lines += [
         "",
         "## One training step: ours vs a lightly-based step, alternately in one process",
@@ -499,11 +496,11 @@ def render_benchmarks_markdown(results: dict[str, Any], command: str) -> str:
         ]
         for row in results["step"]
     ]
-    lines += _table(["K", "batch", "ours img/s", "lightly img/s", "median ratio (ours / lightly)"], rows)
+    lines += markdown_table(["K", "batch", "ours img/s", "lightly img/s", "median ratio (ours / lightly)"], rows)
     data, step = results["data"], results["step"][0]
     headroom = data["images_per_second"] / step["ours_images_per_second"]
     lines += ["", "## Data pipeline vs what the training step consumes", ""]
-    lines += _table(
+    lines += markdown_table(
         ["pipeline img/s (stream → decode → multi-crop → photometric)", "step img/s", "headroom"],
         [
             [
@@ -515,7 +512,7 @@ def render_benchmarks_markdown(results: dict[str, Any], command: str) -> str:
     )
     features = results["features"]
     lines += ["", "## Feature extraction: exported backbone vs stock Dinov2Model", ""]
-    lines += _table(
+    lines += markdown_table(
         ["exported img/s", "stock img/s", "ratio"],
         [
             [

@@ -5,11 +5,13 @@ chosen by a short sweep scored on a validation split carved from the *training* 
 unique prototypes of teacher and student over training and at the end (eps curve), utilisation,
 marginal-distribution entropy, weighted kNN, linear probe, 1- and 5-shot, balanced accuracy, and
 the raw-pixel baseline. Writes ``results.json``, ``results.md`` and PNG plots to ``output_dir``.
+
+Run by ``scripts/study_koleo_proto.py``; every number in ``results.md`` is read from a run's
+``prototype_report.json`` / ``metrics.jsonl`` or computed by the evaluation protocols.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import statistics
@@ -20,14 +22,15 @@ from typing import Any
 import torch
 import yaml
 
-from .evaluation.features import FeatureSet, extract_features
-from .evaluation.knn import weighted_knn_predict
-from .evaluation.linear import stratified_split
-from .evaluation.metrics import classification_metrics
-from .evaluation.protocols import few_shot_protocol, knn_protocol, linear_protocol
-from .evaluation.run import extract_train_test
-from .training.arguments import build_model_config, parse_pretraining_args
-from .training.trainer import pretrain
+from hf_koleo import KoLeoDinoConfig
+from hf_koleo.evaluation.features import FeatureSet, extract_features
+from hf_koleo.evaluation.knn import weighted_knn_predict
+from hf_koleo.evaluation.linear import stratified_split
+from hf_koleo.evaluation.metrics import classification_metrics
+from hf_koleo.evaluation.protocols import few_shot_protocol, knn_protocol, linear_protocol
+from hf_koleo.evaluation.run import extract_train_test
+from hf_koleo.training.arguments import PretrainingArguments, arguments_from_settings
+from hf_koleo.training.trainer import pretrain
 
 logger = logging.getLogger(__name__)
 VARIANTS = ("baseline", "koleo_proto")
@@ -46,23 +49,26 @@ def load_study_config(path: str | Path, quick: bool = False) -> dict[str, Any]:
     return config
 
 
-def _run(config: dict, dataset: str, output_dir: Path, weight: float, seed: int, max_steps: int) -> Path:
-    """Pretrain once; returns the run folder (skipped when its final checkpoint already exists)."""
-    run_settings = {
+def run_arguments(
+    config: dict, dataset: str, output_dir: Path, weight: float, seed: int, max_steps: int
+) -> tuple[PretrainingArguments, KoLeoDinoConfig]:
+    """One study run's arguments and model config: the shared ``run``/``model`` sections, this run's data,
+    folder, seed, steps and KoLeo-proto weight (through the library's one dict -> run path)."""
+    settings = {
         **config["run"],
         "data": config["datasets"][dataset]["train"],
         "output_dir": str(output_dir),
         "seed": seed,
         "max_steps": max_steps,
         "report_to": "none",
+        "model": {**config["model"], "koleo_proto_weight": weight},
     }
-    argv = [
-        token
-        for key, value in run_settings.items()
-        for token in (f"--{key}", *(map(str, value) if isinstance(value, list) else [str(value)]))
-    ]
-    arguments, _ = parse_pretraining_args(argv)
-    model_config = build_model_config({**copy.deepcopy(config["model"]), "koleo_proto_weight": weight})
+    return arguments_from_settings(settings, source=f"study run {output_dir}")
+
+
+def _run(config: dict, dataset: str, output_dir: Path, weight: float, seed: int, max_steps: int) -> Path:
+    """Pretrain once; returns the run folder (skipped when its final report already exists)."""
+    arguments, model_config = run_arguments(config, dataset, output_dir, weight, seed, max_steps)
     if not (output_dir / "prototype_report.json").exists():
         started = time.perf_counter()
         pretrain(arguments, model_config)
