@@ -1,7 +1,8 @@
 """The stock backbone a pretraining model hands over: the teacher as ``Dinov2Model`` / ``ViTModel`` + image processor.
 
 Used by the trainer at the end of a run and by :mod:`hf_koleo.hub` for exports and pushes; it sits
-below both so neither imports the other.
+below both so neither imports the other. :func:`check_weight_files` (refuse pickle-only folders) is
+here too, below evaluation, which checks a model folder before loading it.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ logger = logging.getLogger(__name__)
 
 # The stock image processor each backbone type pairs with on the Hub.
 PROCESSOR_TYPES = {"dinov2": "BitImageProcessor", "vit": "ViTImageProcessor"}
+# Weights a model folder may hold that load through pickle (which can run code).
+PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
 def build_image_processor(model_type: str, image_size: int, image_mean, image_std):
@@ -58,3 +61,25 @@ def export_backbone(
     build_image_processor(backbone.config.model_type, image_size, image_mean, image_std).save_pretrained(output_dir)
     logger.info("exported the teacher backbone to %s", output_dir)
     return output_dir
+
+
+def check_weight_files(path: str | os.PathLike, allow_pickle: bool = False) -> bool:
+    """Whether the model folder ``path`` has safetensors weights; refuse a pickle-only one unless allowed.
+
+    Pickle files can run arbitrary code when loaded, so they are refused unless the caller trusts them.
+
+    Raises:
+        ValueError: only ``pytorch_model.bin`` and ``allow_pickle`` is False.
+        FileNotFoundError: no weights at all.
+    """
+    folder = Path(path)
+    has_safetensors = any(folder.glob("*.safetensors"))
+    has_pickle = any((folder / name).exists() for name in PICKLE_WEIGHTS)
+    if not has_safetensors and has_pickle and not allow_pickle:
+        raise ValueError(
+            f"{folder} holds only pickle weights (pytorch_model.bin), which can execute code when loaded; "
+            "convert them to safetensors or pass allow_pickle=True (--allow-pickle) if you trust the file"
+        )
+    if not has_safetensors and not has_pickle:
+        raise FileNotFoundError(f"{folder} holds no model weights (model.safetensors)")
+    return has_safetensors

@@ -15,14 +15,13 @@ import os
 import shutil
 from pathlib import Path
 
-from .backbone_export import export_backbone
+from .backbone_export import check_weight_files, export_backbone
 from .modeling_koleo_dino import KoLeoDinoForPreTraining
 from .prototypes import prototype_report
 from .training.checkpoint import list_checkpoints
 
 logger = logging.getLogger(__name__)
 
-PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 REMOTE_CODE_FILES = ("configuration_koleo_dino.py", "modeling_koleo_dino.py", "losses.py")
 RUN_ARGUMENTS_FILE = "run_arguments.json"
 REPORT_FILE = "prototype_report.json"
@@ -47,28 +46,6 @@ def _is_latest_checkpoint(checkpoint: Path) -> bool:
     """Whether ``checkpoint`` is the newest complete checkpoint of its run (whose final report it matches)."""
     checkpoints = list_checkpoints(checkpoint.parent.parent)
     return bool(checkpoints) and checkpoints[-1].resolve() == checkpoint.resolve()
-
-
-def check_weight_files(path: str | os.PathLike, allow_pickle: bool = False) -> bool:
-    """Whether the model folder ``path`` has safetensors weights; refuse a pickle-only one unless allowed.
-
-    Pickle files can run arbitrary code when loaded, so they are refused unless the caller trusts them.
-
-    Raises:
-        ValueError: only ``pytorch_model.bin`` and ``allow_pickle`` is False.
-        FileNotFoundError: no weights at all.
-    """
-    folder = Path(path)
-    has_safetensors = any(folder.glob("*.safetensors"))
-    has_pickle = any((folder / name).exists() for name in PICKLE_WEIGHTS)
-    if not has_safetensors and has_pickle and not allow_pickle:
-        raise ValueError(
-            f"{folder} holds only pickle weights (pytorch_model.bin), which can execute code when loaded; "
-            "convert them to safetensors or pass allow_pickle=True (--allow-pickle) if you trust the file"
-        )
-    if not has_safetensors and not has_pickle:
-        raise FileNotFoundError(f"{folder} holds no model weights (model.safetensors)")
-    return has_safetensors
 
 
 def load_pretraining_model(path: str | os.PathLike, allow_pickle: bool = False) -> KoLeoDinoForPreTraining:

@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from ..backbone_export import check_weight_files
 from ..data.images import decode_image
 from ..data.sources import cache_dir, load_source, looks_like_path, resolve_data_files
 
@@ -82,8 +83,6 @@ def check_model(model: str, allow_pickle: bool = False) -> None:
         model: ``"pixels"``, a local model folder or a Hub id.
         allow_pickle: accept a folder that holds only ``pytorch_model.bin`` (pickle runs code when loaded).
     """
-    from ..hub import check_weight_files
-
     if model == PIXELS:
         return
     path = Path(model).expanduser()
