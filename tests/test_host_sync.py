@@ -1,8 +1,8 @@
 import pytest
 import torch
 from accelerate import Accelerator
+from conftest import TINY_RUN
 from data_fixtures import write_parquet
-from test_training import TINY_RUN
 
 from hf_koleo import KoLeoDinoForPreTraining
 from hf_koleo.training.arguments import parse_pretraining_args

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from data_fixtures import write_parquet
+from conftest import ROOT, TINY_RUN
 from safetensors.torch import load_file
 from transformers import AutoImageProcessor, AutoModel
 
@@ -15,65 +15,6 @@ from hf_koleo.training.arguments import parse_pretraining_args
 from hf_koleo.training.checkpoint import list_checkpoints
 from hf_koleo.training.optimization import cosine_schedule, linear_warmup
 from hf_koleo.training.trainer import NonFiniteLossError, pretrain
-
-ROOT = Path(__file__).resolve().parents[1]
-TINY_RUN = [
-    "--max_steps",
-    "4",
-    "--per_device_batch_size",
-    "4",
-    "--num_workers",
-    "0",
-    "--report_to",
-    "none",
-    "--global_crops_size",
-    "8",
-    "--local_crops_size",
-    "4",
-    "--local_crops_number",
-    "2",
-    "--warmup_epochs",
-    "0",
-    "--teacher_temperature_warmup_epochs",
-    "0",
-    "--freeze_last_layer_epochs",
-    "0",
-    "--base_lr",
-    "0.05",
-    "--log_every",
-    "1",
-    "--proto_every",
-    "2",
-    "--save_every",
-    "2",
-    "--keep_last",
-    "5",
-    "--report_images",
-    "8",
-    "--shuffle_buffer",
-    "0",
-    "--seed",
-    "7",
-    "--model.backbone_config",
-    "{hidden_size: 16, num_hidden_layers: 1, num_attention_heads: 2, mlp_ratio: 2, image_size: 8, patch_size: 4}",
-    "--model.num_prototypes",
-    "32",
-    "--model.head_hidden_size",
-    "16",
-    "--model.head_bottleneck_size",
-    "8",
-    "--model.ibot_loss_weight",
-    "1.0",
-    "--model.mask_probability",
-    "1.0",
-    "--model.koleo_proto_weight",
-    "0.1",
-]
-
-
-@pytest.fixture(scope="module")
-def data_path(tmp_path_factory):
-    return write_parquet(tmp_path_factory.mktemp("data") / "train.parquet", 48)
 
 
 def run(data_path, output_dir, *extra):
