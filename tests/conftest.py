@@ -97,6 +97,15 @@ def data_path(tmp_path_factory) -> Path:
     return write_parquet(tmp_path_factory.mktemp("data") / "train.parquet", 48)
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny matrices run faster on one thread, and much faster when other work shares the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
