@@ -145,7 +145,7 @@ def test_evaluate_script_writes_one_json_with_the_setup(tmp_path, cache):
         command,
         capture_output=True,
         text=True,
-        env={"HF_KOLEO_CACHE": str(cache), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"},
+        env={"HF_KOLEO_CACHE": str(cache), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
     )
     assert completed.returncode == 0, completed.stderr[-2000:]
     result = json.loads(output.read_text())

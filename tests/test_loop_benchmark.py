@@ -1,11 +1,17 @@
 import pytest
+import torch
 
 from experiments.loop_benchmark import render_loop_suite_markdown, run_loop_suite
 
 
 @pytest.fixture(scope="module")
-def quick_results(tmp_path_factory):
-    return run_loop_suite(quick=True, steps=2, koleo_prototypes=128)
+def quick_results():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny work: one thread is faster, and far faster on a shared machine
+    try:
+        yield run_loop_suite(quick=True, steps=2, koleo_prototypes=128)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_quick_suite_measures_data_step_and_end_to_end_at_each_batch(quick_results):
