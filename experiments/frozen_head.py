@@ -33,6 +33,7 @@ from typing import Any, Protocol
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from hf_koleo import DINOHead, koleo_proto_loss
@@ -406,6 +407,12 @@ class BackbonePlan:
     description: str = ""
 
 
+def feature_concentration(features: torch.Tensor) -> float:
+    """Mean cosine between ``(n, d)`` features and their mean: 1 when they all point one way."""
+    unit = F.normalize(features.float(), dim=1)
+    return float((unit @ F.normalize(unit.mean(dim=0), dim=0)).mean())
+
+
 def run_study(
     backbones: Sequence[BackbonePlan],
     variants: dict[str, float],
@@ -427,6 +434,7 @@ def run_study(
             "description": plan.description,
             "dim": views.dim,
             "n_images": views.n_images,
+            "mean_cosine_to_mean": feature_concentration(views.clean(torch.arange(min(views.n_images, 4096)))),
             "setup_seconds": time.perf_counter() - setup_start,
             "head": asdict(plan.head),
         }
@@ -556,14 +564,15 @@ def render_markdown(results: dict[str, Any], figure_prefix: str = "figures/froze
         "",
         "## Setup",
         "",
-        "| backbone | input | images | head (hidden / bottleneck / K) | batch | steps | lr (AdamW, wd) | T student / "
-        "teacher | centre / teacher EMA | eval images | setup (s) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| backbone | input | images | mean cosine to mean input | head (hidden / bottleneck / K) | batch | steps | "
+        "lr (AdamW, wd) | T student / teacher | centre / teacher EMA | eval images | setup (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, backbone in results["backbones"].items():
         head = backbone["head"]
         lines.append(
             f"| {name} | {backbone['description']} ({backbone['dim']}-d) | {backbone['n_images']:,} | "
+            f"{backbone.get('mean_cosine_to_mean', float('nan')):.2f} | "
             f"{head['hidden_size']} / {head['bottleneck_size']} / {head['num_prototypes']:,} | {head['batch_size']} | "
             f"{head['steps']:,} | {head['learning_rate']:g}, {head['weight_decay']:g} | "
             f"{head['student_temperature']:g} / {head['teacher_temperature']:g} | {head['centre_momentum']:g} / "
@@ -623,6 +632,8 @@ def render_markdown(results: dict[str, Any], figure_prefix: str = "figures/froze
         "",
         ISSUE_CONTEXT,
     ]
+    if results.get("notes"):
+        lines += ["", "## Reading (written after the run)", "", results["notes"].strip()]
     return "\n".join(lines) + "\n"
 
 

@@ -45,13 +45,17 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny sizes: the whole pipeline in seconds")
     parser.add_argument("--threads", type=int, help="torch threads (1 is fastest on a CPU other jobs share)")
     parser.add_argument("--backbone_origin", help="how the backbone was made (a command), shown in the report")
+    parser.add_argument("--notes_file", help="markdown read after the run, kept in the JSON and shown in the report")
     parser.add_argument("--from_json", help="re-render the report and figures of a finished study's JSON (no runs)")
     arguments = parser.parse_args()
     output_dir = Path(arguments.output_dir)
     if arguments.from_json:
         results = json.loads(Path(arguments.from_json).read_text())
-        if arguments.backbone_origin:
-            results["backbone_origin"] = arguments.backbone_origin
+        if arguments.backbone_origin or arguments.notes_file:
+            if arguments.backbone_origin:
+                results["backbone_origin"] = arguments.backbone_origin
+            if arguments.notes_file:
+                results["notes"] = Path(arguments.notes_file).read_text()
             (output_dir / "frozen_head.json").write_text(json.dumps(results, indent=1))
         write_report(results, output_dir)
         return
@@ -73,6 +77,7 @@ def main() -> None:
         variants=VARIANTS,
         seeds=seeds,
         backbone_origin=arguments.backbone_origin,
+        notes=Path(arguments.notes_file).read_text() if arguments.notes_file else None,
         seconds=time.perf_counter() - start,
     )
     output_dir.mkdir(parents=True, exist_ok=True)

@@ -148,3 +148,12 @@ def test_quick_study_tables_hold_the_numbers_of_its_own_runs(tmp_path, monkeypat
     )
     runpy.run_path(str(SCRIPT), run_name="__main__")
     assert (rendered / "frozen_head.md").read_text() == markdown
+    notes = tmp_path / "notes.md"
+    notes.write_text("- read after the run")
+    argv = [str(SCRIPT), "--from_json", str(output / "frozen_head.json"), "--output_dir", str(rendered)]
+    monkeypatch.setattr(sys, "argv", [*argv, "--notes_file", str(notes)])
+    runpy.run_path(str(SCRIPT), run_name="__main__")
+    assert (
+        rendered / "frozen_head.md"
+    ).read_text() == markdown + "\n## Reading (written after the run)\n\n- read after the run\n"
+    assert json.loads((rendered / "frozen_head.json").read_text())["notes"] == "- read after the run"
