@@ -5,7 +5,6 @@ import runpy
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 from transformers import Dinov2Config, Dinov2Model
 
@@ -46,15 +45,6 @@ def tiny_head(**overrides) -> FrozenHeadConfig:
         teacher_momentum=0.99,
     )
     return FrozenHeadConfig(**{**settings, **overrides})
-
-
-@pytest.fixture
-def one_thread():
-    """Tiny matrices run faster on one thread, and much faster when other work shares the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_baseline_prototypes_merge_while_koleo_proto_keeps_them_apart(one_thread):
