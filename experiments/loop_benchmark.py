@@ -239,7 +239,34 @@ def run_loop_suite(quick: bool = False, steps: int = 20, koleo_prototypes: int =
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     results["koleo_proto"] = measure_koleo_on_device(koleo_prototypes)
+    results["peer"] = measure_peer_step(*(QUICK_PEER if quick else GPU_PEER))
     return results
+
+
+# The lightly-based peer step against ours on the device: (pretrain argv, batch).
+GPU_PEER = (["--config", "configs/fashion_mnist.yaml"], 256)
+QUICK_PEER = (QUICK_SUITE[0][1], 4)
+
+
+def measure_peer_step(argv: list[str], batch_size: int, rounds: int = 5) -> dict[str, Any]:
+    """Our DINO step vs the lightly-based one (``experiments.benchmarks.compare_training_steps``) on the device.
+
+    The config's model with iBOT and KoLeo-proto off (lightly has neither), both teachers batched,
+    the same fused AdamW, random crops already on the device.
+    """
+    from .benchmarks import compare_training_steps
+
+    arguments, model_config = parse_pretraining_args(
+        [*argv, "--model.ibot_loss_weight", "0", "--model.koleo_proto_weight", "0"]
+    )
+    return compare_training_steps(
+        model_config,
+        batch_size,
+        arguments.global_crops_size,
+        arguments.local_crops_size,
+        arguments.local_crops_number,
+        rounds=rounds,
+    )
 
 
 def render_loop_suite_markdown(results: dict[str, Any], command: str) -> str:
@@ -257,4 +284,13 @@ def render_loop_suite_markdown(results: dict[str, Any], command: str) -> str:
         f"{koleo['ms']:.1f} ms, peak {koleo['peak_mib']:.0f} MiB.",
         "",
     ]
+    peer = results.get("peer")
+    if peer:
+        lines += [
+            f"Full DINO step against the lightly-based peer on {peer['device']} (batch {peer['batch']}, "
+            f"K = {peer['K']:,}, {peer['n_local']} local crops, same fused AdamW, both teachers batched): ours "
+            f"{peer['ours_images_per_second']:,.0f} img/s, lightly {peer['lightly_images_per_second']:,.0f} img/s, "
+            f"median per-round speed-up {peer['speedup_median']:.2f}x.",
+            "",
+        ]
     return "\n".join(lines)

@@ -1,3 +1,5 @@
+import statistics
+
 import pytest
 import torch
 
@@ -28,9 +30,12 @@ def test_quick_suite_measures_data_step_and_end_to_end_at_each_batch(quick_resul
         assert row["host_syncs"] == []  # the CPU recorder saw no host read in data + step
     assert large["step_time_ratio_to_previous"] == pytest.approx(large["step_ms"] / small["step_ms"])
     assert quick_results["koleo_proto"]["num_prototypes"] == 128 and quick_results["koleo_proto"]["ms"] > 0
+    peer = quick_results["peer"]
+    assert peer["batch"] == 4 and peer["device"] == "cpu" and len(peer["seconds"]["lightly"]) == 5
+    assert peer["ours_images_per_second"] == pytest.approx(4 / statistics.median(peer["seconds"]["ours"]))
 
 
 def test_quick_suite_renders_one_table_row_per_batch(quick_results):
     markdown = render_loop_suite_markdown(quick_results, "python scripts/benchmark_loop.py --quick")
     rows = [line for line in markdown.splitlines() if line.startswith("| 4 |") or line.startswith("| 16 |")]
-    assert len(rows) == 2 and "none" in rows[0] and "KoLeo-proto" in markdown
+    assert len(rows) == 2 and "none" in rows[0] and "KoLeo-proto" in markdown and "lightly-based peer" in markdown
