@@ -281,7 +281,12 @@ def render_loop_suite_markdown(results: dict[str, Any], command: str) -> str:
     koleo = results["koleo_proto"]
     lines += [
         f"KoLeo-proto forward + backward, K = {koleo['num_prototypes']:,}, d = {koleo['dim']}: "
-        f"{koleo['ms']:.1f} ms, peak {koleo['peak_mib']:.0f} MiB.",
+        f"{koleo['ms']:.1f} ms"
+        + (
+            f", peak {koleo['peak_mib']:.0f} MiB."
+            if koleo["peak_mib"] == koleo["peak_mib"]
+            else " (no GPU memory to measure)."
+        ),
         "",
     ]
     peer = results.get("peer")

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/ sits beside hf_koleo, not installed
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # experiments/ sits beside hf_koleo, not installed
 
 from experiments.loop_benchmark import render_loop_suite_markdown, run_loop_suite  # noqa: E402
 from hf_koleo.cli import run_main  # noqa: E402
@@ -25,8 +27,9 @@ def main() -> None:
     parser.add_argument("--koleo-prototypes", type=int, help="K of the KoLeo-proto timing (65536; 1024 with --quick)")
     arguments = parser.parse_args()
     koleo_prototypes = arguments.koleo_prototypes or (1024 if arguments.quick else 65536)
+    output = Path(arguments.output).resolve()
+    os.chdir(ROOT)  # the suite names its configs relative to the checkout
     results = run_loop_suite(arguments.quick, arguments.steps, koleo_prototypes)
-    output = Path(arguments.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(render_loop_suite_markdown(results, "python " + " ".join(sys.argv)))
     output.with_suffix(".json").write_text(json.dumps(results, indent=2))
