@@ -23,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/ sit
 
 import torch  # noqa: E402
 
-from experiments.frozen_head import plot_study, render_markdown, run_study, study_plans  # noqa: E402
+from experiments.frozen_head import run_study, study_plans  # noqa: E402
+from experiments.frozen_head_report import plot_study, render_markdown  # noqa: E402
 from hf_koleo.cli import run_main  # noqa: E402
 
 VARIANTS = {"baseline": 0.0, "koleo_proto": 0.1}
