@@ -17,10 +17,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from .counter_rng import uniforms
 
@@ -184,20 +182,6 @@ def crop_and_resize(
         grid = torch.minimum(grid, limit[:, None, None, :])
     crops = F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
     return crops.reshape(batch, channels, n_crops, size, size).transpose(1, 2)
-
-
-def to_uint8_tensor(image: Image.Image) -> torch.Tensor:
-    """RGB PIL image -> ``(3, H, W)`` uint8 tensor."""
-    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
-
-
-def centre_crop(image: Image.Image, size: int) -> torch.Tensor:
-    """The largest centred square, resized to ``size`` (the evaluation view): ``(3, size, size)`` uint8."""
-    side = min(image.size)
-    left, top = (image.width - side) // 2, (image.height - side) // 2
-    return to_uint8_tensor(
-        image.resize((size, size), Image.Resampling.BICUBIC, box=(left, top, left + side, top + side))
-    )
 
 
 class MultiCropAugmentation:
