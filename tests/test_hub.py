@@ -102,6 +102,17 @@ def teacher_features(checkpoint: Path, pixels: torch.Tensor) -> torch.Tensor:
         return KoLeoDinoForPreTraining.from_pretrained(checkpoint).teacher(pixels).pooler_output
 
 
+# One model-index entry of an evaluation result file, as scripts/evaluate.py writes it.
+KNN_ENTRY = {
+    "task_type": "image-classification",
+    "dataset_type": "demo",
+    "dataset_name": "demo:test",
+    "metric_type": "accuracy",
+    "metric_name": "kNN top-1 (k=20)",
+    "metric_value": 71.5,
+}
+
+
 def test_export_loads_with_stock_transformers_in_a_fresh_process(trained, tmp_path):
     folder = prepare_upload_folder(trained, tmp_path / "export", str(tmp_path / "export"))
     config = json.loads((folder / "config.json").read_text())
@@ -115,23 +126,7 @@ def test_export_loads_with_stock_transformers_in_a_fresh_process(trained, tmp_pa
 
 def test_card_has_valid_metadata_model_index_plot_and_runnable_snippet(trained, tmp_path):
     evaluation = tmp_path / "eval.json"
-    evaluation.write_text(
-        json.dumps(
-            {
-                "model": "x",
-                "model_index": [
-                    {
-                        "task_type": "image-classification",
-                        "dataset_type": "demo",
-                        "dataset_name": "demo:test",
-                        "metric_type": "accuracy",
-                        "metric_name": "kNN top-1 (k=20)",
-                        "metric_value": 71.5,
-                    }
-                ],
-            }
-        )
-    )
+    evaluation.write_text(json.dumps({"model": "x", "model_index": [KNN_ENTRY]}))
     folder = prepare_upload_folder(trained, tmp_path / "export", str(tmp_path / "export"), [evaluation])
     text = (folder / "README.md").read_text()
     metadata = yaml.safe_load(text.split("---")[1])
@@ -297,15 +292,7 @@ def card_metadata(folder: Path) -> dict:
 
 def test_card_links_only_to_what_exists_and_names_hub_dataset_ids(trained, tmp_path, monkeypatch):
     evaluation = tmp_path / "eval.json"
-    entry = {
-        "task_type": "image-classification",
-        "dataset_type": "demo",
-        "dataset_name": "demo:test",
-        "metric_type": "accuracy",
-        "metric_name": "kNN top-1 (k=20)",
-        "metric_value": 71.5,
-    }
-    evaluation.write_text(json.dumps({"model": "x", "model_index": [entry]}))
+    evaluation.write_text(json.dumps({"model": "x", "model_index": [KNN_ENTRY]}))
     monkeypatch.setattr(hf_koleo.model_card, "package_project_url", lambda: None)
     folder = prepare_upload_folder(trained, tmp_path / "export", "x", [evaluation])
     text = (folder / "README.md").read_text()
