@@ -95,6 +95,10 @@ class MaskSettings:
         """``(batch, n_crops, grid_size**2)`` bool masks for images with these keys."""
         return block_masks(keys, n_crops, self.grid_size, self.ratio_range, self.probability)
 
+    def batch_masks(self, keys: torch.Tensor) -> dict[str, torch.Tensor | int]:
+        """What a batch carries for iBOT: ``masks`` of its two global crops and their ``mask_slots`` budget."""
+        return {"masks": self.masks(keys), "mask_slots": self.slot_budget(2 * len(keys))}
+
     def slot_budget(self, n_crops: int) -> int:
         """Static number of iBOT patch slots for ``n_crops`` global crops (``mask_slots`` of the model).
 

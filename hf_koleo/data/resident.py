@@ -74,8 +74,7 @@ class ResidentBatches:
         keys = sample_keys(self.seed, epoch, indices)
         batch: dict[str, Any] = self.augmentation(self.data.images[indices], self.data.extents[indices], keys)
         if self.masking is not None:
-            batch["masks"] = self.masking.masks(keys)
-            batch["mask_slots"] = self.masking.slot_budget(2 * len(indices))
+            batch.update(self.masking.batch_masks(keys))
         batch.update(labels=self.data.labels[indices], indices=indices, n_corrupt=0)
         return batch
 

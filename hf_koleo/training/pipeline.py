@@ -150,8 +150,7 @@ class DataPipeline:
             raw["images"].to(self.device, non_blocking=True), raw["extents"].to(self.device, non_blocking=True), keys
         )
         if self.masking is not None:
-            batch["masks"] = self.masking.masks(keys)
-            batch["mask_slots"] = self.masking.slot_budget(2 * len(keys))
+            batch.update(self.masking.batch_masks(keys))
         batch["labels"] = raw["labels"]
         return batch
 
