@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     arguments, model_config = parse_pretraining_args(sys.argv[1:] if argv is None else argv)
     summary = pretrain(arguments, model_config)
-    if "prototype_report" in summary:  # the main process: the full report is in the report JSON
+    if "checkpoint" in summary:  # the main process: the full report is in the report JSON
         print(format_summary(summary))
 
 

@@ -14,6 +14,7 @@ from hf_koleo import KoLeoDinoForPreTraining
 from hf_koleo.training.arguments import parse_pretraining_args
 from hf_koleo.training.checkpoint import list_checkpoints
 from hf_koleo.training.optimization import cosine_schedule, linear_warmup
+from hf_koleo.training.summary import format_summary
 from hf_koleo.training.trainer import NonFiniteLossError, pretrain
 
 
@@ -126,6 +127,32 @@ def test_resume_gives_the_same_parameters_as_a_straight_run(data_path, tmp_path,
     assert state["step"] == 4 and state["position"] == position
 
 
+def test_max_time_stops_with_a_checkpoint_and_resume_finishes_as_a_straight_run(data_path, tmp_path):
+    straight_summary = run(data_path, tmp_path / "straight", "--save_every", "100")
+    stopped = run(data_path, tmp_path / "chunked", "--save_every", "100", "--max_time", "1e-9")
+    assert stopped["stopped"] == "max_time" and stopped["steps"] == 1 and stopped["total_steps"] == 4
+    assert Path(stopped["checkpoint"]).name == "checkpoint-00000001"
+    assert "stopped by --max_time at step 1 of 4" in format_summary(stopped)
+    assert not (tmp_path / "chunked" / "backbone").exists()  # exported only when the run is done
+    assert not (tmp_path / "chunked" / "prototype_report.json").exists()
+    finished = run(data_path, tmp_path / "chunked", "--save_every", "100", "--resume", "latest")
+    assert finished["steps"] == straight_summary["steps"] == 4 and "stopped" not in finished
+    straight = student_parameters(list_checkpoints(tmp_path / "straight")[-1])
+    chunked = student_parameters(list_checkpoints(tmp_path / "chunked")[-1])
+    for key in straight:
+        assert torch.equal(straight[key], chunked[key]), key
+
+
+def test_proto_every_epochs_logs_prototype_statistics_per_epoch(data_path, tmp_path):
+    # 12 steps of 4 images over the 48 images: half an epoch every 6 steps.
+    run(data_path, tmp_path / "run", "--max_steps", "12", "--save_every", "100", "--proto_every_epochs", "0.5")
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    proto_rows = [row for row in rows if "prototypes/teacher_cls/unique@0.025" in row]
+    assert [(row["step"], row["epoch"]) for row in proto_rows] == [(6, 0.5), (12, 1.0)]
+    with pytest.raises(ValueError, match="proto_every_epochs needs the dataset size"):
+        parse_pretraining_args(["--max_steps", "2", "--proto_every_epochs", "1"])[0].proto_interval(0.0)
+
+
 def test_interrupted_save_leaves_the_latest_checkpoint_readable(data_path, tmp_path, monkeypatch):
     from accelerate import Accelerator
 
@@ -166,7 +193,7 @@ def test_non_finite_loss_stops_with_a_diagnostic_checkpoint(data_path, tmp_path,
     assert load_file(str(diagnostic / "batch.safetensors"))["global_crops"].shape == (4, 2, 3, 8, 8)
 
 
-def launch(data_path, output_dir, num_processes, batch_size):
+def launch(data_path, output_dir, num_processes, batch_size, *extra):
     command = [
         sys.executable,
         "-m",
@@ -192,19 +219,27 @@ def launch(data_path, output_dir, num_processes, batch_size):
         str(batch_size),
         "--split_strategy",
         "examples",
+        *extra,
     ]
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    return student_parameters(list_checkpoints(output_dir)[-1])
+    return student_parameters(list_checkpoints(output_dir)[-1]), result.stdout
 
 
 def test_one_step_on_two_cpu_processes_equals_one_process_at_the_same_global_batch(data_path, tmp_path):
-    single = launch(data_path, tmp_path / "one", num_processes=1, batch_size=8)
-    double = launch(data_path, tmp_path / "two", num_processes=2, batch_size=4)
+    single, _ = launch(data_path, tmp_path / "one", num_processes=1, batch_size=8)
+    double, _ = launch(data_path, tmp_path / "two", num_processes=2, batch_size=4)
     for key in single:
         assert torch.allclose(single[key], double[key], atol=1e-5, rtol=1e-4), key
     assert not torch.equal(single["student_head.prototypes"], single["teacher_head.prototypes"])
+
+
+def test_max_time_stops_every_process_at_the_same_step(data_path, tmp_path):
+    # The main process's clock decides (broadcast at the log step), so no process waits for another.
+    _, stdout = launch(data_path, tmp_path / "run", 2, 4, "--max_steps", "3", "--max_time", "1e-9")
+    assert "pretraining stopped by --max_time at step 1 of 3" in stdout
+    assert [path.name for path in list_checkpoints(tmp_path / "run")] == ["checkpoint-00000001"]
 
 
 def test_accelerate_cpu_launch_without_mpirun_is_detected():

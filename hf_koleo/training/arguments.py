@@ -69,10 +69,20 @@ class PretrainingArguments(MultiCropConfig):
     split_strategy: str = field(default="auto", metadata={"help": "datasets split_dataset_by_node strategy."})
     log_every: int = 10
     proto_every: int = 100
+    proto_every_epochs: float = field(
+        default=0.0, metadata={"help": "Prototype statistics every this many epochs; > 0 overrides proto_every."}
+    )
     proto_eps: list[float] = field(default_factory=lambda: [0.01, 0.025, 0.05, 0.1])
     save_every: int = 500
     keep_last: int = 2
     resume: str = field(default="", metadata={"help": "'latest' or a checkpoint folder; empty starts fresh."})
+    max_time: float = field(
+        default=0.0,
+        metadata={
+            "help": "Seconds this invocation may train (checked every log_every steps): then it saves a "
+            "checkpoint and stops, and --resume latest goes on. 0 = no limit."
+        },
+    )
     report_to: str = field(default="tensorboard", metadata={"help": "tensorboard, trackio, all or none."})
     report_images: int = field(default=512, metadata={"help": "Images embedded for the final prototype report."})
 
@@ -107,6 +117,8 @@ class PretrainingArguments(MultiCropConfig):
             "canvas_size",
             "shuffle_buffer",
             "report_images",
+            "proto_every_epochs",
+            "max_time",
         )
         for name in non_negative:
             value = getattr(self, name)
@@ -137,6 +149,14 @@ class PretrainingArguments(MultiCropConfig):
 
     def steps_per_epoch(self, num_processes: int, dataset_size: int) -> float:
         return dataset_size / self.global_batch_size(num_processes) if dataset_size else 0.0
+
+    def proto_interval(self, steps_per_epoch: float) -> int:
+        """Steps between prototype statistics: ``proto_every_epochs`` epochs when set, else ``proto_every``."""
+        if not self.proto_every_epochs:
+            return self.proto_every
+        if not steps_per_epoch:
+            raise ValueError("proto_every_epochs needs the dataset size: set dataset_size (or use proto_every)")
+        return max(1, round(self.proto_every_epochs * steps_per_epoch))
 
     def total_steps(self, steps_per_epoch: float) -> int:
         if self.max_steps:

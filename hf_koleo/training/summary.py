@@ -37,6 +37,12 @@ def format_summary(summary: dict[str, Any]) -> str:
     Steps, images seen, images per second, corrupt records skipped, the paths of the last
     checkpoint, the exported backbone and the report, then :func:`unique_prototype_table`.
     """
+    if summary.get("stopped"):
+        return (
+            f"pretraining stopped by --{summary['stopped']} at step {summary['steps']} of {summary['total_steps']} "
+            f"({summary['images_seen']} images seen, {summary.get('images_per_second', 0.0):.1f} img/s); "
+            f"--resume latest goes on from {summary.get('checkpoint')}"
+        )
     lines = [
         f"pretraining done: {summary['steps']} steps, {summary['images_seen']} images seen, "
         f"{summary.get('images_per_second', 0.0):.1f} img/s, "

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast, set_seed
 from tqdm.auto import tqdm
 
 from ..backbone_export import build_image_processor, export_backbone
@@ -89,6 +89,7 @@ def pretrain(arguments: PretrainingArguments, model_config: KoLeoDinoConfig) -> 
     Ends with a checkpoint in ``output_dir/checkpoints``, the exported stock backbone in
     ``output_dir/backbone`` and ``output_dir/prototype_report.json``.
     """
+    invocation_start = time.perf_counter()  # --max_time counts from here (setup and decoding included)
     output_dir = Path(arguments.output_dir)
     accelerator = Accelerator(
         cpu=needs_cpu_backend(),
@@ -109,6 +110,7 @@ def pretrain(arguments: PretrainingArguments, model_config: KoLeoDinoConfig) -> 
     data = DataPipeline(arguments, model_config, accelerator, tuple(state.position))
     steps_per_epoch = arguments.steps_per_epoch(accelerator.num_processes, data.dataset_size)
     total_steps = arguments.total_steps(steps_per_epoch)
+    proto_interval = arguments.proto_interval(steps_per_epoch)
     peak_lr = arguments.peak_lr(accelerator.num_processes)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -159,20 +161,26 @@ def pretrain(arguments: PretrainingArguments, model_config: KoLeoDinoConfig) -> 
             metrics.update(
                 asdict(values),
                 images_per_second=window_images / max(elapsed, 1e-9),
-                epoch=state.images_seen / data.dataset_size if data.dataset_size else state.position[0],
+                epoch=_epoch(state, data),
                 corrupt_records=state.corrupt_records,
             )
             _log(accelerator, output_dir, metrics, state.step)
             progress.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{metrics['images_per_second']:.1f}")
             window_start, window_images = time.perf_counter(), 0
-        if state.step % arguments.proto_every == 0 or state.step == total_steps:
+        if state.step % proto_interval == 0 or state.step == total_steps:
             counts = accelerator.reduce(assignment_counts, reduction="sum")
             if accelerator.is_main_process:
-                metrics = prototype_metrics(unwrapped, counts, arguments.proto_eps)
+                metrics = {**prototype_metrics(unwrapped, counts, arguments.proto_eps), "epoch": _epoch(state, data)}
                 _log(accelerator, output_dir, metrics, state.step)
                 logger.info("step %d prototypes: %s", state.step, json.dumps(metrics))
             assignment_counts.zero_()
-        if saving:
+        out_of_time = (
+            arguments.max_time > 0
+            and state.step % arguments.log_every == 0
+            and state.step < total_steps
+            and _time_is_up(accelerator, invocation_start, arguments.max_time)
+        )
+        if saving or out_of_time:
             save_checkpoint(
                 accelerator,
                 output_dir,
@@ -182,7 +190,19 @@ def pretrain(arguments: PretrainingArguments, model_config: KoLeoDinoConfig) -> 
                 image_processor=image_processor,
                 run_arguments=asdict(arguments),
             )
+        if out_of_time:
+            logger.warning(
+                "--max_time %gs reached at step %d of %d: checkpoint saved; --resume latest goes on",
+                arguments.max_time,
+                state.step,
+                total_steps,
+            )
+            break
     progress.close()
+    if state.step < total_steps:  # stopped by --max_time: no export, no final report yet
+        summary = _stopped_summary(accelerator, output_dir, state, run_start, total_steps)
+        accelerator.end_training()
+        return summary
     summary = _finish(accelerator, unwrapped, arguments, data, state, run_start)
     accelerator.end_training()
     return summary
@@ -277,23 +297,54 @@ def _tracker_config(arguments: PretrainingArguments, model_config: KoLeoDinoConf
     return flat
 
 
+def _epoch(state: TrainerState, data: DataPipeline) -> float:
+    """Epochs so far: images seen over the source's size (the pass counter when the size is unknown)."""
+    return state.images_seen / data.dataset_size if data.dataset_size else float(state.position[0])
+
+
+def _time_is_up(accelerator: Accelerator, started: float, max_time: float) -> bool:
+    """The main process's clock decides, so every process stops at the same step."""
+    expired = time.perf_counter() - started >= max_time
+    if accelerator.num_processes == 1:
+        return expired
+    return bool(broadcast(torch.tensor([expired], device=accelerator.device), from_process=0).item())
+
+
+def _session_figures(state: TrainerState, run_start: tuple[float, int]) -> dict[str, Any]:
+    started, images_before = run_start
+    return {
+        "steps": state.step,
+        "images_seen": state.images_seen,
+        "images_per_second": (state.images_seen - images_before) / max(time.perf_counter() - started, 1e-9),
+    }
+
+
+def _last_checkpoint(output_dir: Path) -> str | None:
+    checkpoints = list_checkpoints(output_dir)
+    return str(checkpoints[-1]) if checkpoints else None
+
+
+def _stopped_summary(accelerator, output_dir: Path, state, run_start, total_steps: int) -> dict[str, Any]:
+    """The summary of a run that ``--max_time`` stopped: where it is and where its checkpoint is."""
+    summary = {**_session_figures(state, run_start), "total_steps": total_steps, "stopped": "max_time"}
+    if accelerator.is_main_process:
+        summary["checkpoint"] = _last_checkpoint(output_dir)
+    return summary
+
+
 def _finish(
     accelerator, model, arguments, data: DataPipeline, state: TrainerState, run_start: tuple[float, int]
 ) -> dict[str, Any]:
     """Export the backbone and the prototype report; the run's summary (see ``training.summary``)."""
-    started, images_before = run_start
     summary: dict[str, Any] = {
-        "steps": state.step,
-        "images_seen": state.images_seen,
-        "images_per_second": (state.images_seen - images_before) / max(time.perf_counter() - started, 1e-9),
+        **_session_figures(state, run_start),
         # Resident sources drop undecodable records once, when decoding; streamed ones at every pass.
         "corrupt_records": data.batches.data.n_corrupt if data.resident else state.corrupt_records,
     }
     if not accelerator.is_main_process:
         return summary
     output_dir = Path(arguments.output_dir)
-    checkpoints = list_checkpoints(output_dir)
-    summary["checkpoint"] = str(checkpoints[-1]) if checkpoints else None
+    summary["checkpoint"] = _last_checkpoint(output_dir)
     backbone_dir = export_backbone(
         model, output_dir / "backbone", arguments.global_crops_size, arguments.image_mean, arguments.image_std
     )
