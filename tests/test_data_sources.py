@@ -4,7 +4,13 @@ import pytest
 from data_fixtures import write_fake_fashion_mnist, write_imagefolder, write_parquet, write_webdataset
 
 from hf_koleo.data.decoded import load_decoded
-from hf_koleo.data.fashion_mnist import long_tailed_counts, prepare_fashion_mnist, read_idx
+from hf_koleo.data.fashion_mnist import (
+    load_split,
+    long_tailed_counts,
+    prepare_fashion_mnist,
+    read_idx,
+    split_indices,
+)
 from hf_koleo.data.images import decode_image
 from hf_koleo.data.sources import (
     SourceConnectionError,
@@ -109,6 +115,21 @@ def test_prepare_long_tailed_records_counts(tmp_path):
     assert metadata["class_counts"] == long_tailed_counts(20, 10, 10)
     assert "MIT" in metadata["license"]
     assert count_records(str(output)) == sum(metadata["class_counts"])
+
+
+def test_fit_and_val_split_train_without_overlap_and_val_is_balanced(tmp_path, monkeypatch):
+    raw = write_fake_fashion_mnist(tmp_path / "raw", n_per_class=8)
+    monkeypatch.setattr("hf_koleo.data.fashion_mnist.VALIDATION_PER_CLASS", 3)
+    fit = json.loads((prepare_fashion_mnist(tmp_path / "fit", "fit", raw_dir=raw) / "metadata.json").read_text())
+    val = json.loads((prepare_fashion_mnist(tmp_path / "val", "val", raw_dir=raw) / "metadata.json").read_text())
+    assert val["class_counts"] == [3] * 10 and fit["class_counts"] == [5] * 10
+    images, labels = load_split("train", raw)
+    held_out, rest = split_indices("val", labels), split_indices("fit", labels)
+    assert len(set(held_out) | set(rest)) == len(labels) and not set(held_out) & set(rest)
+    fit_lt = prepare_fashion_mnist(tmp_path / "fit_lt", "fit", imbalance_ratio=5, raw_dir=raw)
+    assert json.loads((fit_lt / "metadata.json").read_text())["class_counts"] == long_tailed_counts(5, 10, 5)
+    with pytest.raises(ValueError, match="split must be one of"):
+        prepare_fashion_mnist(tmp_path / "bad", "validation", raw_dir=raw)
 
 
 def test_builtin_fashion_mnist_is_prepared_into_the_cache(tmp_path, monkeypatch):

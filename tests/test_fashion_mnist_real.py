@@ -3,9 +3,10 @@
 import json
 import os
 
+import numpy as np
 import pytest
 
-from hf_koleo.data.fashion_mnist import RAW_DIR
+from hf_koleo.data.fashion_mnist import RAW_DIR, load_split, split_indices
 from hf_koleo.data.images import decode_image
 from hf_koleo.data.sources import count_records, load_source
 
@@ -22,3 +23,11 @@ def test_builtin_test_split_is_prepared_from_the_debian_files(tmp_path, monkeypa
     assert metadata["class_counts"] == [1000] * 10
     record = next(iter(load_source("fashion_mnist:test")))
     assert decode_image(record["image"]).size == (28, 28) and 0 <= record["label"] < 10
+
+
+def test_validation_split_holds_out_1000_training_images_per_class():
+    _, labels = load_split("train")
+    held_out, rest = split_indices("val", labels), split_indices("fit", labels)
+    assert len(held_out) == 10000 and len(rest) == 50000
+    assert np.bincount(labels[held_out]).tolist() == [1000] * 10
+    assert np.intersect1d(held_out, rest).size == 0

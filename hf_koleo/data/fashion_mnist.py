@@ -1,4 +1,9 @@
-"""Fashion-MNIST (Debian's ``dataset-fashion-mnist`` IDX files) as parquet shards, optionally long-tailed."""
+"""Fashion-MNIST (Debian's ``dataset-fashion-mnist`` IDX files) as parquet shards, optionally long-tailed.
+
+Besides the official ``train`` and ``test`` splits, ``val`` holds out ``VALIDATION_PER_CLASS`` random
+training images of every class (seed ``VALIDATION_SEED``) and ``fit`` is the rest of ``train``, so
+hyper-parameters can be chosen without touching the test split.
+"""
 
 from __future__ import annotations
 
@@ -29,6 +34,9 @@ RAW_FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
 }
+SPLITS = ("train", "test", "fit", "val")  # fit + val = train, disjoint
+VALIDATION_PER_CLASS = 1000
+VALIDATION_SEED = 0
 LICENSE_NOTE = (
     "Fashion-MNIST, Copyright (c) 2017 Zalando SE, MIT licence "
     "(https://github.com/zalandoresearch/fashion-mnist/blob/master/LICENSE)."
@@ -91,6 +99,16 @@ def balanced_indices(labels: np.ndarray, per_class: int, seed: int = 0) -> np.nd
     return np.sort(np.concatenate(chosen))
 
 
+def split_indices(split: str, labels: np.ndarray) -> np.ndarray:
+    """Indices into the raw ``train`` (``fit``, ``val``) or ``test`` split of the named split."""
+    if split not in SPLITS:
+        raise ValueError(f"Fashion-MNIST split must be one of {list(SPLITS)}, got {split!r}")
+    if split in ("train", "test"):
+        return np.arange(len(labels))
+    held_out = balanced_indices(labels, VALIDATION_PER_CLASS, VALIDATION_SEED)
+    return held_out if split == "val" else np.setdiff1d(np.arange(len(labels)), held_out)
+
+
 def _png_bytes(pixels: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="PNG", optimize=True)
@@ -145,7 +163,7 @@ def prepare_fashion_mnist(
 
     Args:
         output_dir: where the shards and ``metadata.json`` go.
-        split: ``"train"`` or ``"test"``.
+        split: ``"train"``, ``"test"``, ``"val"`` (held out from train) or ``"fit"`` (train minus val).
         imbalance_ratio: if set, keep a long-tailed subset (exponential profile, largest/smallest
             class = ``imbalance_ratio``).
         per_class: if set, keep a balanced subset of this many images per class.
@@ -155,12 +173,14 @@ def prepare_fashion_mnist(
     """
     if imbalance_ratio is not None and per_class is not None:
         raise ValueError("choose imbalance_ratio or per_class, not both")
-    images, labels = load_split(split, raw_dir)
-    indices = np.arange(len(labels))
+    if split not in SPLITS:
+        raise ValueError(f"Fashion-MNIST split must be one of {list(SPLITS)}, got {split!r}")
+    images, labels = load_split("test" if split == "test" else "train", raw_dir)
+    indices = split_indices(split, labels)
     if imbalance_ratio is not None:
-        indices = long_tailed_indices(labels, imbalance_ratio, seed)
+        indices = indices[long_tailed_indices(labels[indices], imbalance_ratio, seed)]
     elif per_class is not None:
-        indices = balanced_indices(labels, per_class, seed)
+        indices = indices[balanced_indices(labels[indices], per_class, seed)]
     metadata = {
         "source": f"fashion_mnist:{split}",
         "imbalance_ratio": imbalance_ratio,

@@ -3,8 +3,9 @@
 Accepted names:
 
 * built-ins: ``demo`` / ``demo:train`` / ``demo:test`` (the Fashion-MNIST slice shipped in the
-  package), ``fashion_mnist:train``, ``fashion_mnist:test``, ``fashion_mnist:train_lt<R>``
-  (long-tailed, imbalance ratio R, e.g. ``train_lt100``), prepared from Debian's IDX files into
+  package), ``fashion_mnist:train``, ``fashion_mnist:test``, ``fashion_mnist:val`` (10,000 training
+  images held out, 1,000 per class) and ``fashion_mnist:fit`` (the other 50,000), each optionally
+  long-tailed with ``_lt<R>`` (imbalance ratio R, e.g. ``train_lt100``), prepared from Debian's IDX files into
   ``$HF_KOLEO_CACHE`` (default ``~/.cache/hf_koleo``) on first use;
 * a local parquet file or a folder of parquet shards;
 * a local image folder (``imagefolder`` layout: one sub-folder per class);
@@ -41,7 +42,7 @@ EMBEDDED = {
 }
 IMAGE_COLUMNS = ("image", "img", "jpg", "jpeg", "png", "webp", "pixel_values")
 LABEL_COLUMNS = ("label", "labels", "cls", "class", "fine_label")
-_FASHION_MNIST = re.compile(r"^fashion_mnist:(train|test)(?:_lt(\d+(?:\.\d+)?))?$")
+_FASHION_MNIST = re.compile(r"^fashion_mnist:(train|test|fit|val)(?:_lt(\d+(?:\.\d+)?))?$")
 
 
 class SourceConnectionError(ConnectionError):
@@ -92,7 +93,9 @@ def fashion_mnist_dir(name: str) -> Path:
     """Folder of prepared parquet shards for a ``fashion_mnist:...`` name (prepared if missing)."""
     match = _FASHION_MNIST.match(name)
     if match is None:
-        raise ValueError(f"unknown Fashion-MNIST source {name!r}: use fashion_mnist:train, :test or :train_lt<R>")
+        raise ValueError(
+            f"unknown Fashion-MNIST source {name!r}: use fashion_mnist:train, :test, :fit, :val, or one of them + _lt<R>"
+        )
     split, ratio = match.group(1), match.group(2)
     target = cache_dir() / "fashion_mnist" / (split if ratio is None else f"{split}_lt{ratio}")
     if not (target / "metadata.json").exists():
