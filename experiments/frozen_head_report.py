@@ -2,21 +2,11 @@
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from .frozen_head import TRACKED_EPS
-
-
-def _mean_std(values: Sequence[float], digits: int = 0) -> str:
-    values = [float(value) for value in values]
-    mean = sum(values) / len(values)
-    if len(values) == 1:
-        return f"{mean:,.{digits}f}"
-    std = math.sqrt(sum((value - mean) ** 2 for value in values) / (len(values) - 1))
-    return f"{mean:,.{digits}f} ± {std:,.{digits}f}"
+from .markdown import mean_std
 
 
 def _grouped(results: dict[str, Any]) -> dict[tuple[str, str], list[dict[str, Any]]]:
@@ -111,13 +101,14 @@ def render_markdown(results: dict[str, Any], figure_prefix: str = "figures/froze
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in summary:
-        unique = " | ".join(_mean_std(row["unique"][f"{eps:g}"]) for eps in TRACKED_EPS)
+        unique = " | ".join(mean_std(row["unique"][f"{eps:g}"], 0) for eps in TRACKED_EPS)
         first = ", ".join("never" if step is None else f"{step:,}" for step in row["first_step_below_99"])
         lines.append(
             f"| {row['backbone']} | {row['variant']} | {row['num_prototypes']:,} | {unique} | "
-            f"{_mean_std(row['nn_distance_min'], 3)} | {_mean_std(row['nn_distance_median'], 3)} | "
-            f"{_mean_std(row['used'])} | {_mean_std(row['marginal_perplexity'])} | {_mean_std(row['dino_loss'], 3)} | "
-            f"{first} | {_mean_std(row['seconds'])} |"
+            f"{mean_std(row['nn_distance_min'], 3)} | {mean_std(row['nn_distance_median'], 3)} | "
+            f"{mean_std(row['used'], 0)} | {mean_std(row['marginal_perplexity'], 0)} | "
+            f"{mean_std(row['dino_loss'], 3)} | "
+            f"{first} | {mean_std(row['seconds'], 0)} |"
         )
     lines += ["", "## Unique prototypes (eps 0.025) over training, per seed", ""]
     for (backbone, variant), runs in _grouped(results).items():
@@ -206,10 +197,10 @@ def reading(summary: list[dict[str, Any]]) -> list[str]:
         )
         sentences.append(
             f"- **{row['backbone']} / {row['variant']}**: after {row['steps']:,} steps, "
-            f"{_mean_std(unique)} of {num_prototypes:,} teacher prototypes unique at eps 0.025 "
-            f"({_mean_std([100 * value for value in fraction], 1)} %), {_mean_std(row['unique']['0.1'])} at eps 0.1; "
-            f"{onset}; {_mean_std(row['used'])} prototypes used by the teacher arg-max, "
-            f"marginal perplexity {_mean_std(row['marginal_perplexity'])}."
+            f"{mean_std(unique, 0)} of {num_prototypes:,} teacher prototypes unique at eps 0.025 "
+            f"({mean_std([100 * value for value in fraction], 1)} %), {mean_std(row['unique']['0.1'], 0)} at eps 0.1; "
+            f"{onset}; {mean_std(row['used'], 0)} prototypes used by the teacher arg-max, "
+            f"marginal perplexity {mean_std(row['marginal_perplexity'], 0)}."
         )
     return sentences
 

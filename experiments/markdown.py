@@ -1,7 +1,8 @@
-"""Markdown tables for the experiments' reports (benchmarks, loop benchmark)."""
+"""Markdown pieces for the experiments' reports: tables, mean ± sd cells."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 
@@ -9,3 +10,13 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list
     """The lines of a markdown table: header, separator, one line per row (cells already formatted)."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def mean_std(values: Sequence[float], digits: int = 1) -> str:
+    """``mean ± sample sd`` of the values (the mean alone for one value), thousands separated."""
+    values = [float(value) for value in values]
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return f"{mean:,.{digits}f}"
+    spread = math.sqrt(sum((value - mean) ** 2 for value in values) / (len(values) - 1))
+    return f"{mean:,.{digits}f} ± {spread:,.{digits}f}"

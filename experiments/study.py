@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from typing import Any
 import torch
 import yaml
 
+from experiments.markdown import mean_std
 from hf_koleo import KoLeoDinoConfig
 from hf_koleo.evaluation.features import FeatureSet, extract_features
 from hf_koleo.evaluation.knn import weighted_knn_predict
@@ -96,6 +96,8 @@ def evaluate_run(model_dir: str, dataset: dict, settings: dict) -> dict[str, Any
         dataset["test"],
         limit_train=settings.get("limit_train"),
         limit_test=settings.get("limit_test"),
+        batch_size=settings.get("batch_size", 64),
+        device=settings.get("device", "cpu"),
         progress=False,
     )
     knn = knn_protocol(train, test, k_values=(20,))["by_k"]["20"]
@@ -199,12 +201,6 @@ def run_study(config: dict[str, Any], output_dir: str | Path) -> dict[str, Any]:
     return results
 
 
-def _mean_std(values: list[float], digits: int = 1) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
-    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
-
-
 # (key, label, decimals)
 METRIC_ROWS = (
     ("teacher_unique", "unique prototypes (teacher, eps 0.025)", 0),
@@ -239,7 +235,7 @@ def render_study_markdown(results: dict[str, Any]) -> str:
         pixels = results["pixels"][dataset]
         lines += ["", f"### {dataset}", "", "| metric | baseline | KoLeo-proto | raw pixels |", "|---|---|---|---|"]
         for key, label, digits in METRIC_ROWS:
-            cells = [_mean_std([run[key] for run in variants[variant]], digits) for variant in VARIANTS]
+            cells = [mean_std([run[key] for run in variants[variant]], digits) for variant in VARIANTS]
             lines.append(
                 f"| {label} | {cells[0]} | {cells[1]} | {pixels[key]:.1f} |"
                 if key in pixels
@@ -247,7 +243,7 @@ def render_study_markdown(results: dict[str, Any]) -> str:
             )
         walls = [run["wall_seconds"] for variant in VARIANTS for run in variants[variant] if run["wall_seconds"]]
         if walls:
-            lines.append(f"| pretraining wall time per run (s) | {_mean_std(walls)} | | |")
+            lines.append(f"| pretraining wall time per run (s) | {mean_std(walls)} | | |")
     lines += ["", f"Study wall time: {results['wall_seconds'] / 60:.1f} min."]
     return "\n".join(lines) + "\n"
 

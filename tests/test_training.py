@@ -58,7 +58,9 @@ def test_yaml_config_with_cli_overrides_and_unknown_keys(tmp_path):
         parse_pretraining_args([])
 
 
-@pytest.mark.parametrize("name", ["demo", "fashion_mnist", "fashion_mnist_lt", "vits16_in1k", "vitb16_inat18"])
+@pytest.mark.parametrize(
+    "name", ["demo", "fashion_mnist", "fashion_mnist_gpu", "fashion_mnist_lt", "vits16_in1k", "vitb16_inat18"]
+)
 def test_shipped_configs_parse(name):
     arguments, model_config = parse_pretraining_args(["--config", str(ROOT / "configs" / f"{name}.yaml")])
     assert arguments.data and model_config.num_prototypes >= 2

@@ -94,7 +94,7 @@ def fashion_mnist_dir(name: str) -> Path:
     match = _FASHION_MNIST.match(name)
     if match is None:
         raise ValueError(
-            f"unknown Fashion-MNIST source {name!r}: use fashion_mnist:train, :test, :fit, :val, or one of them + _lt<R>"
+            f"unknown Fashion-MNIST source {name!r}: use fashion_mnist:train, :test, :fit or :val, optionally + _lt<R>"
         )
     split, ratio = match.group(1), match.group(2)
     target = cache_dir() / "fashion_mnist" / (split if ratio is None else f"{split}_lt{ratio}")

@@ -1,0 +1,349 @@
+"""Report of the GPU study (experiments/gpu_study.py): tables, one verdict per paper claim, plots, JSON.
+
+Reads the per-run JSON files a study's chunks wrote (``<run name>.json``, ``pixels-<dataset>.json``)
+and renders them; nothing here trains or evaluates. The verdicts test the targets of the study:
+
+* features beat raw pixels: kNN@20 top-1 >= 90 on the Fashion-MNIST test split;
+* the baseline partially collapses: teacher unique@0.025 <= 75 % of K at some K >= 16384;
+* KoLeo-proto prevents it: >= 95 % of K unique where the baseline collapsed;
+* KoLeo-proto helps on long-tailed data: kNN balanced accuracy gain >= 1 point on Fashion-MNIST-LT,
+  larger than the seed spread.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from .markdown import markdown_table, mean_std
+
+HEADLINE_EPS = "0.025"
+TABLE_EPS = ("0.01", "0.025", "0.05", "0.1")  # the eps the study logs every epoch
+METRICS = (  # (key in a run's "evaluation", label)
+    ("knn_top1", "kNN@20 top-1"),
+    ("knn_balanced", "kNN@20 balanced acc."),
+    ("linear_top1", "linear top-1"),
+    ("linear_balanced", "linear balanced acc."),
+    ("shot5", "5-shot top-1"),
+)
+TARGETS = {"knn": 90.0, "collapsed": 0.75, "prevented": 0.95, "collapse_min_k": 16384, "lt_gain": 1.0}
+
+
+def load_results(results_dir: str | Path) -> dict[str, Any]:
+    """``{"runs": [run records], "pixels": {dataset: evaluation}}`` from a results folder."""
+    results_dir = Path(results_dir)
+    runs, pixels = [], {}
+    for path in sorted(results_dir.glob("*.json")):
+        record = json.loads(path.read_text())
+        if path.name.startswith("pixels-"):
+            pixels[record["dataset"]] = record["evaluation"]
+        else:
+            runs.append(record)
+    return {"runs": runs, "pixels": pixels}
+
+
+def teacher_curve(run: dict[str, Any]) -> dict[str, int]:
+    """The teacher CLS head's unique prototypes per eps at the end of the run."""
+    return run["final_prototypes"]["teacher/cls"]["unique_curve"]
+
+
+def group_runs(runs: list[dict[str, Any]]) -> dict[tuple[str, int, str], list[dict[str, Any]]]:
+    """Runs by (dataset, K, method), seeds in order."""
+    groups: dict[tuple[str, int, str], list[dict[str, Any]]] = {}
+    for run in sorted(runs, key=lambda run: (run["dataset"], run["num_prototypes"], run["method"], run["seed"])):
+        groups.setdefault((run["dataset"], run["num_prototypes"], run["method"]), []).append(run)
+    return groups
+
+
+def _values(runs: list[dict[str, Any]], key: str) -> list[float]:
+    return [run["evaluation"][key] for run in runs]
+
+
+def _unique_fractions(runs: list[dict[str, Any]], eps: str = HEADLINE_EPS) -> list[float]:
+    return [teacher_curve(run)[eps] / run["num_prototypes"] for run in runs]
+
+
+def _spread(values: list[float]) -> float:
+    if len(values) < 2:
+        return 0.0
+    mean = sum(values) / len(values)
+    return math.sqrt(sum((value - mean) ** 2 for value in values) / (len(values) - 1))
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def claims(results: dict[str, Any]) -> list[dict[str, str]]:
+    """One ``{"claim", "verdict", "evidence"}`` per target; "not measured" when its runs are missing."""
+    groups = group_runs([run for run in results["runs"] if run["stage"] != "recipe"])
+    verdicts = []
+
+    pixels = results["pixels"].get("fashion_mnist", {}).get("knn_top1")
+    balanced = {key: runs for key, runs in groups.items() if key[0] == "fashion_mnist"}
+    if balanced:
+        (dataset, k, method), runs = max(balanced.items(), key=lambda item: _mean(_values(item[1], "knn_top1")))
+        best = _mean(_values(runs, "knn_top1"))
+        verdicts.append(
+            {
+                "claim": "features beat raw pixels",
+                "verdict": "confirmed" if best >= TARGETS["knn"] else "not confirmed",
+                "evidence": f"best kNN@20 top-1 {mean_std(_values(runs, 'knn_top1'))} ({method}, K = {k:,}, "
+                f"{len(runs)} seed(s)) vs raw pixels {pixels if pixels is None else f'{pixels:.1f}'}; "
+                f"target >= {TARGETS['knn']:g}",
+            }
+        )
+    else:
+        verdicts.append({"claim": "features beat raw pixels", "verdict": "not measured", "evidence": "no run"})
+
+    baselines = {
+        key: runs for key, runs in groups.items() if key[2] == "baseline" and key[1] >= TARGETS["collapse_min_k"]
+    }
+    collapsed = {key: runs for key, runs in baselines.items() if _mean(_unique_fractions(runs)) <= TARGETS["collapsed"]}
+    if not baselines:
+        verdicts.append({"claim": "the baseline partially collapses", "verdict": "not measured", "evidence": "no run"})
+    else:
+        shown = collapsed or baselines
+        evidence = "; ".join(
+            f"{dataset} K = {k:,}: {mean_std([100 * f for f in _unique_fractions(runs)])} % unique@{HEADLINE_EPS}"
+            for (dataset, k, _), runs in shown.items()
+        )
+        verdicts.append(
+            {
+                "claim": "the baseline partially collapses",
+                "verdict": "confirmed" if collapsed else "not confirmed",
+                "evidence": f"{evidence} (target <= {100 * TARGETS['collapsed']:g} % at K >= "
+                f"{TARGETS['collapse_min_k']:,})",
+            }
+        )
+
+    prevented = []
+    for dataset, k, _ in collapsed:
+        koleo = groups.get((dataset, k, "koleo_proto"))
+        if koleo:
+            prevented.append((dataset, k, _mean(_unique_fractions(koleo)), _unique_fractions(koleo)))
+    if not prevented:
+        reason = "no collapsed baseline to compare with" if not collapsed else "no KoLeo-proto run beside it"
+        verdicts.append({"claim": "KoLeo-proto prevents it", "verdict": "not measured", "evidence": reason})
+    else:
+        held = all(mean >= TARGETS["prevented"] for _, _, mean, _ in prevented)
+        verdicts.append(
+            {
+                "claim": "KoLeo-proto prevents it",
+                "verdict": "confirmed" if held else "not confirmed",
+                "evidence": "; ".join(
+                    f"{dataset} K = {k:,}: {mean_std([100 * f for f in fractions])} % unique@{HEADLINE_EPS}"
+                    for dataset, k, _, fractions in prevented
+                )
+                + f" (target >= {100 * TARGETS['prevented']:g} %)",
+            }
+        )
+
+    gains = []
+    for (dataset, k, method), runs in groups.items():
+        if dataset == "fashion_mnist_lt" and method == "baseline" and (dataset, k, "koleo_proto") in groups:
+            base, koleo = _values(runs, "knn_balanced"), _values(groups[(dataset, k, "koleo_proto")], "knn_balanced")
+            gains.append(
+                (k, _mean(koleo) - _mean(base), max(_spread(base), _spread(koleo)), min(len(base), len(koleo)))
+            )
+    if not gains:
+        verdicts.append(
+            {"claim": "KoLeo-proto helps on long-tailed data", "verdict": "not measured", "evidence": "no run"}
+        )
+    else:
+        k, gain, spread, seeds = max(gains, key=lambda item: item[3])  # the K with the most seeds
+        if seeds < 2:
+            verdict = "not confirmed (one seed: no spread to compare with)"
+        elif gain >= TARGETS["lt_gain"] and gain > spread:
+            verdict = "confirmed"
+        elif gain <= -spread and gain < 0:
+            verdict = "contradicted"
+        else:
+            verdict = "not confirmed"
+        verdicts.append(
+            {
+                "claim": "KoLeo-proto helps on long-tailed data",
+                "verdict": verdict,
+                "evidence": f"K = {k:,}: kNN balanced accuracy gain {gain:+.2f} points, seed sd {spread:.2f} "
+                f"({seeds} seeds); other K: "
+                + (", ".join(f"K = {other:,}: {g:+.2f}" for other, g, _, _ in gains if other != k) or "none"),
+            }
+        )
+    return verdicts
+
+
+def recipe_rows(results: dict[str, Any]) -> list[list[str]]:
+    """The recipe candidates scored on the validation split, best first."""
+    runs = sorted(
+        (run for run in results["runs"] if run["stage"] == "recipe"), key=lambda run: -run["evaluation"]["knn_top1"]
+    )
+    return [
+        [
+            run["method"],
+            f"{run['settings'].get('epochs', '-')}",
+            f"{run['evaluation']['knn_top1']:.1f}",
+            f"{run['evaluation']['linear_top1']:.1f}",
+            f"{teacher_curve(run)[HEADLINE_EPS]:,} / {run['num_prototypes']:,}",
+            f"{run['pretraining']['seconds']:.0f}",
+        ]
+        for run in runs
+    ]
+
+
+def render_markdown(results: dict[str, Any]) -> str:
+    runs = results["runs"]
+    if not runs:
+        return "No run of the GPU study has finished yet.\n"
+    devices = sorted({run["device"] for run in runs})
+    minutes = sum(run["pretraining"]["seconds"] for run in runs) / 60
+    lines = [
+        f"Runs: {len(runs)} on {', '.join(devices)}; pretraining time {minutes:.1f} min in all "
+        "(evaluation not included).",
+        "",
+        "### Claims",
+        "",
+    ]
+    lines += markdown_table(["claim", "verdict", "evidence"], [list(c.values()) for c in claims(results)])
+    if recipe_rows(results):
+        lines += ["", "### Recipe (scored on fashion_mnist:val, held out from the training split)", ""]
+        lines += markdown_table(
+            ["candidate", "epochs", "val kNN@20", "val linear", f"unique@{HEADLINE_EPS}", "pretraining s"],
+            recipe_rows(results),
+        )
+    for dataset in sorted({run["dataset"] for run in runs if run["stage"] != "recipe"}):
+        lines += ["", f"### {dataset}", ""]
+        rows = []
+        for (name, k, method), group in group_runs([r for r in runs if r["stage"] != "recipe"]).items():
+            if name != dataset:
+                continue
+            curve_cells = [mean_std([teacher_curve(run)[eps] for run in group], 0) for eps in teacher_curve(group[0])]
+            rows.append(
+                [f"{k:,}", method, str(len(group)), *curve_cells]
+                + [mean_std(_values(group, key)) for key, _ in METRICS]
+            )
+        pixels = results["pixels"].get(dataset)
+        if pixels:
+            cells = [f"{pixels[key]:.1f}" if key in pixels else "-" for key, _ in METRICS]
+            rows.append(["-", "raw pixels", "-", *["-"] * len(TABLE_EPS), *cells])
+        eps_header = [f"unique@{eps}" for eps in TABLE_EPS]
+        lines += markdown_table(["K", "method", "seeds", *eps_header, *[label for _, label in METRICS]], rows)
+    return "\n".join(lines) + "\n"
+
+
+def results_json(results: dict[str, Any]) -> dict[str, Any]:
+    """The headline figures, one entry per run, plus the pixels and the verdicts (``docs/results.json``)."""
+    return {
+        "runs": [
+            {
+                "dataset": run["dataset"],
+                "method": run["method"],
+                "stage": run["stage"],
+                "num_prototypes": run["num_prototypes"],
+                "seed": run["seed"],
+                "epochs": run["settings"].get("epochs"),
+                "device": run["device"],
+                "pretraining_seconds": run["pretraining"]["seconds"],
+                "unique_prototypes": teacher_curve(run),
+                **{key: run["evaluation"][key] for key, _ in METRICS},
+            }
+            for run in results["runs"]
+        ],
+        "pixels": results["pixels"],
+        "claims": claims(results),
+    }
+
+
+def plot_results(results: dict[str, Any], figures_dir: str | Path, prefix: str = "gpu_study") -> list[Path]:
+    """Unique prototypes vs epoch, eps curves at the end, kNN / balanced accuracy vs K; the PNG paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figures_dir = Path(figures_dir)
+    figures_dir.mkdir(parents=True, exist_ok=True)
+    groups = group_runs([run for run in results["runs"] if run["stage"] != "recipe"])
+    datasets = sorted({dataset for dataset, _, _ in groups})
+    ks = sorted({k for _, k, _ in groups})
+    methods = sorted({method for _, _, method in groups})
+    colours = {method: plt.get_cmap("tab10")(index) for index, method in enumerate(methods)}
+    written = []
+    if not groups:
+        return written
+
+    figure, axes = plt.subplots(len(datasets), len(ks), figsize=(4.5 * len(ks), 3.5 * len(datasets)), squeeze=False)
+    key = f"prototypes/teacher_cls/unique@{float(HEADLINE_EPS):g}"
+    for row, dataset in enumerate(datasets):
+        for column, k in enumerate(ks):
+            axis = axes[row][column]
+            for method in methods:
+                for run in groups.get((dataset, k, method), []):
+                    history = [item for item in run["prototype_history"] if key in item]
+                    axis.plot(
+                        [item["epoch"] for item in history],
+                        [item[key] / k for item in history],
+                        color=colours[method],
+                        alpha=1.0 if run["seed"] == 0 else 0.4,
+                        label=method if run["seed"] == 0 else None,
+                    )
+            axis.set(title=f"{dataset}, K = {k:,}", xlabel="epoch", ylabel=f"unique@{HEADLINE_EPS} / K", ylim=(0, 1.05))
+            axis.legend(fontsize=7)
+    figure.tight_layout()
+    written.append(figures_dir / f"{prefix}_unique_vs_epoch.png")
+    figure.savefig(written[-1], dpi=110)
+    plt.close(figure)
+
+    figure, axes = plt.subplots(1, len(datasets), figsize=(5 * len(datasets), 3.8), squeeze=False)
+    for column, dataset in enumerate(datasets):
+        axis = axes[0][column]
+        for (name, k, method), runs in groups.items():
+            if name != dataset:
+                continue
+            curve = teacher_curve(runs[0])
+            axis.plot(
+                [float(eps) for eps in curve],
+                [_mean([teacher_curve(run)[eps] / k for run in runs]) for eps in curve],
+                "o-",
+                color=colours[method],
+                alpha=0.4 + 0.6 * ks.index(k) / max(1, len(ks) - 1),
+                label=f"{method} K = {k:,}",
+                markersize=3,
+            )
+        axis.set(xscale="log", xlabel="eps", ylabel="unique / K", title=f"{dataset}: end of training", ylim=(0, 1.05))
+        axis.legend(fontsize=7)
+    figure.tight_layout()
+    written.append(figures_dir / f"{prefix}_eps_curves.png")
+    figure.savefig(written[-1], dpi=110)
+    plt.close(figure)
+
+    figure, axes = plt.subplots(1, 2, figsize=(10, 3.8), squeeze=False)
+    for column, (metric, label) in enumerate((("knn_top1", "kNN@20 top-1"), ("knn_balanced", "kNN@20 balanced acc."))):
+        axis = axes[0][column]
+        for dataset in datasets:
+            for method in methods:
+                points = [
+                    (k, _values(groups[(dataset, k, method)], metric)) for k in ks if (dataset, k, method) in groups
+                ]
+                if points:
+                    axis.errorbar(
+                        [k for k, _ in points],
+                        [_mean(values) for _, values in points],
+                        yerr=[_spread(values) for _, values in points],
+                        marker="o",
+                        capsize=3,
+                        color=colours[method],
+                        linestyle="-" if dataset == "fashion_mnist" else "--",
+                        label=f"{dataset} {method}",
+                    )
+        axis.set(xscale="log", xlabel="K (prototypes)", ylabel=label, title=f"{label} vs K")
+        axis.legend(fontsize=7)
+    figure.tight_layout()
+    written.append(figures_dir / f"{prefix}_accuracy_vs_k.png")
+    figure.savefig(written[-1], dpi=110)
+    plt.close(figure)
+    return written
+
+
+__all__ = ["claims", "load_results", "plot_results", "render_markdown", "results_json"]
