@@ -207,6 +207,16 @@ GPU_SUITE = (
         ["--config", "configs/vits16_in1k.yaml", "--data", "fashion_mnist:train", "--dataset_size", "0"],
         [32, 128],
     ),
+    (
+        "fashion_mnist, --compile true",
+        ["--config", "configs/fashion_mnist.yaml", "--mixed_precision", "bf16", "--compile", "true"],
+        [1024, 4096],
+    ),
+    (
+        "fashion_mnist_gpu (the GPU study's recipe: ViT-Tiny-sized, 6 local crops)",
+        ["--config", "configs/fashion_mnist_gpu.yaml"],
+        [512, 2048],
+    ),
 )
 # The same pipeline at sizes a 2-core CPU (and CI) runs in seconds.
 QUICK_SUITE = (
@@ -231,15 +241,25 @@ QUICK_SUITE = (
 )
 
 
-def run_loop_suite(quick: bool = False, steps: int = 20, koleo_prototypes: int = 65536) -> dict[str, Any]:
-    """Every loop measurement of the suite, and KoLeo-proto at ``koleo_prototypes`` on the device."""
+def run_loop_suite(
+    quick: bool = False, steps: int = 20, koleo_prototypes: int = 65536, progress=None
+) -> dict[str, Any]:
+    """Every loop measurement of the suite, KoLeo-proto at ``koleo_prototypes`` and the peer step on the device.
+
+    ``progress(results)``, when given, is called after each measurement with what is measured so far
+    (so a run cut short by a time limit still leaves its first tables).
+    """
     results: dict[str, Any] = {"device": device_name(), "loops": {}}
+    report = progress or (lambda _: None)
     for name, argv, batch_sizes in QUICK_SUITE if quick else GPU_SUITE:
         results["loops"][name] = measure_loop([*argv, "--report_to", "none", "--max_steps", "1000"], batch_sizes, steps)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+        report(results)
     results["koleo_proto"] = measure_koleo_on_device(koleo_prototypes)
+    report(results)
     results["peer"] = measure_peer_step(*(QUICK_PEER if quick else GPU_PEER))
+    report(results)
     return results
 
 
@@ -278,17 +298,18 @@ def render_loop_suite_markdown(results: dict[str, Any], command: str) -> str:
     ]
     for name, loop in results["loops"].items():
         lines += render_loop_markdown(name, loop)
-    koleo = results["koleo_proto"]
-    lines += [
-        f"KoLeo-proto forward + backward, K = {koleo['num_prototypes']:,}, d = {koleo['dim']}: "
-        f"{koleo['ms']:.1f} ms"
-        + (
-            f", peak {koleo['peak_mib']:.0f} MiB."
-            if koleo["peak_mib"] == koleo["peak_mib"]
-            else " (no GPU memory to measure)."
-        ),
-        "",
-    ]
+    koleo = results.get("koleo_proto")
+    if koleo:
+        lines += [
+            f"KoLeo-proto forward + backward, K = {koleo['num_prototypes']:,}, d = {koleo['dim']}: "
+            f"{koleo['ms']:.1f} ms"
+            + (
+                f", peak {koleo['peak_mib']:.0f} MiB."
+                if koleo["peak_mib"] == koleo["peak_mib"]
+                else " (no GPU memory to measure)."
+            ),
+            "",
+        ]
     peer = results.get("peer")
     if peer:
         lines += [

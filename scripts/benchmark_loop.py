@@ -29,10 +29,13 @@ def main() -> None:
     koleo_prototypes = arguments.koleo_prototypes or (1024 if arguments.quick else 65536)
     output = Path(arguments.output).resolve()
     os.chdir(ROOT)  # the suite names its configs relative to the checkout
-    results = run_loop_suite(arguments.quick, arguments.steps, koleo_prototypes)
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(render_loop_suite_markdown(results, "python " + " ".join(sys.argv)))
-    output.with_suffix(".json").write_text(json.dumps(results, indent=2))
+
+    def write(results: dict) -> None:  # after every measurement: a run cut short keeps what it measured
+        output.write_text(render_loop_suite_markdown(results, "python " + " ".join(sys.argv)))
+        output.with_suffix(".json").write_text(json.dumps(results, indent=2))
+
+    run_loop_suite(arguments.quick, arguments.steps, koleo_prototypes, progress=write)
     print(output.read_text())
 
 

@@ -10,8 +10,14 @@ from experiments.loop_benchmark import render_loop_suite_markdown, run_loop_suit
 def quick_results():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny work: one thread is faster, and far faster on a shared machine
+    snapshots = []
+
+    def progress(results):  # what a cut-short run would have written, after each measurement
+        snapshots.append((sorted(results), render_loop_suite_markdown(results, "partial")))
+
     try:
-        yield run_loop_suite(quick=True, steps=2, koleo_prototypes=128)
+        results = run_loop_suite(quick=True, steps=2, koleo_prototypes=128, progress=progress)
+        yield {**results, "snapshots": snapshots}
     finally:
         torch.set_num_threads(threads)
 
@@ -39,3 +45,10 @@ def test_quick_suite_renders_one_table_row_per_batch(quick_results):
     markdown = render_loop_suite_markdown(quick_results, "python scripts/benchmark_loop.py --quick")
     rows = [line for line in markdown.splitlines() if line.startswith("| 4 |") or line.startswith("| 16 |")]
     assert len(rows) == 2 and "none" in rows[0] and "KoLeo-proto" in markdown and "lightly-based peer" in markdown
+
+
+def test_quick_suite_reports_after_each_measurement(quick_results):
+    keys = [keys for keys, _ in quick_results["snapshots"]]
+    assert keys == [["device", "loops"], ["device", "koleo_proto", "loops"], ["device", "koleo_proto", "loops", "peer"]]
+    first_markdown = quick_results["snapshots"][0][1]
+    assert "| 4 |" in first_markdown and "KoLeo-proto" not in first_markdown
