@@ -33,6 +33,7 @@ import torch
 import yaml
 
 from experiments.study import evaluate_run, load_study_config
+from hf_koleo.data.sources import count_records
 from hf_koleo.evaluation.features import default_device
 from hf_koleo.training.arguments import arguments_from_settings
 from hf_koleo.training.trainer import pretrain
@@ -119,6 +120,13 @@ def run_settings(config: dict[str, Any], run: StudyRun, output_dir: Path) -> dic
             "model": {"num_prototypes": run.num_prototypes},
         },
     )
+
+
+def planned_images(config: dict[str, Any], run: StudyRun) -> int:
+    """Images the run will see: its steps x global batch (one process), from its settings and source size."""
+    arguments, _ = arguments_from_settings(run_settings(config, run, Path("unused")), source=run.name)
+    steps_per_epoch = arguments.steps_per_epoch(1, arguments.dataset_size or count_records(arguments.data) or 0)
+    return arguments.total_steps(steps_per_epoch) * arguments.global_batch_size(1)
 
 
 def _history(run_dir: Path) -> tuple[list[dict[str, Any]], list[list[float]]]:
@@ -266,4 +274,12 @@ def run_chunk(
     return outcome
 
 
-__all__ = ["StudyRun", "evaluate_pixels", "load_gpu_study_config", "plan_runs", "run_chunk", "run_settings"]
+__all__ = [
+    "StudyRun",
+    "evaluate_pixels",
+    "load_gpu_study_config",
+    "plan_runs",
+    "planned_images",
+    "run_chunk",
+    "run_settings",
+]
