@@ -17,6 +17,7 @@ Every timing waits for the device (``torch.cuda.synchronize``) before reading th
 
 from __future__ import annotations
 
+import logging
 import statistics
 import time
 from dataclasses import dataclass
@@ -33,6 +34,8 @@ from hf_koleo.training.host_sync import HostSyncRecorder
 from hf_koleo.training.optimization import apply_schedules, build_optimizer, schedule_values
 from hf_koleo.training.pipeline import DataPipeline
 from hf_koleo.training.trainer import NonFiniteGuard, train_step
+
+logger = logging.getLogger(__name__)
 
 
 def _wait(device: torch.device) -> None:
@@ -170,6 +173,8 @@ def device_name() -> str:
 
 def render_loop_markdown(name: str, results: dict[str, Any]) -> list[str]:
     """A markdown table of :func:`measure_loop` results."""
+    if "error" in results:
+        return [f"### {name}", "", f"`{' '.join(results['argv'])}`", "", f"**Failed**: {results['error']}", ""]
     lines = [
         f"### {name} ({results['device']})",
         "",
@@ -252,15 +257,27 @@ def run_loop_suite(
     results: dict[str, Any] = {"device": device_name(), "loops": {}}
     report = progress or (lambda _: None)
     for name, argv, batch_sizes in QUICK_SUITE if quick else GPU_SUITE:
-        results["loops"][name] = measure_loop([*argv, "--report_to", "none", "--max_steps", "1000"], batch_sizes, steps)
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        argv = [*argv, "--report_to", "none", "--max_steps", "1000"]
+        results["loops"][name] = _recorded({"argv": argv}, measure_loop, argv, batch_sizes, steps)
         report(results)
-    results["koleo_proto"] = measure_koleo_on_device(koleo_prototypes)
+    results["koleo_proto"] = _recorded({}, measure_koleo_on_device, koleo_prototypes)
     report(results)
-    results["peer"] = measure_peer_step(*(QUICK_PEER if quick else GPU_PEER))
+    results["peer"] = _recorded({}, measure_peer_step, *(QUICK_PEER if quick else GPU_PEER))
     report(results)
     return results
+
+
+def _recorded(context: dict[str, Any], measure, *args) -> dict[str, Any]:
+    """A measurement's result, or ``{"error": ...}`` when it fails: one failure (an out-of-memory batch, a
+    compiler error) must not cost the device run the measurements after it."""
+    try:
+        return measure(*args)
+    except Exception as error:  # any failure of the measured code is a result to report
+        logger.exception("measurement failed")
+        return {**context, "error": f"{type(error).__name__}: {' '.join(str(error).split())[:300]}"}
+    finally:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 # The lightly-based peer step against ours on the device: (pretrain argv, batch).
@@ -299,7 +316,9 @@ def render_loop_suite_markdown(results: dict[str, Any], command: str) -> str:
     for name, loop in results["loops"].items():
         lines += render_loop_markdown(name, loop)
     koleo = results.get("koleo_proto")
-    if koleo:
+    if koleo and "error" in koleo:
+        lines += [f"KoLeo-proto at large K **failed**: {koleo['error']}", ""]
+    elif koleo:
         lines += [
             f"KoLeo-proto forward + backward, K = {koleo['num_prototypes']:,}, d = {koleo['dim']}: "
             f"{koleo['ms']:.1f} ms"
@@ -311,7 +330,9 @@ def render_loop_suite_markdown(results: dict[str, Any], command: str) -> str:
             "",
         ]
     peer = results.get("peer")
-    if peer:
+    if peer and "error" in peer:
+        lines += [f"Peer step **failed**: {peer['error']}", ""]
+    elif peer:
         lines += [
             f"Full DINO step against the lightly-based peer on {peer['device']} (batch {peer['batch']}, "
             f"K = {peer['K']:,}, {peer['n_local']} local crops, same fused AdamW, both teachers batched): ours "

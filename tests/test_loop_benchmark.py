@@ -52,3 +52,15 @@ def test_quick_suite_reports_after_each_measurement(quick_results):
     assert keys == [["device", "loops"], ["device", "koleo_proto", "loops"], ["device", "koleo_proto", "loops", "peer"]]
     first_markdown = quick_results["snapshots"][0][1]
     assert "| 4 |" in first_markdown and "KoLeo-proto" not in first_markdown
+
+
+def test_a_failing_measurement_is_reported_and_the_rest_still_run(monkeypatch, one_thread):
+    import experiments.loop_benchmark as loop_benchmark
+
+    broken = ("broken", ["--config", "configs/demo.yaml", "--model.num_prototypes", "1"], [4])
+    monkeypatch.setattr(loop_benchmark, "QUICK_SUITE", (broken,))
+    monkeypatch.setattr(loop_benchmark, "measure_peer_step", lambda *args: {})
+    results = run_loop_suite(quick=True, steps=1, koleo_prototypes=64)
+    assert "num_prototypes" in results["loops"]["broken"]["error"]
+    assert results["koleo_proto"]["num_prototypes"] == 64  # measured after the failure
+    assert "**Failed**: ValueError" in render_loop_suite_markdown(results, "x")
