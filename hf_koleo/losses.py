@@ -7,6 +7,7 @@ the trainer, which call these functions.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -198,6 +199,14 @@ def sinkhorn_knopp(
     return scores.t()
 
 
+def without_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """Full precision inside a mixed-precision forward: under bf16 autocast, similarities near 1 are
+    rounded to steps of 2**-8 (distance steps of ~0.09), which hides which prototype is nearest."""
+    if device.type in ("cpu", "cuda", "xpu", "mps", "hpu"):
+        return torch.autocast(device_type=device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def search_block_size(n_rows: int, n_columns: int, device: torch.device | str = "cpu") -> int:
     """Rows per block of a nearest-neighbour search over ``n_columns`` candidates."""
     budget = _SEARCH_BLOCK_ELEMENTS_GPU if torch.device(device).type == "cuda" else _SEARCH_BLOCK_ELEMENTS
@@ -225,11 +234,12 @@ def nearest_neighbours(unit_vectors: torch.Tensor, block_size: int | None = None
     block_size = block_size or search_block_size(n_rows, n_rows, search.device)
     indices = torch.empty(n_rows, dtype=torch.long, device=search.device)
     similarities = torch.empty(n_rows, dtype=search.dtype, device=search.device)
-    for start in range(0, n_rows, block_size):
-        stop = min(start + block_size, n_rows)
-        block = search[start:stop] @ search.t()  # (block, K)
-        block.diagonal(offset=start).fill_(-float("inf"))  # a row is not its own neighbour
-        similarities[start:stop], indices[start:stop] = block.max(dim=1)
+    with without_autocast(search.device):
+        for start in range(0, n_rows, block_size):
+            stop = min(start + block_size, n_rows)
+            block = search[start:stop] @ search.t()  # (block, K)
+            block.diagonal(offset=start).fill_(-float("inf"))  # a row is not its own neighbour
+            similarities[start:stop], indices[start:stop] = block.max(dim=1)
     distances = (2.0 - 2.0 * similarities).clamp(min=0.0).sqrt()
     return indices, distances
 

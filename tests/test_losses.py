@@ -93,6 +93,19 @@ def test_nearest_neighbours_excludes_self_and_matches_brute_force():
     assert torch.allclose(distances, brute.min(dim=1).values, atol=1e-7)
 
 
+def test_nearest_neighbours_are_searched_in_full_precision_inside_a_bf16_forward():
+    # Close pairs at distances 0.01-0.05: bf16 similarities (steps of 2**-8 near 1) cannot rank them.
+    torch.manual_seed(0)
+    base = F.normalize(torch.randn(256, 32), dim=1)
+    vectors = F.normalize(torch.cat([base + 0.004 * k * torch.randn(256, 32) for k in range(1, 4)]), dim=1)
+    expected = nearest_neighbours(vectors)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        found = nearest_neighbours(vectors)
+        loss = koleo_proto_loss(vectors)
+    assert torch.equal(found[0], expected[0]) and torch.allclose(found[1], expected[1])
+    assert loss.item() == pytest.approx(koleo_proto_loss(vectors).item(), rel=1e-6)
+
+
 def test_koleo_proto_rejects_a_single_prototype():
     with pytest.raises(ValueError, match="at least 2"):
         koleo_proto_loss(torch.randn(1, 4))

@@ -78,3 +78,12 @@ def test_utilisation_counts_prototypes_used_at_least_once():
 def test_marginal_entropy_of_uniform_rows_is_log_k():
     assert marginal_entropy(torch.full((5, 8), 1 / 8)) == pytest.approx(math.log(8))
     assert marginal_entropy(torch.eye(8)[torch.zeros(5, dtype=torch.long)]) == pytest.approx(0.0)
+
+
+def test_unique_counts_inside_a_bf16_autocast_region_match_full_precision():
+    torch.manual_seed(0)
+    base = F.normalize(torch.randn(200, 16), dim=1)
+    prototypes = torch.cat([base, base + 0.003 * torch.randn(200, 16), base + 0.02 * torch.randn(200, 16)])
+    expected = unique_prototype_curve(prototypes, [0.01, 0.025, 0.05])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert unique_prototype_curve(prototypes, [0.01, 0.025, 0.05]) == expected
