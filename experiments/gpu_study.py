@@ -23,7 +23,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,8 +33,11 @@ import yaml
 
 from experiments.study import evaluate_run, load_study_config
 from hf_koleo.data.sources import count_records
-from hf_koleo.evaluation.features import default_device
+from hf_koleo.evaluation.features import PIXELS, default_device
+from hf_koleo.evaluation.run import evaluate_backbone, write_result
+from hf_koleo.hub import prepare_upload_folder
 from hf_koleo.training.arguments import arguments_from_settings
+from hf_koleo.training.checkpoint import list_checkpoints
 from hf_koleo.training.trainer import pretrain
 
 logger = logging.getLogger(__name__)
@@ -221,6 +223,23 @@ def evaluate_pixels(config: dict[str, Any], dataset: str, results_dir: Path) -> 
         _write_json(path, {"dataset": dataset, "evaluation": metrics})
 
 
+def export_with_card(config: dict[str, Any], run: StudyRun, run_dir: Path, destination: Path) -> Path:
+    """The run's backbone exported with its model card (model-index from ``scripts/evaluate.py``-style
+    results of the backbone and of raw pixels on the run's dataset): the folder a release publishes.
+
+    Done on the machine that trained it: the checkpoint (heads, K prototypes) is too large to bring back.
+    """
+    dataset, settings = config["datasets"][run.dataset], _evaluation_settings(config)
+    evaluation_files = []
+    for model, name in ((str(run_dir / "backbone"), "backbone"), (PIXELS, "pixels")):
+        result = evaluate_backbone(
+            "all", model, dataset["train"], dataset["test"], settings.get("batch_size", 64), device=settings["device"]
+        )
+        evaluation_files.append(write_result(result, run_dir / "evaluation" / f"{name}.json"))
+    checkpoint = list_checkpoints(run_dir)[-1]
+    return prepare_upload_folder(checkpoint, destination, f"hf_koleo/{run.name}", evaluation_files)
+
+
 def run_chunk(
     config: dict[str, Any],
     work_dir: str | Path,
@@ -267,7 +286,7 @@ def run_chunk(
         evaluate_pixels(config, run.dataset, results_dir)
         metrics = evaluate_run(str(run_dir / "backbone"), config["datasets"][run.dataset], evaluation)
         if run.keep_backbone and backbone_dir is not None:
-            shutil.copytree(run_dir / "backbone", Path(backbone_dir) / run.name, dirs_exist_ok=True)
+            export_with_card(config, run, run_dir, Path(backbone_dir) / run.name)
         _write_json(results_dir / f"{run.name}.json", run_record(run, settings, run_dir, metrics))
         outcome["finished"].append(run.name)
         logger.info("%s: done, %s", run.name, json.dumps(metrics))
@@ -277,6 +296,7 @@ def run_chunk(
 __all__ = [
     "StudyRun",
     "evaluate_pixels",
+    "export_with_card",
     "load_gpu_study_config",
     "plan_runs",
     "planned_images",

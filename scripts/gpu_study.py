@@ -39,7 +39,9 @@ def main() -> None:
     parser.add_argument("--results_dir", default=str(DEFAULT_RESULTS), help="one JSON per finished run")
     parser.add_argument("--work_dir", default="outputs/study_gpu", help="run folders and checkpoints")
     parser.add_argument(
-        "--backbone_dir", default="outputs/study_gpu_backbones", help="backbones of keep_backbone stages"
+        "--backbone_dir",
+        default="outputs/study_gpu_backbones",
+        help="release folders (backbone + card) of keep_backbone stages",
     )
     parser.add_argument("--budget_seconds", type=float, default=480.0, help="run: stop starting runs after this")
     parser.add_argument("--output", default=str(ROOT / "docs" / "results_gpu.md"), help="report: the markdown")

@@ -92,7 +92,10 @@ def test_a_chunk_cut_by_the_budget_resumes_in_the_next_and_each_run_leaves_one_s
     assert set(record["evaluation"]) >= {"knn_top1", "knn_balanced", "linear_top1", "linear_balanced", "shot5"}
     assert record["settings"]["model"]["koleo_proto_weight"] == 0.0 and record["device"] == "CPU"
     assert (tmp_path / "runs" / "pixels-fashion_mnist.json").exists()
-    assert (tmp_path / "backbones" / baseline / "model.safetensors").exists()
+    export = tmp_path / "backbones" / baseline  # the release folder, made where the checkpoint is
+    assert (export / "model.safetensors").exists() and (export / "preprocessor_config.json").exists()
+    card = (export / "README.md").read_text()
+    assert "model-index" in card and "demo:test" in card and "koleo" in card.lower()
     assert sum(path.stat().st_size for path in (tmp_path / "runs").glob("*.json")) < 200_000
 
     # a third chunk has nothing left to do, and the script renders the report from the records
