@@ -48,6 +48,14 @@ def test_decoding_skips_and_counts_corrupt_records_and_caches_the_result(tmp_pat
         load_decoded(str(path), 8)  # another canvas size is another cache entry
 
 
+def test_canvases_are_no_larger_than_the_largest_image(tmp_path):
+    # 20 px images for 224 px crops: 20 px canvases (125x less memory than 224 px ones), the same pixels.
+    path = write_parquet(tmp_path / "data.parquet", 6)
+    small, large = load_decoded(str(path), 224), load_decoded(str(path), 20)
+    assert small.images.shape == (6, 3, 20, 20) and torch.equal(small.images, large.images)
+    assert torch.equal(small.extents, large.extents)
+
+
 def test_a_changed_or_damaged_cache_is_rebuilt(tmp_path):
     path = write_parquet(tmp_path / "data.parquet", 6)
     first = load_decoded(str(path), 8)

@@ -1,7 +1,8 @@
 """Decode a source once into ``uint8`` tensors, cached on disk, ready to live on the accelerator.
 
 Every image goes onto a square ``(3, S, S)`` canvas in its top-left corner, scaled down (never
-up) so its longer side fits ``S``; its real ``(height, width)`` is kept in ``extents``, so the
+up) so its longer side fits ``S`` (``S``: the canvas size asked for, or the largest image's side if
+smaller); its real ``(height, width)`` is kept in ``extents``, so the
 crops of :class:`MultiCropAugmentation` never see the padding and aspect ratios survive. The
 result is cached as safetensors under ``$HF_KOLEO_CACHE/decoded/`` keyed by the source's files
 (path, size, modification time) and ``S``: the next run, and every other process of this run,
@@ -50,67 +51,104 @@ class DecodedImages:
         return DecodedImages(self.images.to(device), self.extents.to(device), self.labels.to(device), self.n_corrupt)
 
 
-def to_canvas(image: Image.Image, size: int) -> tuple[np.ndarray, tuple[int, int]]:
-    """RGB image -> ``(3, size, size)`` uint8 canvas (image top-left, zeros elsewhere) and its extent."""
+def fit_image(image: Image.Image, size: int) -> np.ndarray:
+    """RGB image -> ``(h, w, 3)`` uint8 pixels, scaled down (never up) so the longer side fits ``size``."""
     if max(image.size) > size:
         scale = size / max(image.size)
         new_size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
         image = image.resize(new_size, Image.Resampling.BICUBIC, reducing_gap=3.0)
-    pixels = np.asarray(image, dtype=np.uint8)
-    canvas = np.zeros((3, size, size), dtype=np.uint8)
-    canvas[:, : pixels.shape[0], : pixels.shape[1]] = pixels.transpose(2, 0, 1)
-    return canvas, (pixels.shape[0], pixels.shape[1])
+    return np.asarray(image, dtype=np.uint8)
 
 
-def decode_record(record: dict, size: int) -> tuple[np.ndarray, tuple[int, int], int] | None:
-    """``(canvas, extent, label)`` of one ``{"image", "label"}`` record, or None if it does not decode."""
+def stack_canvases(images: list[np.ndarray], side: int) -> np.ndarray:
+    """``(N, 3, side, side)`` uint8: each ``(h, w, 3)`` image in the top-left corner, zeros elsewhere."""
+    canvases = np.zeros((len(images), 3, side, side), dtype=np.uint8)
+    for canvas, pixels in zip(canvases, images):
+        canvas[:, : pixels.shape[0], : pixels.shape[1]] = pixels.transpose(2, 0, 1)
+    return canvases
+
+
+def to_canvas(image: Image.Image, size: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """RGB image -> ``(3, size, size)`` uint8 canvas (image top-left, zeros elsewhere) and its extent."""
+    pixels = fit_image(image, size)
+    return stack_canvases([pixels], size)[0], (pixels.shape[0], pixels.shape[1])
+
+
+def decode_record(record: dict, size: int) -> tuple[np.ndarray, int] | None:
+    """``(pixels (h, w, 3) fitting size, label)`` of one ``{"image", "label"}`` record, or None if it does
+    not decode."""
     image = decode_image(record["image"])
     if image is None:
         return None
     label = record.get("label")
-    return (*to_canvas(image, size), -1 if label is None else int(label))
+    return fit_image(image, size), -1 if label is None else int(label)
+
+
+@dataclass
+class DecodedRows:
+    """Records decoded so far: pixels, ``(h, w)`` extents, labels, and which records decoded."""
+
+    pixels: list[np.ndarray]
+    extents: list[tuple[int, int]]
+    labels: list[int]
+    kept: list[int]
+
+    @classmethod
+    def decode(cls, records: list[dict], size: int, pool: ThreadPoolExecutor | None = None) -> DecodedRows:
+        """Decode ``records`` (in ``pool`` when given: PIL releases the GIL); undecodable ones are left out."""
+        results = (pool.map if pool is not None else map)(lambda record: decode_record(record, size), records)
+        rows = cls([], [], [], [])
+        for index, decoded in enumerate(results):
+            if decoded is not None:
+                rows.pixels.append(decoded[0])
+                rows.extents.append(decoded[0].shape[:2])
+                rows.labels.append(decoded[1])
+                rows.kept.append(index)
+        return rows
+
+    def extend(self, other: DecodedRows) -> None:
+        offset = len(self.kept)
+        self.pixels += other.pixels
+        self.extents += other.extents
+        self.labels += other.labels
+        self.kept += [offset + index for index in other.kept]
+
+    def tensors(self, side: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(images (N, 3, side, side), extents (N, 2), labels (N,))``."""
+        return (
+            torch.from_numpy(stack_canvases(self.pixels, side)),
+            torch.tensor(self.extents, dtype=torch.int64).reshape(-1, 2),
+            torch.tensor(self.labels, dtype=torch.int64),
+        )
 
 
 def decode_records(records, size: int, name: str = "source", num_threads: int | None = None) -> DecodedImages:
     """Decode every record (dicts with ``image`` and optionally ``label``); undecodable ones are skipped.
 
-    PIL releases the GIL while decoding, so a thread pool uses every core.
+    Images are scaled down to fit ``size``; the canvases are as large as the largest image, never
+    larger than ``size`` (28 px Fashion-MNIST stays 28 px even for 224 px crops). PIL releases the
+    GIL while decoding, so a thread pool uses every core.
 
     Raises:
         ValueError: when no record decodes.
     """
-    canvases, extents, labels, n_corrupt = [], [], [], 0
+    rows, n_records = DecodedRows([], [], [], []), 0
     with ThreadPoolExecutor(max_workers=num_threads or os.cpu_count() or 1) as pool:
         chunk: list[dict] = []
-
-        def flush() -> None:
-            nonlocal n_corrupt
-            for decoded in pool.map(lambda record: decode_record(record, size), chunk):
-                if decoded is None:
-                    n_corrupt += 1
-                    continue
-                canvases.append(decoded[0])
-                extents.append(decoded[1])
-                labels.append(decoded[2])
-            chunk.clear()
-
         for record in records:
             chunk.append(record)
             if len(chunk) >= _CHUNK:
-                flush()
-        flush()
-    if not canvases:
+                rows.extend(DecodedRows.decode(chunk, size, pool))
+                n_records, chunk = n_records + len(chunk), []
+        rows.extend(DecodedRows.decode(chunk, size, pool))
+        n_records += len(chunk)
+    n_corrupt = n_records - len(rows.kept)
+    if not rows.kept:
         raise ValueError(f"data source {name!r}: none of its {n_corrupt} records could be decoded as an image")
     if n_corrupt:
-        logger.warning(
-            "data source %r: skipped %d undecodable records of %d", name, n_corrupt, n_corrupt + len(canvases)
-        )
-    return DecodedImages(
-        torch.from_numpy(np.stack(canvases)),
-        torch.tensor(extents, dtype=torch.int64),
-        torch.tensor(labels, dtype=torch.int64),
-        n_corrupt,
-    )
+        logger.warning("data source %r: skipped %d undecodable records of %d", name, n_corrupt, n_records)
+    side = max(max(extent) for extent in rows.extents)
+    return DecodedImages(*rows.tensors(side), n_corrupt)
 
 
 def cache_key(name: str, size: int) -> str | None:

@@ -28,7 +28,7 @@ import torch
 from datasets.distributed import split_dataset_by_node
 
 from .counter_rng import MASK32
-from .decoded import decode_record
+from .decoded import DecodedRows
 from .sources import guard_records
 
 logger = logging.getLogger(__name__)
@@ -173,23 +173,16 @@ class CanvasStream(torch.utils.data.IterableDataset):
             yield batch
 
     def decode_batch(self, records: list[dict], epoch: int) -> dict[str, Any]:
-        canvases, extents, labels, keys = [], [], [], []
-        for record in records:
-            decoded = decode_record(record, self.canvas_size)
-            if decoded is None:
-                continue
-            canvases.append(decoded[0])
-            extents.append(decoded[1])
-            labels.append(decoded[2])
-            keys.append(record_key(self.seed, epoch, record["image"]))
-        n_corrupt = len(records) - len(canvases)
+        rows = DecodedRows.decode(records, self.canvas_size)
+        n_corrupt = len(records) - len(rows.kept)
         if n_corrupt:
             logger.warning("data source %r: skipped %d undecodable records", self.name, n_corrupt)
-        shape = (0, 3, self.canvas_size, self.canvas_size)
+        images, extents, labels = rows.tensors(self.canvas_size)
+        keys = [record_key(self.seed, epoch, records[index]["image"]) for index in rows.kept]
         return {
-            "images": torch.from_numpy(np.stack(canvases)) if canvases else torch.zeros(shape, dtype=torch.uint8),
-            "extents": torch.tensor(extents, dtype=torch.int64).reshape(-1, 2),
+            "images": images,
+            "extents": extents,
             "keys": torch.tensor(keys, dtype=torch.int64),
-            "labels": torch.tensor(labels, dtype=torch.int64),
+            "labels": labels,
             "n_corrupt": n_corrupt,
         }
