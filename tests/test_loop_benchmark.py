@@ -64,3 +64,12 @@ def test_a_failing_measurement_is_reported_and_the_rest_still_run(monkeypatch, o
     assert "num_prototypes" in results["loops"]["broken"]["error"]
     assert results["koleo_proto"]["num_prototypes"] == 64  # measured after the failure
     assert "**Failed**: ValueError" in render_loop_suite_markdown(results, "x")
+
+
+def test_every_gpu_suite_entry_parses_as_a_pretraining_run():
+    from experiments.loop_benchmark import GPU_EXTRA, GPU_SUITE
+    from hf_koleo.training.arguments import parse_pretraining_args
+
+    for _, argv, batch_sizes in (*GPU_SUITE, *GPU_EXTRA):
+        arguments, _ = parse_pretraining_args([*argv, "--report_to", "none", "--max_steps", "1000"])
+        assert arguments.mixed_precision == "bf16" and batch_sizes == sorted(batch_sizes)

@@ -261,13 +261,18 @@ def test_compile_option_compiles_both_backbones_in_place_and_keeps_checkpoints_l
     compiled = []
     original_compile = torch.nn.Module.compile
 
-    def eager_compile(self, *args, **kwargs):  # dynamo traces the real forward; no C++ build in CI
-        compiled.append(type(self).__name__)
+    def eager_compile(self, *args, mode=None, **kwargs):  # dynamo traces the real forward; no C++ build in CI
+        compiled.append((type(self).__name__, mode))
         return original_compile(self, backend="eager")
 
     monkeypatch.setattr(torch.nn.Module, "compile", eager_compile)
-    summary = run(data_path, tmp_path / "compiled", "--compile", "true", "--max_steps", "2", "--save_every", "2")
-    assert compiled == ["KoLeoDinoModel", "KoLeoDinoModel"] and summary["steps"] == 2
+    summary = run(
+        data_path, tmp_path / "compiled", "--compile", "true", "--compile_mode", "reduce-overhead", "--max_steps", "2",
+        "--save_every", "2",
+    )  # fmt: skip
+    assert compiled == [("KoLeoDinoModel", "reduce-overhead")] * 2 and summary["steps"] == 2
     checkpoint = list_checkpoints(tmp_path / "compiled")[-1]
     assert "student.backbone.embeddings.cls_token" in student_parameters(checkpoint)  # names unchanged
     KoLeoDinoForPreTraining.from_pretrained(checkpoint)
+    with pytest.raises(ValueError, match="compile_mode must be one of"):
+        parse_pretraining_args(["--max_steps", "1", "--compile", "true", "--compile_mode", "fast"])

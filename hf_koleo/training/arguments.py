@@ -25,6 +25,7 @@ from ..data.augment import MultiCropConfig
 TRACKERS = ("tensorboard", "trackio", "none", "all")
 PRECISIONS = ("no", "fp16", "bf16")
 IN_MEMORY = ("auto", "yes", "no")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 @dataclass
@@ -65,6 +66,10 @@ class PretrainingArguments(MultiCropConfig):
         default=0, metadata={"help": "Longest side images are decoded to (never upscaled); 0 = global_crops_size."}
     )
     compile: bool = field(default=False, metadata={"help": "torch.compile the student and teacher backbones."})
+    compile_mode: str = field(
+        default="default",
+        metadata={"help": "torch.compile mode: default, reduce-overhead (CUDA graphs), max-autotune, ..."},
+    )
     shuffle_buffer: int = 1000
     split_strategy: str = field(default="auto", metadata={"help": "datasets split_dataset_by_node strategy."})
     log_every: int = 10
@@ -136,6 +141,8 @@ class PretrainingArguments(MultiCropConfig):
             raise ValueError(f"report_to must be one of {TRACKERS}, got {self.report_to!r}")
         if self.mixed_precision not in ("", *PRECISIONS):
             raise ValueError(f"mixed_precision must be one of {PRECISIONS} (or empty), got {self.mixed_precision!r}")
+        if self.compile_mode not in COMPILE_MODES:
+            raise ValueError(f"compile_mode must be one of {COMPILE_MODES}, got {self.compile_mode!r}")
         if self.in_memory not in IN_MEMORY:
             raise ValueError(f"in_memory must be one of {IN_MEMORY}, got {self.in_memory!r}")
         if self.split_strategy not in ("auto", "shards", "examples"):

@@ -127,9 +127,7 @@ def pretrain(arguments: PretrainingArguments, model_config: KoLeoDinoConfig) -> 
         model_config.backbone_config.model_type, arguments.global_crops_size, arguments.image_mean, arguments.image_std
     )
     if arguments.compile:
-        # In place (parameter names and checkpoints unchanged); the first steps pay the compilation.
-        unwrapped.student.compile()
-        unwrapped.teacher.compile()
+        compile_backbones(unwrapped, arguments.compile_mode)
     assignment_counts = torch.zeros(model_config.num_prototypes, device=accelerator.device, dtype=torch.long)
     guard = NonFiniteGuard()
     window_start, window_images = time.perf_counter(), 0
@@ -206,6 +204,13 @@ def pretrain(arguments: PretrainingArguments, model_config: KoLeoDinoConfig) -> 
     summary = _finish(accelerator, unwrapped, arguments, data, state, run_start)
     accelerator.end_training()
     return summary
+
+
+def compile_backbones(model: KoLeoDinoForPreTraining, mode: str = "default") -> None:
+    """``torch.compile`` the student and teacher backbones in place (parameter names and checkpoints
+    unchanged); the first steps pay the compilation. Heads, losses and the optimiser stay eager."""
+    model.student.compile(mode=mode)
+    model.teacher.compile(mode=mode)
 
 
 def train_step(
@@ -358,4 +363,4 @@ def _finish(
     return summary
 
 
-__all__ = ["NonFiniteGuard", "NonFiniteLossError", "ScheduleValues", "pretrain", "train_step"]
+__all__ = ["NonFiniteGuard", "NonFiniteLossError", "ScheduleValues", "compile_backbones", "pretrain", "train_step"]
