@@ -233,7 +233,14 @@ def export_with_card(config: dict[str, Any], run: StudyRun, run_dir: Path, desti
     evaluation_files = []
     for model, name in ((str(run_dir / "backbone"), "backbone"), (PIXELS, "pixels")):
         result = evaluate_backbone(
-            "all", model, dataset["train"], dataset["test"], settings.get("batch_size", 64), device=settings["device"]
+            "all",
+            model,
+            dataset["train"],
+            dataset["test"],
+            settings.get("batch_size", 64),
+            settings.get("limit_train"),
+            settings.get("limit_test"),
+            settings["device"],
         )
         evaluation_files.append(write_result(result, run_dir / "evaluation" / f"{name}.json"))
     checkpoint = list_checkpoints(run_dir)[-1]
