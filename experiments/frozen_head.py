@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
@@ -265,13 +264,9 @@ class FrozenHeadConfig:
 
 def build_head(in_features: int, config: FrozenHeadConfig) -> DINOHead:
     """A 3-layer :class:`DINOHead` initialised as ``KoLeoDinoForPreTraining`` does (truncated normal)."""
-    head = DINOHead(in_features, config.num_prototypes, config.hidden_size, config.bottleneck_size)
-    for module in head.mlp:
-        if isinstance(module, nn.Linear):
-            nn.init.trunc_normal_(module.weight, std=config.init_std)
-            nn.init.zeros_(module.bias)
-    nn.init.trunc_normal_(head.prototypes, std=config.init_std)
-    return head
+    return DINOHead(
+        in_features, config.num_prototypes, config.hidden_size, config.bottleneck_size, init_std=config.init_std
+    )
 
 
 @dataclass

@@ -43,6 +43,7 @@ class DINOHead(nn.Module):
         bottleneck_size: int = 256,
         num_layers: int = 3,
         norm_last_layer: bool = True,
+        init_std: float = 0.02,
     ) -> None:
         super().__init__()
         widths = [in_features] + [hidden_size] * (num_layers - 1) + [bottleneck_size]
@@ -56,6 +57,17 @@ class DINOHead(nn.Module):
         # keeps plain parameter names in checkpoints and lets diagnostics read the prototypes.
         self.prototypes = nn.Parameter(torch.empty(num_prototypes, bottleneck_size))
         self.prototype_scale = nn.Parameter(torch.ones(num_prototypes, 1), requires_grad=not norm_last_layer)
+        self.reset_parameters(init_std)
+
+    def reset_parameters(self, std: float = 0.02) -> None:
+        """Truncated-normal weights and prototypes (std ``std``), zero biases, unit prototype scale:
+        ready to train on its own (``KoLeoDinoForPreTraining`` initialises it the same way)."""
+        for module in self.mlp:
+            if isinstance(module, nn.Linear):
+                init.trunc_normal_(module.weight, mean=0.0, std=std)
+                init.zeros_(module.bias)
+        init.trunc_normal_(self.prototypes, mean=0.0, std=std)
+        init.ones_(self.prototype_scale)
 
     def embed(self, features: torch.Tensor) -> torch.Tensor:
         """``(n, in_features) -> (n, bottleneck_size)`` L2-normalised embeddings."""

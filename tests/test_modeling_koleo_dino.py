@@ -6,7 +6,7 @@ import torch
 from conftest import tiny_config
 from transformers import AutoModel
 
-from hf_koleo import KoLeoDinoForPreTraining, KoLeoDinoModel
+from hf_koleo import DINOHead, KoLeoDinoForPreTraining, KoLeoDinoModel
 
 
 def crops(batch=3, n_global=2, n_local=2, size=16, local_size=8):
@@ -206,3 +206,11 @@ def test_ibot_with_no_masked_patch_in_the_batch_is_harmless(centring):
     assert torch.isfinite(model.patch_centre).all() and torch.equal(
         model.patch_centre, torch.zeros_like(model.patch_centre)
     )
+
+
+def test_a_standalone_dino_head_is_initialised_like_the_model_heads():
+    torch.manual_seed(0)
+    head = DINOHead(16, 512, hidden_size=32, bottleneck_size=8)
+    assert torch.isfinite(head.prototypes).all() and 0.015 < head.prototypes.std().item() < 0.025
+    assert all(layer.bias.abs().sum() == 0 for layer in head.mlp if isinstance(layer, torch.nn.Linear))
+    assert torch.isfinite(head(torch.randn(4, 16))).all()
