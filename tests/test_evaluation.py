@@ -26,6 +26,7 @@ from hf_koleo.evaluation import (
     linear_protocol,
     weighted_knn_predict,
 )
+from hf_koleo.evaluation.linear import DEFAULT_SWEEP, train_linear_classifiers
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -83,6 +84,40 @@ def test_separable_clusters_give_perfect_knn_linear_and_few_shot():
     assert len(linear["sweep"]) == 9 and linear["chosen"]
     few = few_shot_protocol(train, test, shots=(1, 5), n_draws=3, epochs=30)
     assert few["by_shots"]["5"]["accuracy_mean"] == 100.0 and few["by_shots"]["1"]["accuracy_std"] >= 0
+
+
+def _adamw_cosine_reference(features, labels, num_classes, setting, epochs, batch_size, seed):
+    """The probe as torch.optim.AdamW + CosineAnnealingLR train it, one setting at a time."""
+    generator = torch.Generator().manual_seed(seed)
+    classifier = torch.nn.Linear(features.shape[1], num_classes)
+    with torch.no_grad():
+        classifier.weight.normal_(0, 0.01, generator=generator)
+        classifier.bias.zero_()
+    optimizer = torch.optim.AdamW(classifier.parameters(), lr=setting.lr, weight_decay=setting.weight_decay)
+    steps = epochs * -(-len(labels) // batch_size)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+    for _ in range(epochs):
+        order = torch.randperm(len(labels), generator=generator)
+        for start in range(0, len(labels), batch_size):
+            index = order[start : start + batch_size]
+            loss = torch.nn.functional.cross_entropy(classifier(features[index]), labels[index])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+    return classifier
+
+
+def test_a_sweep_trained_together_equals_each_setting_trained_alone_with_torch_adamw():
+    torch.manual_seed(0)
+    labels = torch.randint(0, 5, (300,))
+    features = torch.randn(300, 12) + torch.nn.functional.one_hot(labels, 12).float()
+    sweep = DEFAULT_SWEEP[::2]
+    together = train_linear_classifiers(features, labels, 5, sweep, epochs=4, batch_size=64, seed=3)
+    for setting, classifier in zip(sweep, together):
+        alone = _adamw_cosine_reference(features, labels, 5, setting, epochs=4, batch_size=64, seed=3)
+        assert torch.allclose(classifier.weight, alone.weight, atol=1e-6), setting
+        assert torch.allclose(classifier.bias, alone.bias, atol=1e-6), setting
 
 
 def test_balanced_accuracy_weighs_classes_equally():

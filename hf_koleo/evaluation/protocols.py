@@ -8,7 +8,15 @@ import torch
 
 from .features import FeatureSet
 from .knn import DEFAULT_K, weighted_knn_predict
-from .linear import DEFAULT_SWEEP, predict, sample_few_shot, standardise, stratified_split, train_linear_classifier
+from .linear import (
+    DEFAULT_SWEEP,
+    predict,
+    sample_few_shot,
+    standardise,
+    stratified_split,
+    train_linear_classifier,
+    train_linear_classifiers,
+)
 from .metrics import classification_metrics
 
 DEFAULT_SHOTS = (1, 2, 5, 10)
@@ -46,8 +54,8 @@ def linear_protocol(
     fit_index, validation_index = stratified_split(train.labels, validation_fraction, seed)
     fit_x, validation_x = standardise(train.probe_features()[fit_index], train.probe_features()[validation_index])
     sweep_results = []
-    for setting in sweep:
-        classifier = train_linear_classifier(fit_x, train.labels[fit_index], num_classes, setting, epochs, seed=seed)
+    classifiers = train_linear_classifiers(fit_x, train.labels[fit_index], num_classes, sweep, epochs, seed=seed)
+    for setting, classifier in zip(sweep, classifiers):
         accuracy = classification_metrics(
             predict(classifier, validation_x), train.labels[validation_index], use_evaluate=False
         )["accuracy"]
