@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from experiments.markdown import markdown_table
 from hf_koleo import KoLeoDinoForPreTraining, koleo_proto_loss
@@ -146,6 +147,47 @@ def measure_loop(argv: list[str], batch_sizes: list[int], steps: int = 20) -> di
         larger["step_time_ratio_to_previous"] = larger["step_ms"] / smaller["step_ms"]
         larger["batch_ratio_to_previous"] = larger["batch_size"] / smaller["batch_size"]
     return {"argv": argv, "device": device_name(), "rows": rows}
+
+
+# Every op of the data path and the step kept, their work shrunk to nothing: what is left is the host's
+# cost of dispatching (and, on a GPU, launching) them, the floor under the step time at any batch.
+SHRUNK_MODEL = [
+    *("--model.backbone_config.hidden_size", "8", "--model.backbone_config.num_attention_heads", "1"),
+    *("--model.num_prototypes", "16", "--model.head_hidden_size", "8", "--model.head_bottleneck_size", "8"),
+]
+
+
+class _OpCounter(TorchDispatchMode):
+    """Counts the ATen operators dispatched inside it (each is at least one kernel launch on a GPU,
+    views excepted)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def measure_host_overhead(argv: list[str], batch_size: int = 2, steps: int = 20) -> dict[str, Any]:
+    """ms per data batch and per step, and ATen operators dispatched by each, with the model shrunk."""
+    loop = Loop.build([*argv, *SHRUNK_MODEL], batch_size)
+    for _ in range(3):
+        loop.step(loop.next_batch())
+    fixed = loop.next_batch()
+    with _OpCounter() as data_ops:
+        loop.next_batch()
+    with _OpCounter() as step_ops:
+        loop.step(fixed)
+    return {
+        "argv": argv,
+        "batch_size": batch_size,
+        "data_ms": 1000 * _timed(loop.device, loop.next_batch, steps),
+        "step_ms": 1000 * _timed(loop.device, lambda: loop.step(fixed), steps),
+        "data_ops": data_ops.count,
+        "step_ops": step_ops.count,
+    }
 
 
 def measure_koleo_on_device(num_prototypes: int, dim: int = 256, repeats: int = 5) -> dict[str, Any]:
@@ -279,6 +321,9 @@ def run_loop_suite(
             report(results)
 
     loops(QUICK_SUITE if quick else GPU_SUITE)
+    overhead_argv = [*(QUICK_SUITE[0][1] if quick else _FMNIST_BF16), "--report_to", "none", "--max_steps", "1000"]
+    results["overhead"] = _recorded({"argv": overhead_argv}, measure_host_overhead, overhead_argv)
+    report(results)
     results["koleo_proto"] = _recorded({}, measure_koleo_on_device, koleo_prototypes)
     report(results)
     results["peer"] = _recorded({}, measure_peer_step, *(QUICK_PEER if quick else GPU_PEER))
@@ -335,6 +380,17 @@ def render_loop_suite_markdown(results: dict[str, Any], command: str) -> str:
     ]
     for name, loop in results["loops"].items():
         lines += render_loop_markdown(name, loop)
+    overhead = results.get("overhead")
+    if overhead and "error" in overhead:
+        lines += [f"Host overhead **failed**: {overhead['error']}", ""]
+    elif overhead:
+        lines += [
+            f"Host overhead (`{' '.join(overhead['argv'][:4])}` with the model shrunk to width 8, batch "
+            f"{overhead['batch_size']}: every op kept, no work): data {overhead['data_ms']:.1f} ms "
+            f"({overhead['data_ops']:,} ATen ops), step {overhead['step_ms']:.1f} ms ({overhead['step_ops']:,} ops): "
+            "the floor under the step time at any batch.",
+            "",
+        ]
     koleo = results.get("koleo_proto")
     if koleo and "error" in koleo:
         lines += [f"KoLeo-proto at large K **failed**: {koleo['error']}", ""]

@@ -36,6 +36,8 @@ def test_quick_suite_measures_data_step_and_end_to_end_at_each_batch(quick_resul
         assert row["host_syncs"] == []  # the CPU recorder saw no host read in data + step
     assert large["step_time_ratio_to_previous"] == pytest.approx(large["step_ms"] / small["step_ms"])
     assert quick_results["koleo_proto"]["num_prototypes"] == 128 and quick_results["koleo_proto"]["ms"] > 0
+    overhead = quick_results["overhead"]  # the same ops, no work: hundreds of ops, each a launch on a GPU
+    assert overhead["step_ops"] > 500 and overhead["data_ops"] > 100 and overhead["step_ms"] > 0
     peer = quick_results["peer"]
     assert peer["batch"] == 4 and peer["device"] == "cpu" and len(peer["seconds"]["lightly"]) == 5
     assert peer["ours_images_per_second"] == pytest.approx(4 / statistics.median(peer["seconds"]["ours"]))
@@ -49,7 +51,12 @@ def test_quick_suite_renders_one_table_row_per_batch(quick_results):
 
 def test_quick_suite_reports_after_each_measurement(quick_results):
     keys = [keys for keys, _ in quick_results["snapshots"]]
-    assert keys == [["device", "loops"], ["device", "koleo_proto", "loops"], ["device", "koleo_proto", "loops", "peer"]]
+    assert keys == [
+        ["device", "loops"],
+        ["device", "loops", "overhead"],
+        ["device", "koleo_proto", "loops", "overhead"],
+        ["device", "koleo_proto", "loops", "overhead", "peer"],
+    ]
     first_markdown = quick_results["snapshots"][0][1]
     assert "| 4 |" in first_markdown and "KoLeo-proto" not in first_markdown
 
@@ -72,4 +79,5 @@ def test_every_gpu_suite_entry_parses_as_a_pretraining_run():
 
     for _, argv, batch_sizes in (*GPU_SUITE, *GPU_EXTRA):
         arguments, _ = parse_pretraining_args([*argv, "--report_to", "none", "--max_steps", "1000"])
+        # one precision for the whole suite: accelerate's AcceleratorState is per process and refuses a change
         assert arguments.mixed_precision == "bf16" and batch_sizes == sorted(batch_sizes)
