@@ -124,6 +124,17 @@ def run_settings(config: dict[str, Any], run: StudyRun, output_dir: Path) -> dic
     )
 
 
+def record_status(config: dict[str, Any], run: StudyRun, results_dir: Path) -> str:
+    """``pending`` (no result), ``done``, or ``stale``: a result trained with other settings than the
+    config gives the run now (e.g. the recipe changed after it ran; delete it to run it again)."""
+    path = results_dir / f"{run.name}.json"
+    if not path.exists():
+        return "pending"
+    recorded = json.loads(path.read_text())["settings"]
+    current = run_settings(config, run, Path(recorded["output_dir"]))
+    return "done" if recorded == current else "stale"
+
+
 def planned_images(config: dict[str, Any], run: StudyRun) -> int:
     """Images the run will see: its steps x global batch (one process), from its settings and source size."""
     arguments, _ = arguments_from_settings(run_settings(config, run, Path("unused")), source=run.name)
@@ -268,7 +279,10 @@ def run_chunk(
     evaluation = _evaluation_settings(config)
     outcome: dict[str, Any] = {"finished": [], "interrupted": None, "pending": []}
     for run in plan_runs(config):
-        if (results_dir / f"{run.name}.json").exists():
+        status = record_status(config, run, results_dir)
+        if status == "stale":
+            logger.warning("%s: its result was trained with other settings; delete it to run it again", run.name)
+        if status != "pending":
             continue
         left = deadline - time.perf_counter() - reserve
         if outcome["interrupted"] or left <= 0:
@@ -307,6 +321,7 @@ __all__ = [
     "load_gpu_study_config",
     "plan_runs",
     "planned_images",
+    "record_status",
     "run_chunk",
     "run_settings",
 ]

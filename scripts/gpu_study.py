@@ -22,7 +22,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/ sit
 
 import torch  # noqa: E402
 
-from experiments.gpu_study import load_gpu_study_config, plan_runs, planned_images, run_chunk  # noqa: E402
+from experiments.gpu_study import (  # noqa: E402
+    load_gpu_study_config,
+    plan_runs,
+    planned_images,
+    record_status,
+    run_chunk,
+)
 from experiments.gpu_study_report import load_results, plot_results, render_markdown, results_json  # noqa: E402
 from hf_koleo.cli import run_main  # noqa: E402
 
@@ -57,10 +63,10 @@ def main() -> None:
         config = load_gpu_study_config(arguments.config, arguments.quick)
         total = 0
         for run in plan_runs(config):
-            done = "done   " if (results_dir / f"{run.name}.json").exists() else "pending"
             images = planned_images(config, run)
             total += images
-            print(f"{done} {run.stage:<10} {run.name:<44} {images / 1e6:6.2f} M images")
+            status = record_status(config, run, results_dir)
+            print(f"{status:<7} {run.stage:<10} {run.name:<44} {images / 1e6:6.2f} M images")
         print(f"{total / 1e6:.1f} M images in all")
     elif arguments.command == "run":
         config = load_gpu_study_config(arguments.config, arguments.quick)

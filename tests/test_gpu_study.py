@@ -10,7 +10,7 @@ import pytest
 from conftest import ROOT
 
 import experiments.gpu_study as gpu_study
-from experiments.gpu_study import load_gpu_study_config, plan_runs, run_chunk, run_settings
+from experiments.gpu_study import load_gpu_study_config, plan_runs, record_status, run_chunk, run_settings
 from experiments.gpu_study_report import claims, load_results, render_markdown, results_json
 from hf_koleo.training.arguments import arguments_from_settings
 
@@ -102,6 +102,11 @@ def test_a_chunk_cut_by_the_budget_resumes_in_the_next_and_each_run_leaves_one_s
     assert run_chunk(config, tmp_path / "work", tmp_path / "runs", 600) == {
         "finished": [], "interrupted": None, "pending": []
     }  # fmt: skip
+    (run,) = [run for run in plan_runs(config) if run.name == koleo]
+    assert record_status(config, run, tmp_path / "runs") == "done"
+    config["methods"]["koleo_proto"]["model"]["koleo_proto_weight"] = 0.2  # the config moved on: not rerun, flagged
+    assert record_status(config, run, tmp_path / "runs") == "stale"
+    assert run_chunk(config, tmp_path / "work", tmp_path / "runs", 600)["finished"] == []
     result = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "gpu_study.py"), "report", "--results_dir", str(tmp_path / "runs"),
          "--output", str(tmp_path / "r.md"), "--json", str(tmp_path / "r.json"), "--figures", str(tmp_path / "fig")],
