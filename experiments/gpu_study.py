@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +55,7 @@ class StudyRun:
     num_prototypes: int
     seed: int
     keep_backbone: bool = False
+    reserve_seconds: float = 60.0  # a chunk starts the run only with more than this left (its evaluation)
 
     @property
     def name(self) -> str:
@@ -90,6 +92,7 @@ def plan_runs(config: dict[str, Any]) -> list[StudyRun]:
                             int(num_prototypes),
                             int(seed),
                             stage.get("keep_backbone", False),
+                            float(stage.get("reserve_seconds", config.get("reserve_seconds", 60))),
                         )
                         runs.setdefault(run.name, run)
     return list(runs.values())
@@ -234,15 +237,23 @@ def evaluate_pixels(config: dict[str, Any], dataset: str, results_dir: Path) -> 
         _write_json(path, {"dataset": dataset, "evaluation": metrics})
 
 
-def export_with_card(config: dict[str, Any], run: StudyRun, run_dir: Path, destination: Path) -> Path:
-    """The run's backbone exported with its model card (model-index from ``scripts/evaluate.py``-style
+def export_with_card(config: dict[str, Any], run: StudyRun, work_dir: Path, destination: Path) -> Path:
+    """The run's backbone exported with its model card (model-index from ``scripts/evaluate.py all``
     results of the backbone and of raw pixels on the run's dataset): the folder a release publishes.
 
     Done on the machine that trained it: the checkpoint (heads, K prototypes) is too large to bring back.
+    The pixel results are computed once per dataset (``work_dir/evaluation/``).
     """
     dataset, settings = config["datasets"][run.dataset], _evaluation_settings(config)
+    run_dir = work_dir / run.name
     evaluation_files = []
-    for model, name in ((str(run_dir / "backbone"), "backbone"), (PIXELS, "pixels")):
+    for model, path in (
+        (str(run_dir / "backbone"), run_dir / "evaluation" / "backbone.json"),
+        (PIXELS, work_dir / "evaluation" / f"pixels-{run.dataset}.json"),
+    ):
+        if model == PIXELS and path.exists():
+            evaluation_files.append(path)
+            continue
         result = evaluate_backbone(
             "all",
             model,
@@ -253,7 +264,7 @@ def export_with_card(config: dict[str, Any], run: StudyRun, run_dir: Path, desti
             settings.get("limit_test"),
             settings["device"],
         )
-        evaluation_files.append(write_result(result, run_dir / "evaluation" / f"{name}.json"))
+        evaluation_files.append(write_result(result, path))
     checkpoint = list_checkpoints(run_dir)[-1]
     return prepare_upload_folder(checkpoint, destination, f"hf_koleo/{run.name}", evaluation_files)
 
@@ -275,7 +286,6 @@ def run_chunk(
     """
     deadline = time.perf_counter() + budget_seconds
     work_dir, results_dir = Path(work_dir), Path(results_dir)
-    reserve = float(config.get("reserve_seconds", 60))
     evaluation = _evaluation_settings(config)
     outcome: dict[str, Any] = {"finished": [], "interrupted": None, "pending": []}
     for run in plan_runs(config):
@@ -284,12 +294,13 @@ def run_chunk(
             logger.warning("%s: its result was trained with other settings; delete it to run it again", run.name)
         if status != "pending":
             continue
-        left = deadline - time.perf_counter() - reserve
+        left = deadline - time.perf_counter() - run.reserve_seconds
         if outcome["interrupted"] or left <= 0:
             outcome["pending"].append(run.name)
             continue
         run_dir = work_dir / run.name
         settings = run_settings(config, run, run_dir)
+        _claim_run_dir(run_dir, settings)
         arguments, model_config = arguments_from_settings({**settings, "max_time": left}, source=run.name)
         started = time.perf_counter()
         summary = pretrain(arguments, model_config)
@@ -306,12 +317,26 @@ def run_chunk(
             continue
         evaluate_pixels(config, run.dataset, results_dir)
         metrics = evaluate_run(str(run_dir / "backbone"), config["datasets"][run.dataset], evaluation)
-        if run.keep_backbone and backbone_dir is not None:
-            export_with_card(config, run, run_dir, Path(backbone_dir) / run.name)
         _write_json(results_dir / f"{run.name}.json", run_record(run, settings, run_dir, metrics))
         outcome["finished"].append(run.name)
         logger.info("%s: done, %s", run.name, json.dumps(metrics))
+        if run.keep_backbone and backbone_dir is not None:
+            try:  # the result is safe already; a failed export is redone by hand from the checkpoint
+                export_with_card(config, run, work_dir, Path(backbone_dir) / run.name)
+            except Exception:
+                logger.exception("%s: export failed; redo it with scripts/export.py from %s", run.name, run_dir)
     return outcome
+
+
+def _claim_run_dir(run_dir: Path, settings: dict[str, Any]) -> None:
+    """A run folder holds one run's settings: a checkpoint left by other settings (the config changed
+    since) would be resumed under the new ones, so it is removed and the run starts again."""
+    path = run_dir / "settings.json"
+    if path.exists() and json.loads(path.read_text()) != settings:
+        logger.warning("%s was started with other settings: starting the run again from scratch", run_dir)
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(settings))
 
 
 __all__ = [

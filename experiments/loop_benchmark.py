@@ -17,6 +17,7 @@ Every timing waits for the device (``torch.cuda.synchronize``) before reading th
 
 from __future__ import annotations
 
+import gc
 import logging
 import statistics
 import time
@@ -142,8 +143,10 @@ def measure_batch(argv: list[str], batch_size: int, steps: int, warmup: int = 3)
 
 def measure_loop(argv: list[str], batch_sizes: list[int], steps: int = 20) -> dict[str, Any]:
     """:func:`measure_batch` per batch size, plus step-time scaling between consecutive sizes."""
-    rows = [measure_batch(argv, batch_size, steps) for batch_size in batch_sizes]
-    for smaller, larger in zip(rows, rows[1:]):
+    # one batch size failing (out of memory at the largest) keeps the others' rows
+    rows = [_recorded({"batch_size": batch_size}, measure_batch, argv, batch_size, steps) for batch_size in batch_sizes]
+    measured = [row for row in rows if "error" not in row]
+    for smaller, larger in zip(measured, measured[1:]):
         larger["step_time_ratio_to_previous"] = larger["step_ms"] / smaller["step_ms"]
         larger["batch_ratio_to_previous"] = larger["batch_size"] / smaller["batch_size"]
     return {"argv": argv, "device": device_name(), "rows": rows}
@@ -226,6 +229,9 @@ def render_loop_markdown(name: str, results: dict[str, Any]) -> list[str]:
     header += ["step time vs previous batch", "host syncs"]
     rows = []
     for row in results["rows"]:
+        if "error" in row:
+            rows.append([str(row["batch_size"]), f"failed: {row['error'][:100]}", *["–"] * (len(header) - 2)])
+            continue
         scaling = row.get("step_time_ratio_to_previous")
         scaling_cell = f"{scaling:.2f}x for {row['batch_ratio_to_previous']:.0f}x batch" if scaling else "–"
         syncs = "none" if not row["host_syncs"] else "; ".join(row["host_syncs"])[:120]
@@ -341,6 +347,7 @@ def _recorded(context: dict[str, Any], measure, *args) -> dict[str, Any]:
         logger.exception("measurement failed")
         return {**context, "error": f"{type(error).__name__}: {' '.join(str(error).split())[:300]}"}
     finally:
+        gc.collect()  # a failed measurement's model and batches, held in reference cycles, free their memory
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 

@@ -43,7 +43,7 @@ class DINOHead(nn.Module):
         bottleneck_size: int = 256,
         num_layers: int = 3,
         norm_last_layer: bool = True,
-        init_std: float = 0.02,
+        init_std: float | None = 0.02,
     ) -> None:
         super().__init__()
         widths = [in_features] + [hidden_size] * (num_layers - 1) + [bottleneck_size]
@@ -57,7 +57,8 @@ class DINOHead(nn.Module):
         # keeps plain parameter names in checkpoints and lets diagnostics read the prototypes.
         self.prototypes = nn.Parameter(torch.empty(num_prototypes, bottleneck_size))
         self.prototype_scale = nn.Parameter(torch.ones(num_prototypes, 1), requires_grad=not norm_last_layer)
-        self.reset_parameters(init_std)
+        if init_std is not None:  # None: the owner initialises (KoLeoDinoForPreTraining's post_init)
+            self.reset_parameters(init_std)
 
     def reset_parameters(self, std: float = 0.02) -> None:
         """Truncated-normal weights and prototypes (std ``std``), zero biases, unit prototype scale:
@@ -234,6 +235,7 @@ class KoLeoDinoForPreTraining(KoLeoDinoPreTrainedModel):
             config.head_bottleneck_size,
             config.head_num_layers,
             config.norm_last_layer,
+            init_std=None,  # post_init initialises every head (with config.initializer_range)
         )
 
     def branch(self, name: str) -> tuple[KoLeoDinoModel, DINOHead, DINOHead | None]:

@@ -75,7 +75,7 @@ def main() -> None:
         )
         print(json.dumps(outcome, indent=1))
     else:
-        results = load_results(results_dir)
+        results = load_results(results_dir, load_gpu_study_config(arguments.config, arguments.quick))
         Path(arguments.output).write_text(render_markdown(results))
         Path(arguments.json).write_text(json.dumps(results_json(results), indent=1))
         for path in plot_results(results, arguments.figures):

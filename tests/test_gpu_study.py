@@ -12,6 +12,7 @@ from conftest import ROOT
 import experiments.gpu_study as gpu_study
 from experiments.gpu_study import load_gpu_study_config, plan_runs, record_status, run_chunk, run_settings
 from experiments.gpu_study_report import claims, load_results, render_markdown, results_json
+from hf_koleo.prototypes import DEFAULT_EPS_VALUES
 from hf_koleo.training.arguments import arguments_from_settings
 
 CONFIG = ROOT / "configs" / "study_gpu.yaml"
@@ -107,15 +108,25 @@ def test_a_chunk_cut_by_the_budget_resumes_in_the_next_and_each_run_leaves_one_s
     config["methods"]["koleo_proto"]["model"]["koleo_proto_weight"] = 0.2  # the config moved on: not rerun, flagged
     assert record_status(config, run, tmp_path / "runs") == "stale"
     assert run_chunk(config, tmp_path / "work", tmp_path / "runs", 600)["finished"] == []
+    # deleting the stale result reruns it from scratch: the old checkpoint is not resumed under new settings
+    (tmp_path / "runs" / f"{koleo}.json").unlink()
+    assert run_chunk(config, tmp_path / "work", tmp_path / "runs", 600)["finished"] == [koleo]
+    rerun = json.loads((tmp_path / "runs" / f"{koleo}.json").read_text())
+    assert rerun["pretraining"]["chunks"] == 1 and rerun["settings"]["model"]["koleo_proto_weight"] == 0.2
+    assert record_status(config, run, tmp_path / "runs") == "done"
     result = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "gpu_study.py"), "report", "--results_dir", str(tmp_path / "runs"),
-         "--output", str(tmp_path / "r.md"), "--json", str(tmp_path / "r.json"), "--figures", str(tmp_path / "fig")],
+        [sys.executable, str(ROOT / "scripts" / "gpu_study.py"), "report", "--quick", "--results_dir",
+         str(tmp_path / "runs"), "--output", str(tmp_path / "r.md"), "--json", str(tmp_path / "r.json"),
+         "--figures", str(tmp_path / "fig")],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "| 32 | koleo_proto | 1 |" in (tmp_path / "r.md").read_text()
+    markdown = (tmp_path / "r.md").read_text()
+    # the shipped quick config gives KoLeo-proto weight 0.1: the 0.2 result is stale there and left out
+    assert "| 32 | baseline | 1 |" in markdown and "| 32 | koleo_proto |" not in markdown
+    assert f"Left out: {koleo} (stale" in markdown
     headline = json.loads((tmp_path / "r.json").read_text())
-    assert {run["method"] for run in headline["runs"]} == {"baseline", "koleo_proto"}
+    assert {run["method"] for run in headline["runs"]} == {"baseline"}
     assert len(list((tmp_path / "fig").glob("*.png"))) == 3
 
 
@@ -124,8 +135,7 @@ def _record(dataset, k, method, seed, unique, knn, balanced):
         "name": f"{dataset}-K{k}-{method}-seed{seed}", "stage": "main", "dataset": dataset, "method": method,
         "num_prototypes": k, "seed": seed, "settings": {"epochs": 100}, "device": "test", "prototype_history": [],
         "pretraining": {"seconds": 60.0},
-        "final_prototypes": {"teacher/cls": {"unique_curve": {"0.01": unique, "0.025": unique, "0.05": unique,
-                                                               "0.1": unique}}},
+        "final_prototypes": {"teacher/cls": {"unique_curve": {f"{eps:g}": unique for eps in DEFAULT_EPS_VALUES}}},
         "evaluation": {"knn_top1": knn, "knn_balanced": balanced, "linear_top1": knn, "linear_balanced": balanced,
                        "shot5": knn},
     }  # fmt: skip
@@ -147,6 +157,22 @@ def test_verdicts_follow_the_targets():
         "KoLeo-proto prevents it": "confirmed",
         "KoLeo-proto helps on long-tailed data": "confirmed",
     }
+    # with the config, the claim tests the recipe's own group (KoLeo-proto at the recipe's K), not the best one
+    results["recipe_group"] = {"num_prototypes": k}
+    assert claims(results)[0]["verdict"] == "confirmed" and "the recipe" in claims(results)[0]["evidence"]
+    results["pixels"]["fashion_mnist"]["knn_top1"] = 91.5  # >= 90 but not above pixels: not confirmed
+    assert claims(results)[0]["verdict"] == "not confirmed"
+    results["pixels"]["fashion_mnist"]["knn_top1"] = 84.6
+    # a small loss (0.3 points, above the spread) is not a contradiction: that needs >= 1 point
+    for run in runs:
+        if run["dataset"] == "fashion_mnist_lt" and run["method"] == "koleo_proto":
+            run["evaluation"]["knn_balanced"] -= 2.3
+    assert {c["claim"]: c["verdict"] for c in claims(results)}["KoLeo-proto helps on long-tailed data"] == (
+        "not confirmed"
+    )
+    for run in runs:
+        if run["dataset"] == "fashion_mnist_lt" and run["method"] == "koleo_proto":
+            run["evaluation"]["knn_balanced"] += 2.3
     # KoLeo-proto worse on LT by more than the spread: contradicted; short of 95 % unique: not confirmed
     for run in runs:
         if run["dataset"] == "fashion_mnist_lt" and run["method"] == "koleo_proto":
@@ -161,7 +187,10 @@ def test_verdicts_follow_the_targets():
     verdicts = {item["claim"]: item["verdict"] for item in claims(results)}
     assert verdicts["the baseline partially collapses"] == "not confirmed"
     assert verdicts["KoLeo-proto prevents it"] == "not measured"
-    assert "| 16,384 | koleo_proto | 3 |" in render_markdown(results)
+    markdown = render_markdown(results)
+    assert "| 16,384 | koleo_proto | 3 |" in markdown
+    tables = [line for line in markdown.splitlines() if line.startswith("| K |") or line.startswith("| 16,384 |")]
+    assert len({line.count("|") for line in tables}) == 1  # every row has the header's columns
     assert len(results_json(results)["runs"]) == len(runs)
 
 

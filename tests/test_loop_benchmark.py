@@ -68,9 +68,10 @@ def test_a_failing_measurement_is_reported_and_the_rest_still_run(monkeypatch, o
     monkeypatch.setattr(loop_benchmark, "QUICK_SUITE", (broken,))
     monkeypatch.setattr(loop_benchmark, "measure_peer_step", lambda *args: {})
     results = run_loop_suite(quick=True, steps=1, koleo_prototypes=64)
-    assert "num_prototypes" in results["loops"]["broken"]["error"]
+    (row,) = results["loops"]["broken"]["rows"]  # each batch size is recorded on its own
+    assert "num_prototypes" in row["error"] and row["batch_size"] == 4
     assert results["koleo_proto"]["num_prototypes"] == 64  # measured after the failure
-    assert "**Failed**: ValueError" in render_loop_suite_markdown(results, "x")
+    assert "| 4 | failed: ValueError" in render_loop_suite_markdown(results, "x")
 
 
 def test_every_gpu_suite_entry_parses_as_a_pretraining_run():

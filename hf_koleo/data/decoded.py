@@ -16,7 +16,7 @@ import json
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -86,18 +86,24 @@ def decode_record(record: dict, size: int) -> tuple[np.ndarray, int] | None:
 
 @dataclass
 class DecodedRows:
-    """Records decoded so far: pixels, ``(h, w)`` extents, labels, and which records decoded."""
+    """Records decoded so far: pixels, ``(h, w)`` extents, labels, which records decoded (their
+    indices among the ``n_records`` read)."""
 
-    pixels: list[np.ndarray]
-    extents: list[tuple[int, int]]
-    labels: list[int]
-    kept: list[int]
+    pixels: list[np.ndarray] = field(default_factory=list)
+    extents: list[tuple[int, int]] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)
+    kept: list[int] = field(default_factory=list)
+    n_records: int = 0
+
+    @property
+    def n_corrupt(self) -> int:
+        return self.n_records - len(self.kept)
 
     @classmethod
     def decode(cls, records: list[dict], size: int, pool: ThreadPoolExecutor | None = None) -> DecodedRows:
         """Decode ``records`` (in ``pool`` when given: PIL releases the GIL); undecodable ones are left out."""
         results = (pool.map if pool is not None else map)(lambda record: decode_record(record, size), records)
-        rows = cls([], [], [], [])
+        rows = cls(n_records=len(records))
         for index, decoded in enumerate(results):
             if decoded is not None:
                 rows.pixels.append(decoded[0])
@@ -107,11 +113,11 @@ class DecodedRows:
         return rows
 
     def extend(self, other: DecodedRows) -> None:
-        offset = len(self.kept)
         self.pixels += other.pixels
         self.extents += other.extents
         self.labels += other.labels
-        self.kept += [offset + index for index in other.kept]
+        self.kept += [self.n_records + index for index in other.kept]
+        self.n_records += other.n_records
 
     def tensors(self, side: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(images (N, 3, side, side), extents (N, 2), labels (N,))``."""
@@ -132,23 +138,21 @@ def decode_records(records, size: int, name: str = "source", num_threads: int | 
     Raises:
         ValueError: when no record decodes.
     """
-    rows, n_records = DecodedRows([], [], [], []), 0
+    rows = DecodedRows()
     with ThreadPoolExecutor(max_workers=num_threads or os.cpu_count() or 1) as pool:
         chunk: list[dict] = []
         for record in records:
             chunk.append(record)
             if len(chunk) >= _CHUNK:
                 rows.extend(DecodedRows.decode(chunk, size, pool))
-                n_records, chunk = n_records + len(chunk), []
+                chunk = []
         rows.extend(DecodedRows.decode(chunk, size, pool))
-        n_records += len(chunk)
-    n_corrupt = n_records - len(rows.kept)
     if not rows.kept:
-        raise ValueError(f"data source {name!r}: none of its {n_corrupt} records could be decoded as an image")
-    if n_corrupt:
-        logger.warning("data source %r: skipped %d undecodable records of %d", name, n_corrupt, n_records)
+        raise ValueError(f"data source {name!r}: none of its {rows.n_corrupt} records could be decoded as an image")
+    if rows.n_corrupt:
+        logger.warning("data source %r: skipped %d undecodable records of %d", name, rows.n_corrupt, rows.n_records)
     side = max(max(extent) for extent in rows.extents)
-    return DecodedImages(*rows.tensors(side), n_corrupt)
+    return DecodedImages(*rows.tensors(side), rows.n_corrupt)
 
 
 def cache_key(name: str, size: int) -> str | None:

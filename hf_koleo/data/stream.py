@@ -174,9 +174,8 @@ class CanvasStream(torch.utils.data.IterableDataset):
 
     def decode_batch(self, records: list[dict], epoch: int) -> dict[str, Any]:
         rows = DecodedRows.decode(records, self.canvas_size)
-        n_corrupt = len(records) - len(rows.kept)
-        if n_corrupt:
-            logger.warning("data source %r: skipped %d undecodable records", self.name, n_corrupt)
+        if rows.n_corrupt:
+            logger.warning("data source %r: skipped %d undecodable records", self.name, rows.n_corrupt)
         images, extents, labels = rows.tensors(self.canvas_size)
         keys = [record_key(self.seed, epoch, records[index]["image"]) for index in rows.kept]
         return {
@@ -184,5 +183,5 @@ class CanvasStream(torch.utils.data.IterableDataset):
             "extents": extents,
             "keys": torch.tensor(keys, dtype=torch.int64),
             "labels": labels,
-            "n_corrupt": n_corrupt,
+            "n_corrupt": rows.n_corrupt,
         }
