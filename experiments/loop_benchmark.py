@@ -378,6 +378,40 @@ def measure_peer_step(argv: list[str], batch_size: int, rounds: int = 5) -> dict
     )
 
 
+def _overhead_sentence(overhead: dict[str, Any]) -> str:
+    return (
+        f"Host overhead (`{' '.join(overhead['argv'][:4])}` with the model shrunk to width 8, batch "
+        f"{overhead['batch_size']}: every op kept, no work): data {overhead['data_ms']:.1f} ms "
+        f"({overhead['data_ops']:,} ATen ops), step {overhead['step_ms']:.1f} ms ({overhead['step_ops']:,} ops): "
+        "the floor under the step time at any batch."
+    )
+
+
+def _koleo_sentence(koleo: dict[str, Any]) -> str:
+    memory = f", peak {koleo['peak_mib']:.0f} MiB." if koleo["peak_mib"] == koleo["peak_mib"] else " (no GPU memory)."
+    return (
+        f"KoLeo-proto forward + backward, K = {koleo['num_prototypes']:,}, d = {koleo['dim']}: {koleo['ms']:.1f} ms"
+        + memory
+    )
+
+
+def _peer_sentence(peer: dict[str, Any]) -> str:
+    return (
+        f"Full DINO step against the lightly-based peer on {peer['device']} (batch {peer['batch']}, "
+        f"K = {peer['K']:,}, {peer['n_local']} local crops, same fused AdamW, both teachers batched): ours "
+        f"{peer['ours_images_per_second']:,.0f} img/s, lightly {peer['lightly_images_per_second']:,.0f} img/s, "
+        f"median per-round speed-up {peer['speedup_median']:.2f}x."
+    )
+
+
+# (results key, label when it failed, the sentence when it was measured)
+_SENTENCES = (
+    ("overhead", "Host overhead", _overhead_sentence),
+    ("koleo_proto", "KoLeo-proto at large K", _koleo_sentence),
+    ("peer", "Peer step", _peer_sentence),
+)
+
+
 def render_loop_suite_markdown(results: dict[str, Any], command: str) -> str:
     lines = [
         "## Training loop on the accelerator",
@@ -387,40 +421,8 @@ def render_loop_suite_markdown(results: dict[str, Any], command: str) -> str:
     ]
     for name, loop in results["loops"].items():
         lines += render_loop_markdown(name, loop)
-    overhead = results.get("overhead")
-    if overhead and "error" in overhead:
-        lines += [f"Host overhead **failed**: {overhead['error']}", ""]
-    elif overhead:
-        lines += [
-            f"Host overhead (`{' '.join(overhead['argv'][:4])}` with the model shrunk to width 8, batch "
-            f"{overhead['batch_size']}: every op kept, no work): data {overhead['data_ms']:.1f} ms "
-            f"({overhead['data_ops']:,} ATen ops), step {overhead['step_ms']:.1f} ms ({overhead['step_ops']:,} ops): "
-            "the floor under the step time at any batch.",
-            "",
-        ]
-    koleo = results.get("koleo_proto")
-    if koleo and "error" in koleo:
-        lines += [f"KoLeo-proto at large K **failed**: {koleo['error']}", ""]
-    elif koleo:
-        lines += [
-            f"KoLeo-proto forward + backward, K = {koleo['num_prototypes']:,}, d = {koleo['dim']}: "
-            f"{koleo['ms']:.1f} ms"
-            + (
-                f", peak {koleo['peak_mib']:.0f} MiB."
-                if koleo["peak_mib"] == koleo["peak_mib"]
-                else " (no GPU memory to measure)."
-            ),
-            "",
-        ]
-    peer = results.get("peer")
-    if peer and "error" in peer:
-        lines += [f"Peer step **failed**: {peer['error']}", ""]
-    elif peer:
-        lines += [
-            f"Full DINO step against the lightly-based peer on {peer['device']} (batch {peer['batch']}, "
-            f"K = {peer['K']:,}, {peer['n_local']} local crops, same fused AdamW, both teachers batched): ours "
-            f"{peer['ours_images_per_second']:,.0f} img/s, lightly {peer['lightly_images_per_second']:,.0f} img/s, "
-            f"median per-round speed-up {peer['speedup_median']:.2f}x.",
-            "",
-        ]
+    for key, label, sentence in _SENTENCES:
+        result = results.get(key)
+        if result:
+            lines += [f"{label} **failed**: {result['error']}" if "error" in result else sentence(result), ""]
     return "\n".join(lines)
