@@ -198,3 +198,16 @@ def test_an_empty_results_folder_reports_that_nothing_ran(tmp_path):
     results = load_results(tmp_path)
     assert render_markdown(results) == "No run of the GPU study has finished yet.\n"
     assert {item["verdict"] for item in claims(results)} == {"not measured"}
+
+
+def test_the_plan_command_lists_every_run_with_its_status_and_images(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "gpu_study.py"), "plan", "--quick", "--results_dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    runs = plan_runs(load_gpu_study_config(CONFIG, quick=True))
+    assert [line.split()[2] for line in lines[:-1]] == [run.name for run in runs]
+    assert all(line.startswith("pending") and line.endswith("M images") for line in lines[:-1])
+    assert lines[-1].endswith("M images in all")
