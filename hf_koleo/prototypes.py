@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
 DEFAULT_EPS_VALUES = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.4)
 NN_DISTANCE_QUANTILES = (0.0, 0.01, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
+TRACKED_QUANTILES = (0.01, 0.1, 0.5, 0.9)  # logged with every prototype-statistics row
 
 
 def _unit_rows(prototypes: torch.Tensor) -> torch.Tensor:
@@ -277,7 +278,7 @@ def prototype_metrics(model, assignment_counts: torch.Tensor, eps_values) -> dic
             prefix = f"prototypes/{branch}_{head_name}"
             for eps, count in unique_prototype_curve(head.prototypes, eps_values).items():
                 metrics[f"{prefix}/unique@{eps:g}"] = count
-            quantiles = distance_quantiles(nearest_neighbour_distances(head.prototypes), (0.01, 0.5))
+            quantiles = distance_quantiles(nearest_neighbour_distances(head.prototypes), TRACKED_QUANTILES)
             metrics.update({f"{prefix}/nn_distance_{key}": value for key, value in quantiles.items()})
     usage = utilisation(
         torch.repeat_interleave(torch.arange(len(assignment_counts)), assignment_counts.cpu()), len(assignment_counts)

@@ -84,7 +84,7 @@ def test_run_ends_with_checkpoint_backbone_and_report(data_path, tmp_path):
         "images_per_second",
         "prototypes/teacher_cls/unique@0.025",
         "prototypes/teacher_cls/used",
-        "prototypes/student_cls/nn_distance_q0.5",
+        *(f"prototypes/student_cls/nn_distance_q{q}" for q in (0.01, 0.1, 0.5, 0.9)),
     } <= logged
     report = json.loads((tmp_path / "run" / "prototype_report.json").read_text())
     assert report["teacher/cls"]["num_prototypes"] == 32 and "utilisation" in report["teacher/cls"]
