@@ -82,3 +82,10 @@ def test_every_gpu_suite_entry_parses_as_a_pretraining_run():
         arguments, _ = parse_pretraining_args([*argv, "--report_to", "none", "--max_steps", "1000"])
         # one precision for the whole suite: accelerate's AcceleratorState is per process and refuses a change
         assert arguments.mixed_precision == "bf16" and batch_sizes == sorted(batch_sizes)
+
+
+def test_the_suite_splits_into_core_and_extra_for_two_device_calls():
+    with pytest.raises(ValueError, match="part must be one of"):
+        run_loop_suite(quick=True, part="targets")
+    extra = run_loop_suite(quick=True, steps=1, koleo_prototypes=64, part="extra")
+    assert extra["loops"] == {} and "koleo_proto" not in extra and "peer" not in extra  # the quick suite has no extra

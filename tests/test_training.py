@@ -255,8 +255,12 @@ def test_accelerate_cpu_launch_without_mpirun_is_detected():
     assert requested_cpu_processes({"ACCELERATE_USE_CPU": "False", "MASTER_ADDR": "x"}, launcher) == 1
 
 
-def test_compile_option_compiles_both_backbones_in_place_and_keeps_checkpoints_loadable(
-    data_path, tmp_path, monkeypatch
+@pytest.mark.parametrize(
+    ("scope", "expected"),
+    [("backbones", ["KoLeoDinoModel", "KoLeoDinoModel"]), ("model", ["KoLeoDinoForPreTraining"])],
+)
+def test_compile_option_compiles_in_place_and_keeps_checkpoints_loadable(
+    data_path, tmp_path, monkeypatch, scope, expected
 ):
     compiled = []
     original_compile = torch.nn.Module.compile
@@ -267,12 +271,14 @@ def test_compile_option_compiles_both_backbones_in_place_and_keeps_checkpoints_l
 
     monkeypatch.setattr(torch.nn.Module, "compile", eager_compile)
     summary = run(
-        data_path, tmp_path / "compiled", "--compile", "true", "--compile_mode", "reduce-overhead", "--max_steps", "2",
-        "--save_every", "2",
+        data_path, tmp_path / "compiled", "--compile", "true", "--compile_mode", "reduce-overhead", "--compile_scope",
+        scope, "--max_steps", "2", "--save_every", "2",
     )  # fmt: skip
-    assert compiled == [("KoLeoDinoModel", "reduce-overhead")] * 2 and summary["steps"] == 2
+    assert compiled == [(name, "reduce-overhead") for name in expected] and summary["steps"] == 2
     checkpoint = list_checkpoints(tmp_path / "compiled")[-1]
     assert "student.backbone.embeddings.cls_token" in student_parameters(checkpoint)  # names unchanged
     KoLeoDinoForPreTraining.from_pretrained(checkpoint)
     with pytest.raises(ValueError, match="compile_mode must be one of"):
         parse_pretraining_args(["--max_steps", "1", "--compile", "true", "--compile_mode", "fast"])
+    with pytest.raises(ValueError, match="compile_scope must be one of"):
+        parse_pretraining_args(["--max_steps", "1", "--compile", "true", "--compile_scope", "heads"])

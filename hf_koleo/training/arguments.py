@@ -26,6 +26,7 @@ TRACKERS = ("tensorboard", "trackio", "none", "all")
 PRECISIONS = ("no", "fp16", "bf16")
 IN_MEMORY = ("auto", "yes", "no")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+COMPILE_SCOPES = ("backbones", "model")
 
 
 @dataclass
@@ -69,6 +70,10 @@ class PretrainingArguments(MultiCropConfig):
     compile_mode: str = field(
         default="default",
         metadata={"help": "torch.compile mode: default, reduce-overhead (CUDA graphs), max-autotune, ..."},
+    )
+    compile_scope: str = field(
+        default="backbones",
+        metadata={"help": "What --compile compiles: backbones, or model (backbones, heads and losses in one graph)."},
     )
     shuffle_buffer: int = 1000
     split_strategy: str = field(default="auto", metadata={"help": "datasets split_dataset_by_node strategy."})
@@ -143,6 +148,8 @@ class PretrainingArguments(MultiCropConfig):
             raise ValueError(f"mixed_precision must be one of {PRECISIONS} (or empty), got {self.mixed_precision!r}")
         if self.compile_mode not in COMPILE_MODES:
             raise ValueError(f"compile_mode must be one of {COMPILE_MODES}, got {self.compile_mode!r}")
+        if self.compile_scope not in COMPILE_SCOPES:
+            raise ValueError(f"compile_scope must be one of {COMPILE_SCOPES}, got {self.compile_scope!r}")
         if self.in_memory not in IN_MEMORY:
             raise ValueError(f"in_memory must be one of {IN_MEMORY}, got {self.in_memory!r}")
         if self.split_strategy not in ("auto", "shards", "examples"):

@@ -127,7 +127,7 @@ def pretrain(arguments: PretrainingArguments, model_config: KoLeoDinoConfig) -> 
         model_config.backbone_config.model_type, arguments.global_crops_size, arguments.image_mean, arguments.image_std
     )
     if arguments.compile:
-        compile_backbones(unwrapped, arguments.compile_mode)
+        compile_model(unwrapped, arguments.compile_mode, arguments.compile_scope)
     assignment_counts = torch.zeros(model_config.num_prototypes, device=accelerator.device, dtype=torch.long)
     guard = NonFiniteGuard()
     window_start, window_images = time.perf_counter(), 0
@@ -206,11 +206,16 @@ def pretrain(arguments: PretrainingArguments, model_config: KoLeoDinoConfig) -> 
     return summary
 
 
-def compile_backbones(model: KoLeoDinoForPreTraining, mode: str = "default") -> None:
-    """``torch.compile`` the student and teacher backbones in place (parameter names and checkpoints
-    unchanged); the first steps pay the compilation. Heads, losses and the optimiser stay eager."""
-    model.student.compile(mode=mode)
-    model.teacher.compile(mode=mode)
+def compile_model(model: KoLeoDinoForPreTraining, mode: str = "default", scope: str = "backbones") -> None:
+    """``torch.compile`` in place (parameter names and checkpoints unchanged); the first steps pay the
+    compilation. ``scope="backbones"``: the student and teacher backbones; ``"model"``: the whole
+    forward (backbones, heads, DINO / iBOT / KoLeo-proto losses trace as one graph). The optimiser
+    step (fused) and the EMA (foreach) stay eager."""
+    if scope == "model":
+        model.compile(mode=mode)
+    else:
+        model.student.compile(mode=mode)
+        model.teacher.compile(mode=mode)
 
 
 def train_step(
@@ -363,4 +368,4 @@ def _finish(
     return summary
 
 
-__all__ = ["NonFiniteGuard", "NonFiniteLossError", "ScheduleValues", "compile_backbones", "pretrain", "train_step"]
+__all__ = ["NonFiniteGuard", "NonFiniteLossError", "ScheduleValues", "compile_model", "pretrain", "train_step"]
