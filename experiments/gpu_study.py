@@ -20,7 +20,6 @@ plots and ``results.json``.
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import shutil
@@ -32,7 +31,7 @@ from typing import Any
 import torch
 import yaml
 
-from experiments.study import evaluate_run, load_study_config
+from experiments.study import evaluate_run, load_study_config, merge_settings
 from hf_koleo.data.sources import count_records
 from hf_koleo.evaluation.features import PIXELS, default_device
 from hf_koleo.evaluation.run import evaluate_backbone, write_result
@@ -98,24 +97,13 @@ def plan_runs(config: dict[str, Any]) -> list[StudyRun]:
     return list(runs.values())
 
 
-def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """``base`` with ``overrides`` laid over it, nested mappings merged key by key."""
-    merged = copy.deepcopy(base)
-    for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
-        else:
-            merged[key] = copy.deepcopy(value)
-    return merged
-
-
 def run_settings(config: dict[str, Any], run: StudyRun, output_dir: Path) -> dict[str, Any]:
     """The run's pretraining settings: recipe < study ``run`` < dataset ``run`` < method < this run."""
     dataset = config["datasets"][run.dataset]
-    settings = _merge(config["recipe_settings"], config.get("run") or {})
-    settings = _merge(settings, dataset.get("run") or {})
-    settings = _merge(settings, config["methods"][run.method] or {})
-    return _merge(
+    settings = merge_settings(config["recipe_settings"], config.get("run") or {})
+    settings = merge_settings(settings, dataset.get("run") or {})
+    settings = merge_settings(settings, config["methods"][run.method] or {})
+    return merge_settings(
         settings,
         {
             "data": dataset["train"],

@@ -13,12 +13,11 @@ and renders them; nothing here trains or evaluates. The verdicts test the target
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
 from .gpu_study import plan_runs, record_status
-from .markdown import markdown_table, mean_std
+from .markdown import markdown_table, mean_std, sample_sd
 
 HEADLINE_EPS = "0.025"
 TABLE_EPS = ("0.01", "0.025", "0.05", "0.1")  # the eps the study logs every epoch
@@ -77,13 +76,6 @@ def _values(runs: list[dict[str, Any]], key: str) -> list[float]:
 
 def _unique_fractions(runs: list[dict[str, Any]], eps: str = HEADLINE_EPS) -> list[float]:
     return [teacher_curve(run)[eps] / run["num_prototypes"] for run in runs]
-
-
-def _spread(values: list[float]) -> float:
-    if len(values) < 2:
-        return 0.0
-    mean = sum(values) / len(values)
-    return math.sqrt(sum((value - mean) ** 2 for value in values) / (len(values) - 1))
 
 
 def _mean(values: list[float]) -> float:
@@ -170,7 +162,7 @@ def claims(results: dict[str, Any]) -> list[dict[str, str]]:
         if dataset == "fashion_mnist_lt" and method == "baseline" and (dataset, k, "koleo_proto") in groups:
             base, koleo = _values(runs, "knn_balanced"), _values(groups[(dataset, k, "koleo_proto")], "knn_balanced")
             gains.append(
-                (k, _mean(koleo) - _mean(base), max(_spread(base), _spread(koleo)), min(len(base), len(koleo)))
+                (k, _mean(koleo) - _mean(base), max(sample_sd(base), sample_sd(koleo)), min(len(base), len(koleo)))
             )
     if not gains:
         verdicts.append(
@@ -356,7 +348,7 @@ def plot_results(results: dict[str, Any], figures_dir: str | Path, prefix: str =
                     axis.errorbar(
                         [k for k, _ in points],
                         [_mean(values) for _, values in points],
-                        yerr=[_spread(values) for _, values in points],
+                        yerr=[sample_sd(values) for _, values in points],
                         marker="o",
                         capsize=3,
                         color=colours[method],

@@ -12,6 +12,7 @@ Run by ``scripts/study_koleo_proto.py``; every number in ``results.md`` is read 
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import time
@@ -36,17 +37,22 @@ logger = logging.getLogger(__name__)
 VARIANTS = ("baseline", "koleo_proto")
 
 
+def merge_settings(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``overrides`` laid over it, nested mappings merged key by key (both left unchanged)."""
+    merged = copy.deepcopy(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge_settings(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
 def load_study_config(path: str | Path, quick: bool = False) -> dict[str, Any]:
     """The study YAML; ``quick`` merges its ``quick:`` section over the rest (CI-sized)."""
     config = yaml.safe_load(Path(path).read_text())
     quick_overrides = config.pop("quick", {}) or {}
-    if quick:
-        for key, value in quick_overrides.items():
-            if isinstance(value, dict) and isinstance(config.get(key), dict):
-                config[key] = {**config[key], **value}
-            else:
-                config[key] = value
-    return config
+    return merge_settings(config, quick_overrides) if quick else config
 
 
 def run_arguments(
