@@ -199,11 +199,26 @@ def pretrain(arguments: PretrainingArguments, model_config: KoLeoDinoConfig) -> 
     progress.close()
     if state.step < total_steps:  # stopped by --max_time: no export, no final report yet
         summary = _stopped_summary(accelerator, output_dir, state, run_start, total_steps)
-        accelerator.end_training()
-        return summary
-    summary = _finish(accelerator, unwrapped, arguments, data, state, run_start)
-    accelerator.end_training()
+    else:
+        summary = _finish(accelerator, unwrapped, arguments, data, state, run_start)
+    _end(accelerator)
     return summary
+
+
+def _end(accelerator: Accelerator) -> None:
+    """Every process leaves together, then the process group goes.
+
+    The pause works around a deadlock in torch's ``ProcessGroupGloo`` destructor (seen here about once
+    in ten 2-process CPU runs, stacks taken with py-spy): when this function's caller drops the DDP
+    model, its reducer destroys the process group, which joins gloo's worker thread while holding the
+    GIL; if that thread is still releasing the last collective's work (its tensors' Python
+    references need the GIL), neither goes on. Sleeping after the barrier hands the GIL to the
+    worker thread so it finishes that release first.
+    """
+    if accelerator.num_processes > 1:
+        accelerator.wait_for_everyone()
+        time.sleep(0.2)
+    accelerator.end_training()
 
 
 def compile_model(model: KoLeoDinoForPreTraining, mode: str = "default", scope: str = "backbones") -> None:
