@@ -25,11 +25,14 @@ SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "frozen_head_study.py
 
 def clustered_views(n_images=512, n_clusters=8, dim=16, spread=0.3, noise=0.1, n_views=4) -> FeatureBankViews:
     """Features of a frozen backbone that sees 8 tight clusters sharing a common direction."""
+    # Drawn in float64 (one scalar code path on every CPU; float32 randn has an AVX2-only kernel whose
+    # last bits differ), so every machine trains on the same inputs.
     generator = torch.Generator().manual_seed(0)
-    centres = torch.ones(dim) + spread * torch.randn(n_clusters, dim, generator=generator)
+    centres = torch.ones(dim) + spread * torch.randn(n_clusters, dim, generator=generator, dtype=torch.float64)
     labels = torch.arange(n_images) % n_clusters
-    bank = centres[labels][:, None] + noise * torch.randn(n_images, n_views, dim, generator=generator)
-    return FeatureBankViews(bank, centres[labels])
+    noise_draws = torch.randn(n_images, n_views, dim, generator=generator, dtype=torch.float64)
+    bank = centres[labels][:, None] + noise * noise_draws
+    return FeatureBankViews(bank.float(), centres[labels].float())
 
 
 def tiny_head(**overrides) -> FrozenHeadConfig:
@@ -48,13 +51,20 @@ def tiny_head(**overrides) -> FrozenHeadConfig:
 
 
 def test_baseline_prototypes_merge_while_koleo_proto_keeps_them_apart(one_thread):
+    # 200 steps at lr 1e-2 are chaotic: a last-bit change in a float kernel (another CPU, another
+    # ATEN_CPU_CAPABILITY) plays out like another seed. So the run is long enough, and the bounds wide
+    # enough, that seeds 0-6 all pass with room under ATEN_CPU_CAPABILITY default, avx2 and avx512:
+    # at 400 steps the baseline keeps 52-88 of 121-128 unique prototypes at eps 0.1 (at most 0.73 of
+    # the start; seed 0: 126 -> 52), KoLeo-proto 127-128 (at least 1.0), and its median
+    # nearest-neighbour distance is 2.3-4.5x the baseline's (seed 0: 4.5x).
     views = clustered_views()
-    baseline = run_frozen_head(views, tiny_head())["history"]
-    koleo = run_frozen_head(views, tiny_head(koleo_proto_weight=0.1))["history"]
+    settings = dict(steps=400, eval_every=200)
+    baseline = run_frozen_head(views, tiny_head(**settings))["history"]
+    koleo = run_frozen_head(views, tiny_head(koleo_proto_weight=0.1, **settings))["history"]
     assert baseline[0]["unique"] == koleo[0]["unique"]  # same seed, same start
     start = baseline[0]["unique"]["0.1"]
-    assert baseline[-1]["unique"]["0.1"] < 0.7 * start  # many prototypes merged (126 -> 67 when written)
-    assert koleo[-1]["unique"]["0.1"] >= start  # none did
+    assert baseline[-1]["unique"]["0.1"] < 0.8 * start  # many prototypes merged
+    assert koleo[-1]["unique"]["0.1"] >= 0.95 * start  # almost none did
     assert koleo[-1]["nn_distance"]["q0.5"] > 2 * baseline[-1]["nn_distance"]["q0.5"]
 
 
