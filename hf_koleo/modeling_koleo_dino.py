@@ -123,6 +123,9 @@ class KoLeoDinoModel(KoLeoDinoPreTrainedModel):
     teacher backbone (the one DINO-family methods evaluate).
     """
 
+    # A pretraining checkpoint also holds the student, the heads and the centres: expected, not reported.
+    _keys_to_ignore_on_load_unexpected = [r"^student\.", r"^(student|teacher)_(patch_)?head\.", r"_centre$"]
+
     def __init__(self, config: KoLeoDinoConfig) -> None:
         super().__init__(config)
         self.backbone = build_backbone(config.backbone_config)

@@ -1,3 +1,4 @@
+import socket
 import sys
 from pathlib import Path
 
@@ -95,6 +96,13 @@ def tiny_config(**overrides) -> KoLeoDinoConfig:
 def data_path(tmp_path_factory) -> Path:
     """48 tiny images in one parquet file (``data_fixtures.write_parquet``), shared by a test module."""
     return write_parquet(tmp_path_factory.mktemp("data") / "train.parquet", 48)
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on now: two multi-process tests (or CI beside a session) never collide."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import free_port
 from data_fixtures import write_parquet
 from hub_server import add_dataset, start_hub_server
 from test_training import ROOT, TINY_RUN, student_parameters
@@ -176,6 +177,7 @@ def test_pretraining_from_a_hub_id_split_across_two_processes(tmp_path, hub):
     command = [
         *(sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2"),
         *("--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"),
+        *("--main_process_port", str(free_port())),
         *(str(ROOT / "scripts" / "pretrain.py"), *TINY_RUN, "--data", DATASET),
         *("--output_dir", str(tmp_path / "run"), "--max_steps", "2", "--save_every", "2"),
     ]

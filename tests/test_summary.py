@@ -51,3 +51,33 @@ def test_pretrain_script_ends_with_the_short_summary(tmp_path):
     assert str(tmp_path / "run" / "prototype_report.json") in result.stdout
     assert lines[-1].split()[0] == "0.4" and len(lines) < 20  # the eps table ends it; no report JSON
     json.loads((tmp_path / "run" / "prototype_report.json").read_text())
+    # The console beside the bar: one line per statistics step and per checkpoint, no other library's chatter.
+    log_lines = [line for line in result.stderr.splitlines() if " INFO " in line or " WARNING " in line]
+    statistics = [line for line in log_lines if "· unique@0.025 teacher" in line]
+    assert [line.split("INFO hf_koleo.training.trainer: ")[1].split(" ·")[0] for line in statistics] == [
+        "step 2",
+        "step 4",
+    ]
+    assert " · used " in statistics[0] and "NN-distance median" in statistics[0] and "{" not in statistics[0]
+    assert sum("checkpoint " in line for line in log_lines) == 2
+    assert all(" hf_koleo." in line for line in log_lines), log_lines
+    assert "Writing model shards" not in result.stderr and "Loading weights" not in result.stderr
+
+
+def test_log_level_debug_shows_the_libraries_and_the_full_statistics(tmp_path, monkeypatch, caplog):
+    from hf_koleo.console import configure_logging
+    from hf_koleo.training.arguments import parse_pretraining_args
+    from hf_koleo.training.trainer import pretrain
+
+    data = write_parquet(tmp_path / "train.parquet", 48)
+    arguments, model_config = parse_pretraining_args(
+        [*TINY_RUN, "--data", str(data), "--output_dir", str(tmp_path / "run"), "--log_level", "debug"]
+    )
+    configure_logging(arguments.log_level)
+    try:
+        with caplog.at_level("DEBUG"):
+            pretrain(arguments, model_config)
+    finally:
+        configure_logging("info")
+    assert "step 2 prototypes: {" in caplog.text  # the whole dictionary
+    assert any(record.name.startswith("accelerate") for record in caplog.records)  # its checkpoint lines

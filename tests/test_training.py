@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, TINY_RUN
+from conftest import ROOT, TINY_RUN, free_port
 from safetensors.torch import load_file
 from transformers import AutoImageProcessor, AutoModel
 
@@ -209,6 +209,8 @@ def launch(data_path, output_dir, num_processes, batch_size, *extra):
         "no",
         "--dynamo_backend",
         "no",
+        "--main_process_port",
+        str(free_port()),
         str(ROOT / "scripts" / "pretrain.py"),
         *TINY_RUN,
         "--data",

@@ -12,6 +12,7 @@ import argparse
 import copy
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ import yaml
 from transformers import HfArgumentParser
 
 from ..configuration_koleo_dino import KoLeoDinoConfig
+from ..console import LOG_LEVELS
 from ..data.augment import MultiCropConfig
 
 TRACKERS = ("tensorboard", "trackio", "none", "all")
@@ -86,6 +88,13 @@ class PretrainingArguments(MultiCropConfig):
     save_every: int = 500
     keep_last: int = 2
     resume: str = field(default="", metadata={"help": "'latest' or a checkpoint folder; empty starts fresh."})
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Start fresh in an output_dir that holds an earlier run's outputs, removing them "
+            "(without it such a folder is refused unless --resume)."
+        },
+    )
     max_time: float = field(
         default=0.0,
         metadata={
@@ -94,6 +103,10 @@ class PretrainingArguments(MultiCropConfig):
         },
     )
     report_to: str = field(default="tensorboard", metadata={"help": "tensorboard, trackio, all or none."})
+    log_level: str = field(
+        default="info",
+        metadata={"help": "Console: info (progress, one line per statistics step and checkpoint), debug, warning."},
+    )
     report_images: int = field(default=512, metadata={"help": "Images embedded for the final prototype report."})
 
     def check(self) -> None:
@@ -142,6 +155,8 @@ class PretrainingArguments(MultiCropConfig):
         for name in ("teacher_temperature_start", "teacher_temperature"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.log_level not in LOG_LEVELS:
+            raise ValueError(f"log_level must be one of {LOG_LEVELS}, got {self.log_level!r}")
         if self.report_to not in TRACKERS:
             raise ValueError(f"report_to must be one of {TRACKERS}, got {self.report_to!r}")
         if self.mixed_precision not in ("", *PRECISIONS):
@@ -221,9 +236,24 @@ def build_model_config(settings: dict[str, Any]) -> KoLeoDinoConfig:
     return config
 
 
+def _check_output_dir(output_dir: str) -> None:
+    """Refuse, before any work, an ``--output_dir`` that cannot be a folder this run writes in."""
+    path = Path(output_dir).expanduser()
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"--output_dir {output_dir} is a file; give a folder for the run's outputs")
+    existing = next((parent for parent in (path, *path.parents) if parent.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise NotADirectoryError(f"--output_dir {output_dir}: {existing} is a file, not a folder")
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        what = "is not writable" if existing == path else f"cannot be created: {existing} is not writable"
+        raise PermissionError(f"--output_dir {output_dir} {what}")
+
+
 def load_config_file(config_path: str | Path) -> dict[str, Any]:
     """The YAML mapping in ``config_path``; a missing, binary or malformed file raises naming the file."""
     path = Path(config_path)
+    if path.is_dir():
+        raise IsADirectoryError(f"config file {config_path} is a folder; --config needs a YAML file")
     if not path.is_file():
         raise FileNotFoundError(f"config file {config_path} not found")
     try:
@@ -280,6 +310,10 @@ def arguments_from_settings(
     if not isinstance(model_settings, dict):
         raise ValueError(f"{source}: model must be a mapping of KoLeoDinoConfig keys, got {model_settings!r}")
     model_settings = copy.deepcopy(model_settings)
+    valid = sorted(f.name for f in dataclasses.fields(PretrainingArguments))
+    unknown = sorted(str(key) for key in settings if key not in valid)
+    if unknown:  # named here: once turned into options, the file and key would be lost
+        raise ValueError(f"{source}: unknown option(s) {unknown}; valid keys: {valid} (model keys go under model:)")
     run_argv = _to_argv(settings)
     argv = list(argv)
     index = 0
@@ -299,7 +333,7 @@ def arguments_from_settings(
     except argparse.ArgumentError as error:  # a bad value, from the YAML or the command line
         raise ValueError(str(error)) from None
     if remaining:
-        valid = sorted(f.name for f in dataclasses.fields(PretrainingArguments))
         raise ValueError(f"unknown option(s) {remaining}; valid keys: {valid} (model keys go under model:)")
     arguments.check()
+    _check_output_dir(arguments.output_dir)
     return arguments, build_model_config(model_settings)

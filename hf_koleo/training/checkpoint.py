@@ -30,6 +30,14 @@ class CheckpointLoadError(RuntimeError):
     """No checkpoint asked for by ``--resume`` could be loaded."""
 
 
+class CheckpointConfigError(ValueError):
+    """The checkpoint ``--resume`` chose was saved with another model config than this run's."""
+
+
+# Config entries that say how a config was saved, not what the model is.
+_CONFIG_BOOKKEEPING = {"_name_or_path", "architectures", "dtype", "torch_dtype", "transformers_version"}
+
+
 @dataclass
 class TrainerState:
     """What the loop needs besides model, optimiser and RNG to continue exactly."""
@@ -38,6 +46,7 @@ class TrainerState:
     position: list[int] = field(default_factory=lambda: [0, 0])  # stream (epoch, batch_index)
     images_seen: int = 0
     corrupt_records: int = 0
+    global_batch_size: int = 0  # images per step over all processes (0: a checkpoint from before it was saved)
 
 
 def checkpoint_dir(output_dir: str | os.PathLike) -> Path:
@@ -74,19 +83,54 @@ def _resume_candidates(output_dir: str | os.PathLike, resume: str) -> list[Path]
     return [path]
 
 
+def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    """``"key: saved -> current"`` for every model-config entry that differs (nested configs dotted)."""
+    differences = []
+    for key in sorted(set(saved) | set(current), key=str):
+        if key in _CONFIG_BOOKKEEPING:
+            continue
+        old, new = saved.get(key), current.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            differences += config_differences(old, new, f"{prefix}{key}.")
+        elif old != new and not (isinstance(old, (list, tuple)) and list(old) == list(new or [])):
+            differences.append(f"{prefix}{key}: {old!r} -> {new!r}")
+    return differences
+
+
+def check_same_model_config(path: Path, model_config) -> None:
+    """Raise ``CheckpointConfigError`` naming each field where ``path``'s config differs from ``model_config``.
+
+    A checkpoint without a readable ``config.json`` is left to the load (it is damaged, not different).
+    """
+    try:
+        saved = type(model_config).from_pretrained(path).to_dict()
+    except Exception:  # missing or damaged config.json: load_checkpoint reports it
+        return
+    differences = config_differences(saved, model_config.to_dict())
+    if differences:
+        raise CheckpointConfigError(
+            f"--resume: checkpoint {path} was saved with another model config than this run's "
+            f"({'; '.join(differences)}, checkpoint -> now): resume with the run's original model settings, "
+            "or start a new run in another --output_dir"
+        )
+
+
 def load_resume_checkpoint(
-    accelerator: Accelerator, output_dir: str | os.PathLike, resume: str
+    accelerator: Accelerator, output_dir: str | os.PathLike, resume: str, model_config=None
 ) -> tuple[TrainerState, Path | None]:
     """Restore what ``--resume`` asks for; returns the trainer state and the folder it came from.
 
     With ``"latest"``, a checkpoint that does not load (truncated or missing files) is skipped with
     a warning for the previous complete one. Every process must load the same folder, so they agree
     on each attempt. Nothing to resume gives ``(TrainerState(), None)``; nothing loadable raises
-    ``CheckpointLoadError`` with each folder's reason.
+    ``CheckpointLoadError`` with each folder's reason. A checkpoint saved with another model config
+    than ``model_config`` raises ``CheckpointConfigError`` naming the fields that differ.
     """
     failures: list[str] = []
     candidates = _resume_candidates(output_dir, resume)
     for index, path in enumerate(candidates):
+        if model_config is not None:
+            check_same_model_config(path, model_config)
         error = None
         try:
             state = load_checkpoint(accelerator, path)

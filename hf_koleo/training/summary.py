@@ -31,6 +31,27 @@ def unique_prototype_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def prototype_line(step: int, metrics: dict[str, Any], num_prototypes: int, eps_values) -> str:
+    """The console's line for one prototype-statistics step, from :func:`hf_koleo.prototypes.prototype_metrics`.
+
+    ``step 500 · unique@0.025 teacher 4,093/4,096 · used 412 (perplexity 88.1) · NN-distance median 0.912``:
+    both kinds of collapse side by side (prototypes merging, assignments concentrating).
+    """
+    eps = 0.025 if 0.025 in eps_values else eps_values[0]
+    prefix = "prototypes/teacher_cls"
+    unique = metrics.get(f"{prefix}/unique@{eps:g}")
+    parts = [f"step {step}"]
+    if unique is not None:
+        parts.append(f"unique@{eps:g} teacher {unique:,}/{num_prototypes:,}")
+    if f"{prefix}/used" in metrics:
+        perplexity = metrics.get(f"{prefix}/assignment_perplexity")
+        parts.append(f"used {metrics[f'{prefix}/used']:,}" + (f" (perplexity {perplexity:.1f})" if perplexity else ""))
+    median = metrics.get(f"{prefix}/nn_distance_q0.5")
+    if median is not None:
+        parts.append(f"NN-distance median {median:.3f}")
+    return " · ".join(parts)
+
+
 def format_summary(summary: dict[str, Any]) -> str:
     """A short human summary of :func:`hf_koleo.training.trainer.pretrain`'s result.
 
@@ -38,8 +59,9 @@ def format_summary(summary: dict[str, Any]) -> str:
     checkpoint, the exported backbone and the report, then :func:`unique_prototype_table`.
     """
     if summary.get("stopped"):
+        cause = "--max_time" if summary["stopped"] == "max_time" else summary["stopped"]
         return (
-            f"pretraining stopped by --{summary['stopped']} at step {summary['steps']} of {summary['total_steps']} "
+            f"pretraining stopped by {cause} at step {summary['steps']} of {summary['total_steps']} "
             f"({summary['images_seen']} images seen, {summary.get('images_per_second', 0.0):.1f} img/s); "
             f"--resume latest goes on from {summary.get('checkpoint')}"
         )

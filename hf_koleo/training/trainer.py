@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import signal
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -12,7 +13,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast, set_seed
+from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from ..backbone_export import build_image_processor, export_backbone
@@ -21,6 +22,7 @@ from ..modeling_koleo_dino import KoLeoDinoForPreTraining
 from ..prototypes import prototype_metrics, prototype_report
 from .arguments import PretrainingArguments
 from .checkpoint import TrainerState, list_checkpoints, load_resume_checkpoint, save_checkpoint
+from .interrupt import StopRequest, stop_on_signals
 from .launch import needs_cpu_backend
 from .lock import locks_output_dir
 from .optimization import (
@@ -32,6 +34,8 @@ from .optimization import (
     skip_update_if,
 )
 from .pipeline import DataPipeline
+from .run_outputs import append_metrics, claim_output_dir, cut_metrics
+from .summary import prototype_line
 
 logger = logging.getLogger(__name__)
 LOSS_TERMS = ("loss", "dino_loss", "ibot_loss", "koleo_proto_loss", "koleo_loss", "teacher_entropy")
@@ -82,14 +86,23 @@ def _trackers(report_to: str) -> list[str] | None:
     return {"none": None, "all": ["tensorboard", "trackio"]}.get(report_to, [report_to])
 
 
-@locks_output_dir
 def pretrain(arguments: PretrainingArguments, model_config: KoLeoDinoConfig) -> dict[str, Any]:
     """Run (or resume) pretraining; returns a summary with the final prototype report.
 
     Ends with a checkpoint in ``output_dir/checkpoints``, the exported stock backbone in
-    ``output_dir/backbone`` and ``output_dir/prototype_report.json``.
+    ``output_dir/backbone`` and ``output_dir/prototype_report.json``. Stopped early by
+    ``--max_time`` or by SIGTERM / SIGINT (see :mod:`.interrupt`), it ends with a checkpoint and a
+    summary whose ``stopped`` says why (``exit_code`` 128 + the signal's number for a signal).
     """
     invocation_start = time.perf_counter()  # --max_time counts from here (setup and decoding included)
+    with stop_on_signals() as stop:
+        return _pretrain(arguments, model_config, stop, invocation_start)
+
+
+@locks_output_dir
+def _pretrain(
+    arguments: PretrainingArguments, model_config: KoLeoDinoConfig, stop: StopRequest, invocation_start: float
+) -> dict[str, Any]:
     output_dir = Path(arguments.output_dir)
     accelerator = Accelerator(
         cpu=needs_cpu_backend(),
@@ -98,16 +111,25 @@ def pretrain(arguments: PretrainingArguments, model_config: KoLeoDinoConfig) -> 
         log_with=_trackers(arguments.report_to),
         project_dir=str(output_dir),
     )
+    # Before any process writes: a fresh run never mixes with an earlier run's outputs.
+    claim_output_dir(output_dir, arguments.resume, arguments.overwrite_output_dir, accelerator.is_main_process)
+    accelerator.wait_for_everyone()
     set_seed(arguments.seed)
     model = KoLeoDinoForPreTraining(model_config)
     optimizer = build_optimizer(model, arguments.weight_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped: KoLeoDinoForPreTraining = accelerator.unwrap_model(model)
 
-    state, resume_from = load_resume_checkpoint(accelerator, output_dir, arguments.resume)
+    state, resume_from = load_resume_checkpoint(accelerator, output_dir, arguments.resume, model_config)
     if resume_from is not None:
         logger.info("resumed from %s at step %d", resume_from, state.step)
+    if arguments.resume and accelerator.is_main_process:
+        cut_metrics(output_dir, state.step)  # the killed run's rows past its checkpoint go
     data = DataPipeline(arguments, model_config, accelerator, tuple(state.position))
+    global_batch = arguments.global_batch_size(accelerator.num_processes)
+    if resume_from is not None and accelerator.is_main_process:
+        _warn_if_batch_changed(state, global_batch, data.resident)
+    state.global_batch_size = global_batch
     steps_per_epoch = arguments.steps_per_epoch(accelerator.num_processes, data.dataset_size)
     total_steps = arguments.total_steps(steps_per_epoch)
     proto_interval = arguments.proto_interval(steps_per_epoch)
@@ -133,6 +155,8 @@ def pretrain(arguments: PretrainingArguments, model_config: KoLeoDinoConfig) -> 
     window_start, window_images = time.perf_counter(), 0
     run_start = (window_start, state.images_seen)  # the summary's img/s: this session's steps only
     output = None
+    stop.deferring = True  # from here a signal stops the loop at a step boundary, with a checkpoint
+    stop_reason = None
     # The step below never reads a device value on the host: the GPU runs ahead until logging.
     for step in range(state.step, total_steps):
         values = schedule_values(arguments, step, total_steps, steps_per_epoch, peak_lr)
@@ -150,7 +174,8 @@ def pretrain(arguments: PretrainingArguments, model_config: KoLeoDinoConfig) -> 
         progress.update(1)
 
         saving = state.step % arguments.save_every == 0 or state.step == total_steps
-        if state.step % arguments.log_every == 0 or saving:
+        logging_step = state.step % arguments.log_every == 0
+        if logging_step or saving:
             # Sync point: the loss terms and the non-finite count, one reduce every log_every steps.
             elapsed = time.perf_counter() - window_start
             metrics = _loss_metrics(accelerator, output, guard)
@@ -170,16 +195,13 @@ def pretrain(arguments: PretrainingArguments, model_config: KoLeoDinoConfig) -> 
             if accelerator.is_main_process:
                 metrics = {**prototype_metrics(unwrapped, counts, arguments.proto_eps), "epoch": _epoch(state, data)}
                 _log(accelerator, output_dir, metrics, state.step)
-                logger.info("step %d prototypes: %s", state.step, json.dumps(metrics))
+                logger.info(prototype_line(state.step, metrics, model_config.num_prototypes, arguments.proto_eps))
+                logger.debug("step %d prototypes: %s", state.step, json.dumps(metrics))
             assignment_counts.zero_()
-        out_of_time = (
-            arguments.max_time > 0
-            and state.step % arguments.log_every == 0
-            and state.step < total_steps
-            and _time_is_up(accelerator, invocation_start, arguments.max_time)
-        )
-        if saving or out_of_time:
-            save_checkpoint(
+        if state.step < total_steps:
+            stop_reason = _stop_reason(accelerator, stop, invocation_start, arguments.max_time, logging_step)
+        if saving or stop_reason:
+            checkpoint = save_checkpoint(
                 accelerator,
                 output_dir,
                 state,
@@ -188,17 +210,17 @@ def pretrain(arguments: PretrainingArguments, model_config: KoLeoDinoConfig) -> 
                 image_processor=image_processor,
                 run_arguments=asdict(arguments),
             )
-        if out_of_time:
+            logger.info("step %d: checkpoint %s", state.step, checkpoint)
+        if stop_reason:
+            cause = f"--max_time {arguments.max_time:g}s reached" if stop_reason == "max_time" else stop_reason
             logger.warning(
-                "--max_time %gs reached at step %d of %d: checkpoint saved; --resume latest goes on",
-                arguments.max_time,
-                state.step,
-                total_steps,
+                "%s at step %d of %d: checkpoint saved; --resume latest goes on", cause, state.step, total_steps
             )
             break
+    stop.deferring = False
     progress.close()
-    if state.step < total_steps:  # stopped by --max_time: no export, no final report yet
-        summary = _stopped_summary(accelerator, output_dir, state, run_start, total_steps)
+    if stop_reason:  # no export, no final report yet
+        summary = _stopped_summary(accelerator, output_dir, state, run_start, total_steps, stop_reason)
     else:
         summary = _finish(accelerator, unwrapped, arguments, data, state, run_start)
     _end(accelerator)
@@ -273,8 +295,32 @@ def _log(accelerator: Accelerator, output_dir: Path, metrics: dict[str, Any], st
     """To the trackers, and (main process) one JSON line per call in ``output_dir/metrics.jsonl``."""
     accelerator.log(metrics, step=step)
     if accelerator.is_main_process:
-        with open(output_dir / "metrics.jsonl", "a") as handle:
-            handle.write(json.dumps({"step": step, **metrics}) + "\n")
+        append_metrics(output_dir, step, metrics)
+
+
+def _warn_if_batch_changed(state: TrainerState, global_batch: int, resident: bool) -> None:
+    """A resumed run with another global batch than its checkpoint's: say what that does to the data."""
+    saved = state.global_batch_size or (state.images_seen // state.step if state.step else 0)
+    if not saved or saved == global_batch:
+        return
+    if resident:
+        epoch, batch_index = state.position[:2]
+        then, now = batch_index * saved, batch_index * global_batch
+        effect = (
+            f"the data position (epoch {epoch}, batch {batch_index}) counts batches, so this run goes on at image "
+            f"{now:,} of the epoch's order where the checkpoint's run stopped at image {then:,} ("
+            + (f"{now - then:,} images of this epoch are skipped" if now > then else f"{then - now:,} are seen twice")
+            + ")"
+        )
+    else:
+        effect = "the stream goes on after the records the checkpoint's run had read"
+    logger.warning(
+        "--resume: the global batch is %d images per step, the checkpoint's run used %d: %s; the learning "
+        "rate follows the new batch (peak lr = base_lr x batch / 256)",
+        global_batch,
+        saved,
+        effect,
+    )
 
 
 def _loss_metrics(accelerator, output, guard: NonFiniteGuard) -> dict[str, float]:
@@ -327,12 +373,25 @@ def _epoch(state: TrainerState, data: DataPipeline) -> float:
     return state.images_seen / data.dataset_size if data.dataset_size else float(state.position[0])
 
 
-def _time_is_up(accelerator: Accelerator, started: float, max_time: float) -> bool:
-    """The main process's clock decides, so every process stops at the same step."""
-    expired = time.perf_counter() - started >= max_time
+def _stop_reason(
+    accelerator: Accelerator, stop: StopRequest, started: float, max_time: float, logging_step: bool
+) -> str | None:
+    """Why the run stops after this step: ``"max_time"``, a signal's name (``"SIGTERM"``), or None.
+
+    ``--max_time`` is checked on ``log_every`` steps, by the main process's clock. One process stops
+    at the first step after a signal; several agree on ``log_every`` steps (a small gather, beside
+    the loss reduce already there), so they all stop at the same step.
+    """
+    expired = max_time > 0 and logging_step and time.perf_counter() - started >= max_time
     if accelerator.num_processes == 1:
-        return expired
-    return bool(broadcast(torch.tensor([expired], device=accelerator.device), from_process=0).item())
+        return stop.name or ("max_time" if expired else None)
+    if not logging_step:
+        return None
+    flags = torch.tensor([[int(expired and accelerator.is_main_process), stop.signum or 0]], device=accelerator.device)
+    any_expired, signum = accelerator.gather(flags).amax(dim=0).tolist()  # sync point: log steps only
+    if signum:
+        return signal.Signals(signum).name
+    return "max_time" if any_expired else None
 
 
 def _session_figures(state: TrainerState, run_start: tuple[float, int]) -> dict[str, Any]:
@@ -349,9 +408,11 @@ def _last_checkpoint(output_dir: Path) -> str | None:
     return str(checkpoints[-1]) if checkpoints else None
 
 
-def _stopped_summary(accelerator, output_dir: Path, state, run_start, total_steps: int) -> dict[str, Any]:
-    """The summary of a run that ``--max_time`` stopped: where it is and where its checkpoint is."""
-    summary = {**_session_figures(state, run_start), "total_steps": total_steps, "stopped": "max_time"}
+def _stopped_summary(accelerator, output_dir: Path, state, run_start, total_steps: int, reason: str) -> dict[str, Any]:
+    """The summary of a run that ``--max_time`` or a signal stopped: where it is and where its checkpoint is."""
+    summary = {**_session_figures(state, run_start), "total_steps": total_steps, "stopped": reason}
+    if reason != "max_time":
+        summary["exit_code"] = 128 + signal.Signals[reason].value
     if accelerator.is_main_process:
         summary["checkpoint"] = _last_checkpoint(output_dir)
     return summary

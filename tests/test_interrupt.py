@@ -1,0 +1,120 @@
+"""SIGTERM / SIGINT: the step finishes, a checkpoint is saved, the lock goes, the exit status says which."""
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT, TINY_RUN
+from test_training import run, student_parameters
+
+from hf_koleo.training import trainer
+from hf_koleo.training.checkpoint import list_checkpoints
+from hf_koleo.training.interrupt import RunInterrupted, StopRequest, stop_on_signals
+from hf_koleo.training.lock import LOCK_FILE
+from hf_koleo.training.summary import format_summary
+
+
+def signal_during_step(monkeypatch, signum: int, at_step: int, times: int = 1) -> None:
+    """Make the process send itself ``signum`` (``times`` times) while it trains step ``at_step`` (0-based)."""
+    original = trainer.train_step
+
+    def train_step(accelerator, model, optimizer, batch, values, step, *args):
+        if step == at_step:
+            for _ in range(times):
+                os.kill(os.getpid(), signum)
+        return original(accelerator, model, optimizer, batch, values, step, *args)
+
+    monkeypatch.setattr(trainer, "train_step", train_step)
+
+
+@pytest.mark.parametrize(("signum", "exit_code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_stops_at_the_step_boundary_with_a_checkpoint_that_resumes_exactly(
+    data_path, tmp_path, monkeypatch, signum, exit_code
+):
+    run(data_path, tmp_path / "straight", "--save_every", "100")
+    signal_during_step(monkeypatch, signum, at_step=1)
+    stopped = run(data_path, tmp_path / "run", "--save_every", "100")
+    monkeypatch.undo()
+    name = signal.Signals(signum).name
+    assert stopped["stopped"] == name and stopped["exit_code"] == exit_code and stopped["steps"] == 2
+    assert format_summary(stopped).startswith(f"pretraining stopped by {name} at step 2 of 4")
+    assert [path.name for path in list_checkpoints(tmp_path / "run")] == ["checkpoint-00000002"]
+    assert not (tmp_path / "run" / LOCK_FILE).exists()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handlers are put back
+    run(data_path, tmp_path / "run", "--save_every", "100", "--resume")
+    straight = student_parameters(list_checkpoints(tmp_path / "straight")[-1])
+    resumed = student_parameters(list_checkpoints(tmp_path / "run")[-1])
+    assert all(torch.equal(straight[key], resumed[key]) for key in straight)
+
+
+def test_a_second_ctrl_c_stops_at_once(data_path, tmp_path, monkeypatch):
+    signal_during_step(monkeypatch, signal.SIGINT, at_step=1, times=2)
+    with pytest.raises(RunInterrupted) as interrupted:
+        run(data_path, tmp_path / "run", "--save_every", "100")
+    assert interrupted.value.exit_code == 130
+    assert not (tmp_path / "run" / LOCK_FILE).exists()
+
+
+def test_a_signal_before_the_first_step_ends_the_run_at_once_and_releases_the_lock(data_path, tmp_path, monkeypatch):
+    def interrupted_pipeline(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("the signal should have stopped the set-up")
+
+    monkeypatch.setattr(trainer, "DataPipeline", interrupted_pipeline)
+    with pytest.raises(RunInterrupted, match="interrupted by SIGTERM") as interrupted:
+        run(data_path, tmp_path / "run")
+    assert interrupted.value.exit_code == 143
+    assert not (tmp_path / "run" / LOCK_FILE).exists()
+
+
+def test_stop_request_defers_the_first_signal_only_while_the_loop_runs():
+    request = StopRequest()
+    with pytest.raises(RunInterrupted):
+        request.handle(signal.SIGTERM)
+    request = StopRequest()
+    request.deferring = True
+    request.handle(signal.SIGTERM)
+    request.handle(signal.SIGTERM)  # a scheduler repeating itself: still the step boundary
+    assert request.name == "SIGTERM"
+    with pytest.raises(RunInterrupted):
+        request.handle(signal.SIGINT)  # Ctrl-C after a stop was asked: now
+    with stop_on_signals():
+        assert signal.getsignal(signal.SIGINT) != signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+SIGNAL_AT_STEP_2 = """
+import os, runpy, signal, sys
+from hf_koleo.training import trainer
+
+original = trainer.train_step
+
+def train_step(accelerator, model, optimizer, batch, values, step, *args):
+    if step == 1:
+        os.kill(os.getpid(), signal.SIGINT)
+    return original(accelerator, model, optimizer, batch, values, step, *args)
+
+trainer.train_step = train_step
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_ctrl_c_in_the_script_exits_130_with_one_line_and_no_traceback(data_path, tmp_path):
+    wrapper = tmp_path / "ctrl_c.py"
+    wrapper.write_text(SIGNAL_AT_STEP_2)
+    output_dir = tmp_path / "run"
+    command = [sys.executable, str(wrapper), str(ROOT / "scripts" / "pretrain.py"), *TINY_RUN]
+    command += ["--data", str(data_path), "--output_dir", str(output_dir), "--save_every", "100"]
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    assert result.returncode == 130, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and "KeyboardInterrupt" not in result.stderr
+    assert "SIGINT at step 2 of 4: checkpoint saved; --resume latest goes on" in result.stderr
+    assert result.stdout.strip().startswith("pretraining stopped by SIGINT at step 2 of 4")
+    assert [path.name for path in list_checkpoints(output_dir)] == ["checkpoint-00000002"]
+    assert not (output_dir / LOCK_FILE).exists()
