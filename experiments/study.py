@@ -67,6 +67,7 @@ def run_arguments(
         "seed": seed,
         "max_steps": max_steps,
         "report_to": "none",
+        "overwrite_output_dir": True,  # an unfinished run (no report yet) starts over, never mixes with the new one
         "model": {**config["model"], "koleo_proto_weight": weight},
     }
     return arguments_from_settings(settings, source=f"study run {output_dir}")

@@ -66,6 +66,16 @@ def test_shipped_configs_parse(name):
     assert arguments.data and model_config.num_prototypes >= 2
 
 
+@pytest.mark.parametrize("name", ["cpu", "gpus_bf16"])
+def test_shipped_accelerate_configs_load_and_leave_nothing_to_default(name):
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    config = ClusterConfig.from_yaml_file(ROOT / "configs" / "accelerate" / f"{name}.yaml")
+    # the values accelerate launch would otherwise fill in with its "values were not passed" warning
+    assert config.num_processes >= 1 and config.num_machines == 1 and config.mixed_precision in ("no", "bf16")
+    assert config.dynamo_config == {} and config.use_cpu == (name == "cpu")
+
+
 def test_run_ends_with_checkpoint_backbone_and_report(data_path, tmp_path):
     summary = run(data_path, tmp_path / "run")
     assert summary["steps"] == 4 and summary["images_seen"] == 16
