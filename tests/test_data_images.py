@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hf_koleo.data.images import decode_image, to_rgb
+from hf_koleo.data.images import UndecodableImage, decode_image, read_image, to_rgb
 
 
 def encoded(image: Image.Image, format: str = "PNG") -> dict:
@@ -61,3 +61,18 @@ def test_undecodable_records_return_none(record):
 def test_truncated_png_returns_none():
     data = encoded(Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8)))["bytes"]
     assert decode_image({"bytes": data[: len(data) // 2], "path": None}) is None
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        (b"not an image", "not an image format PIL can read"),
+        (7, "a value of type int, expected encoded image bytes"),
+        ({"bytes": "text", "path": None}, "its bytes are a str, expected encoded image bytes"),
+        ({"bytes": None, "path": "/nonexistent/image.png"}, "FileNotFoundError: [Errno 2] No such file"),
+    ],
+)
+def test_read_image_says_why_a_value_does_not_decode(value, reason):
+    with pytest.raises(UndecodableImage) as error:
+        read_image(value)
+    assert str(error.value).startswith(reason)

@@ -1,5 +1,8 @@
 import json
+import logging
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from data_fixtures import write_fake_fashion_mnist, write_imagefolder, write_parquet, write_webdataset
 
@@ -12,6 +15,7 @@ from hf_koleo.data.fashion_mnist import (
     split_indices,
 )
 from hf_koleo.data.images import decode_image
+from hf_koleo.data.records import ORIGIN, describe_record, iter_records
 from hf_koleo.data.sources import (
     SourceConnectionError,
     count_records,
@@ -19,7 +23,7 @@ from hf_koleo.data.sources import (
     load_source,
     resolve_data_files,
 )
-from hf_koleo.data.stream import CanvasStream
+from hf_koleo.data.stream import CanvasStream, shard_source
 from hf_koleo.evaluation.features import extract_features
 
 
@@ -64,7 +68,8 @@ def test_a_truncated_png_in_a_webdataset_tar_is_skipped_and_counted(tmp_path, mo
     decoded = load_decoded(tar, 8, use_cache=False)
     assert (len(decoded), decoded.n_corrupt) == (5, 1)
     batches = [batch for _, batch in zip(range(2), CanvasStream(load_source(tar), 8, batch_size=3))]
-    assert [batch["n_corrupt"] for batch in batches] == [1, 0] and batches[0]["images"].shape[0] == 2
+    # samples 0, 1, (2), 3 | (4, 5: too few for a batch, dropped) 0, 1, (2), 3 of the next pass
+    assert [batch["n_corrupt"] for batch in batches] == [1, 1] and batches[0]["images"].shape[0] == 3
     features = extract_features("pixels", tar, pixel_size=8, use_cache=False, progress=False)
     assert (features.cls.shape[0], features.skipped) == (5, 1)
 
@@ -153,3 +158,64 @@ def test_missing_fashion_mnist_files_explain_how_to_install(tmp_path, monkeypatc
     )
     with pytest.raises(FileNotFoundError, match="apt-get install -y dataset-fashion-mnist"):
         load_source("fashion_mnist:train")
+
+
+def test_records_are_tagged_with_their_file_and_row(tmp_path):
+    first = str(write_parquet(tmp_path / "shards" / "a.parquet", 5))
+    second = str(write_parquet(tmp_path / "shards" / "b.parquet", 4, start_seed=100))
+    source = load_source(str(tmp_path / "shards"))
+    records = list(iter_records(source, "shards"))
+    assert [record[ORIGIN] for record in records] == [(first, row) for row in range(5)] + [
+        (second, row) for row in range(4)
+    ]
+    assert [record["image"] for record in records] == [record["image"] for record in source]
+    assert describe_record(records[6]) == f"{second} row 1"
+    split = list(iter_records(shard_source(source, rank=1, world_size=2, strategy="examples"), "shards"))
+    assert [record[ORIGIN] for record in split] == [(first, 1), (first, 3), (second, 1), (second, 3)]
+    tar = str(write_webdataset(tmp_path / "wds" / "train-0000.tar", n_images=3))
+    assert describe_record(list(iter_records(load_source(tar), tar))[2]) == f"{tar} member sample0002.png"
+
+
+def test_a_text_file_named_tar_is_an_error_naming_it(tmp_path):
+    (tmp_path / "notes.tar").write_text("these are notes, not a tar archive\n" * 20)
+    with pytest.raises(
+        ValueError, match=r"notes.tar': .*notes.tar is not a tar archive \(invalid header in its first block\)$"
+    ):
+        load_source(str(tmp_path / "notes.tar"))
+
+
+def test_a_tar_shard_cut_short_is_warned_about_by_name(tmp_path, caplog):
+    caplog.set_level(logging.WARNING)
+    whole = write_webdataset(tmp_path / "wds" / "train-0000.tar", n_images=6).read_bytes()
+    write_webdataset(tmp_path / "wds" / "train-0001.tar", n_images=6)
+    cut = tmp_path / "wds" / "train-0000.tar"
+    for size, n_records in ((2048 * 3, 3), (2048 * 3 + 700, 3)):  # after sample 2 / inside sample 3's image
+        cut.write_bytes(whole[:size])
+        caplog.clear()
+        records = list(iter_records(load_source(str(tmp_path / "wds")), "wds"))
+        assert len(records) == n_records + 6
+        assert f"webdataset shard {cut} looks truncated" in caplog.text
+    assert f"tar shard {cut} ends early or is damaged after 3 records (unexpected end of data)" in caplog.text
+
+
+def test_an_image_column_of_ints_or_strings_is_an_error_saying_so(tmp_path):
+    pq.write_table(pa.table({"image": [1, 2, 3], "label": [0, 1, 0]}), tmp_path / "ints.parquet")
+    pq.write_table(pa.table({"img": ["a.png", "b.png"]}), tmp_path / "strings.parquet")
+    with pytest.raises(ValueError, match=r"'.*ints.parquet': its image column 'image' holds int64 values; expected "):
+        load_source(str(tmp_path / "ints.parquet"))
+    with pytest.raises(ValueError, match=r"image column 'img' holds string values; expected encoded images"):
+        load_decoded(str(tmp_path / "strings.parquet"), 8, use_cache=False)
+
+
+def test_empty_and_unreadable_parquet_files_are_named(tmp_path, caplog):
+    pq.write_table(pa.table({"image": pa.array([], pa.binary())}), tmp_path / "empty.parquet")  # one 0-row group
+    with pytest.raises(ValueError, match=r"its parquet file .*empty.parquet is empty \(0 rows\)"):
+        load_source(str(tmp_path / "empty.parquet"))
+    write_parquet(tmp_path / "folder" / "a.parquet", 0)
+    write_parquet(tmp_path / "folder" / "b.parquet", 3)
+    assert len(first_records(load_source(str(tmp_path / "folder")), 100)) == 3
+    assert "leaving out 1 empty parquet file(s)" in caplog.text and "a.parquet" in caplog.text
+    (tmp_path / "folder" / "c.parquet").write_text("not parquet")
+    for read in (count_records, load_source):
+        with pytest.raises(ValueError, match=r"c.parquet is not a readable parquet file"):
+            read(str(tmp_path / "folder"))

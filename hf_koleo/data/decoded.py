@@ -25,8 +25,9 @@ from PIL import Image
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .images import decode_image
-from .sources import cache_dir, guard_records, load_source, resolve_data_files
+from .images import UndecodableImage, read_image
+from .records import describe_record, iter_records
+from .sources import cache_dir, load_source, resolve_data_files
 
 logger = logging.getLogger(__name__)
 
@@ -37,18 +38,21 @@ _CHUNK = 512
 @dataclass
 class DecodedImages:
     """A whole source in memory: ``images`` ``(N, 3, S, S)`` uint8, ``extents`` ``(N, 2)`` int64
-    ``(height, width)``, ``labels`` ``(N,)`` int64 (-1 where unknown)."""
+    ``(height, width)``, ``labels`` ``(N,)`` int64 (-1 where unknown), and the source's name."""
 
     images: torch.Tensor
     extents: torch.Tensor
     labels: torch.Tensor
     n_corrupt: int = 0
+    name: str = "source"
 
     def __len__(self) -> int:
         return self.images.shape[0]
 
     def to(self, device: torch.device | str) -> DecodedImages:
-        return DecodedImages(self.images.to(device), self.extents.to(device), self.labels.to(device), self.n_corrupt)
+        return DecodedImages(
+            self.images.to(device), self.extents.to(device), self.labels.to(device), self.n_corrupt, self.name
+        )
 
 
 def fit_image(image: Image.Image, size: int) -> np.ndarray:
@@ -74,26 +78,61 @@ def to_canvas(image: Image.Image, size: int) -> tuple[np.ndarray, tuple[int, int
     return stack_canvases([pixels], size)[0], (pixels.shape[0], pixels.shape[1])
 
 
-def decode_record(record: dict, size: int) -> tuple[np.ndarray, int] | None:
-    """``(pixels (h, w, 3) fitting size, label)`` of one ``{"image", "label"}`` record, or None if it does
+def decode_record(record: dict, size: int) -> tuple[np.ndarray, int] | str:
+    """``(pixels (h, w, 3) fitting size, label)`` of one ``{"image", "label"}`` record, or why it does
     not decode."""
-    image = decode_image(record["image"])
-    if image is None:
-        return None
+    try:
+        image = read_image(record["image"])
+    except UndecodableImage as error:
+        return str(error)
     label = record.get("label")
     return fit_image(image, size), -1 if label is None else int(label)
+
+
+class SkippedRecords:
+    """Warnings about the undecodable records of one source that cannot flood the console.
+
+    The first ``first`` get one line each, naming the record (file, tar member / row / path) and
+    the reason; after them a running count at 10, 20, 50, 100, 200, 500, ... with the latest one.
+    """
+
+    def __init__(self, name: str, first: int = 5) -> None:
+        self.name = name
+        self.first = first
+        self.count = 0
+        self._next_count = 10
+
+    def add(self, record: dict, reason: str) -> None:
+        self.count += 1
+        if self.count <= self.first:
+            logger.warning("data source %r: skipping undecodable %s: %s", self.name, describe_record(record), reason)
+            if self.count == self.first:
+                logger.warning("data source %r: further undecodable records are counted, not listed", self.name)
+        elif self.count >= self._next_count:
+            logger.warning(
+                "data source %r: %d undecodable records skipped so far (latest: %s: %s)",
+                self.name,
+                self.count,
+                describe_record(record),
+                reason,
+            )
+            while self._next_count <= self.count:
+                digits = len(str(self._next_count)) - 1
+                lead = self._next_count // 10**digits
+                self._next_count = {1: 2, 2: 5, 5: 10}[lead] * 10**digits
 
 
 @dataclass
 class DecodedRows:
     """Records decoded so far: pixels, ``(h, w)`` extents, labels, which records decoded (their
-    indices among the ``n_records`` read)."""
+    indices among the ``n_records`` read) and why the others did not (``(index, reason)``)."""
 
     pixels: list[np.ndarray] = field(default_factory=list)
     extents: list[tuple[int, int]] = field(default_factory=list)
     labels: list[int] = field(default_factory=list)
     kept: list[int] = field(default_factory=list)
     n_records: int = 0
+    failures: list[tuple[int, str]] = field(default_factory=list)
 
     @property
     def n_corrupt(self) -> int:
@@ -105,7 +144,9 @@ class DecodedRows:
         results = (pool.map if pool is not None else map)(lambda record: decode_record(record, size), records)
         rows = cls(n_records=len(records))
         for index, decoded in enumerate(results):
-            if decoded is not None:
+            if isinstance(decoded, str):
+                rows.failures.append((index, decoded))
+            else:
                 rows.pixels.append(decoded[0])
                 rows.extents.append(decoded[0].shape[:2])
                 rows.labels.append(decoded[1])
@@ -117,6 +158,7 @@ class DecodedRows:
         self.extents += other.extents
         self.labels += other.labels
         self.kept += [self.n_records + index for index in other.kept]
+        self.failures += [(self.n_records + index, reason) for index, reason in other.failures]
         self.n_records += other.n_records
 
     def tensors(self, side: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -139,20 +181,33 @@ def decode_records(records, size: int, name: str = "source", num_threads: int | 
         ValueError: when no record decodes.
     """
     rows = DecodedRows()
+    skipped = SkippedRecords(name)
+    latest = ""
+
+    def decode_chunk(chunk: list[dict]) -> None:
+        nonlocal latest
+        decoded = DecodedRows.decode(chunk, size, pool)
+        for index, reason in decoded.failures:
+            skipped.add(chunk[index], reason)
+            latest = f" (latest: {describe_record(chunk[index])}: {reason})"
+        rows.extend(decoded)
+
     with ThreadPoolExecutor(max_workers=num_threads or os.cpu_count() or 1) as pool:
         chunk: list[dict] = []
         for record in records:
             chunk.append(record)
             if len(chunk) >= _CHUNK:
-                rows.extend(DecodedRows.decode(chunk, size, pool))
+                decode_chunk(chunk)
                 chunk = []
-        rows.extend(DecodedRows.decode(chunk, size, pool))
+        decode_chunk(chunk)
     if not rows.kept:
-        raise ValueError(f"data source {name!r}: none of its {rows.n_corrupt} records could be decoded as an image")
+        raise ValueError(
+            f"data source {name!r}: none of its {rows.n_corrupt} records could be decoded as an image{latest}"
+        )
     if rows.n_corrupt:
         logger.warning("data source %r: skipped %d undecodable records of %d", name, rows.n_corrupt, rows.n_records)
     side = max(max(extent) for extent in rows.extents)
-    return DecodedImages(*rows.tensors(side), rows.n_corrupt)
+    return DecodedImages(*rows.tensors(side), rows.n_corrupt, name)
 
 
 def cache_key(name: str, size: int) -> str | None:
@@ -184,10 +239,10 @@ def load_decoded(name: str, size: int, use_cache: bool = True) -> DecodedImages:
         try:
             tensors = load_file(str(path))
             metadata = json.loads((path.with_suffix(".json")).read_text())
-            return DecodedImages(tensors["images"], tensors["extents"], tensors["labels"], metadata["n_corrupt"])
+            return DecodedImages(tensors["images"], tensors["extents"], tensors["labels"], metadata["n_corrupt"], name)
         except (OSError, ValueError, KeyError, SafetensorError) as error:  # a damaged cache is rebuilt, not fatal
             logger.warning("decoded cache %s is unreadable (%s): decoding %r again", path, error, name)
-    decoded = decode_records(guard_records(load_source(name), name), size, name)
+    decoded = decode_records(iter_records(load_source(name), name), size, name)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         staging = path.with_name(f".{path.name}.tmp-{os.getpid()}")

@@ -1,4 +1,4 @@
-"""Decode any stored image record into an RGB PIL image, or None when it cannot be decoded."""
+"""Decode any stored image record into an RGB PIL image, or say in a few words why it cannot be."""
 
 from __future__ import annotations
 
@@ -36,11 +36,24 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def decode_image(value: Any) -> Image.Image | None:
+class UndecodableImage(ValueError):
+    """A record's image cannot be decoded; the message says why in a few words."""
+
+
+def _reason(error: BaseException) -> str:
+    if isinstance(error, UnidentifiedImageError):
+        return "not an image format PIL can read"  # PIL's own message names a BytesIO object, not the data
+    message = " ".join(str(error).split())
+    return f"{type(error).__name__}: {message}" if message else type(error).__name__
+
+
+def read_image(value: Any) -> Image.Image:
     """Decode a datasets image value (``{"bytes", "path"}``, raw bytes, a PIL image or an array).
 
-    Returns an RGB image fully loaded into memory, or None (with a warning) when the record is
-    empty, undecodable or truncated.
+    Returns an RGB image fully loaded into memory.
+
+    Raises:
+        UndecodableImage: when the value is empty, of another type, undecodable or truncated.
     """
     try:
         if isinstance(value, Image.Image):
@@ -50,13 +63,30 @@ def decode_image(value: Any) -> Image.Image | None:
         else:
             if isinstance(value, dict):
                 data, path = value.get("bytes"), value.get("path")
-            else:
+            elif isinstance(value, (bytes, bytearray, memoryview)) or value is None:
                 data, path = value, None
+            else:
+                raise UndecodableImage(
+                    f"a value of type {type(value).__name__}, expected encoded image bytes, a "
+                    "{'bytes', 'path'} dict, a PIL image or an array"
+                )
             if data is None and path is None:
-                raise ValueError("record has neither bytes nor a path")
+                raise UndecodableImage("the record has neither bytes nor a path")
+            if data is not None and not isinstance(data, (bytes, bytearray, memoryview)):
+                raise UndecodableImage(f"its bytes are a {type(data).__name__}, expected encoded image bytes")
             image = Image.open(io.BytesIO(data) if data is not None else path)
         image.load()  # truncated files fail here rather than later in a worker
         return to_rgb(image)
+    except UndecodableImage:
+        raise
     except DECODE_ERRORS as error:
+        raise UndecodableImage(_reason(error)) from error
+
+
+def decode_image(value: Any) -> Image.Image | None:
+    """:func:`read_image`, or None (with a warning saying why) when the value cannot be decoded."""
+    try:
+        return read_image(value)
+    except UndecodableImage as error:
         logger.warning("skipping an undecodable image record: %s", error)
         return None

@@ -44,7 +44,7 @@ class ResidentBatches:
         global_batch = batch_size * world_size
         if len(decoded) < global_batch:
             raise ValueError(
-                f"the data source has fewer images ({len(decoded)}) than one global batch "
+                f"data source {decoded.name!r} has fewer images ({len(decoded)}) than one global batch "
                 f"({batch_size} x {world_size} processes): lower the batch size or add data"
             )
         self.data = decoded.to(device)

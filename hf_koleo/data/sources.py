@@ -19,20 +19,30 @@ A Hub dataset is read through ``HF_ENDPOINT``; a dropped connection is retried b
 (each request, with backoff) and ``datasets`` (each read, ``STREAMING_READ_MAX_RETRIES`` times).
 When those retries run out, opening (:func:`load_source`) or reading (:func:`guard_records`) the
 source raises :class:`SourceConnectionError`, naming the source and the endpoint.
+
+Bad files are named: :func:`load_source` refuses a local ``.tar`` that is not a tar archive, a
+parquet file it cannot read, a source whose parquet files are all empty and an image column of
+another type (ints, strings) with a ``ValueError``, and warns about a tar shard that looks
+truncated (:mod:`records` names the file and record of each record read).
 """
 
 from __future__ import annotations
 
 import contextlib
 import glob
+import logging
 import os
 import re
+import tarfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import datasets
+import pyarrow as pa
 
 from .fashion_mnist import prepare_fashion_mnist
+
+logger = logging.getLogger(__name__)
 
 EMBEDDED_DIR = Path(__file__).parent / "embedded"
 EMBEDDED = {
@@ -167,12 +177,92 @@ def count_records(name: str) -> int | None:
     except (FileNotFoundError, ValueError):
         return None
     if builder == "parquet":
-        import pyarrow.parquet as pq
-
-        return sum(pq.read_metadata(path).num_rows for path in kwargs["data_files"])
+        return sum(parquet_rows(path, name) for path in kwargs["data_files"])
     if builder == "imagefolder":
         return sum(1 for path in Path(kwargs["data_dir"]).rglob("*") if path.suffix.lower() in IMAGE_SUFFIXES)
     return None
+
+
+def parquet_rows(path: str, name: str) -> int:
+    """Rows of a local parquet file, from its footer; a ValueError naming it when it is not parquet."""
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_metadata(path).num_rows
+    except (OSError, pa.ArrowException) as error:
+        raise ValueError(f"data source {name!r}: {path} is not a readable parquet file ({error})") from error
+
+
+_COMPRESSED = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ")  # gzip, bzip2, xz: datasets reads compressed tars too
+
+
+def tar_problem(path: str, name: str) -> str | None:
+    """Why the local tar shard ``path`` looks truncated (None when it looks whole); reads 1.5 KiB.
+
+    Raises:
+        ValueError: naming the file, when it is not a tar archive at all.
+    """
+    size = os.path.getsize(path)
+    with open(path, "rb") as file:
+        header = file.read(tarfile.BLOCKSIZE)
+        if header.startswith(_COMPRESSED):
+            return None
+        try:
+            tarfile.TarInfo.frombuf(header, tarfile.ENCODING, "surrogateescape")
+        except tarfile.EOFHeaderError:
+            pass  # an empty archive: it holds no records, which the stream reports
+        except tarfile.HeaderError as error:
+            raise ValueError(
+                f"data source {name!r}: {path} is not a tar archive ({error} in its first block)"
+            ) from error
+        if size % tarfile.BLOCKSIZE:
+            return f"its size, {size} bytes, is not a whole number of 512-byte tar blocks"
+        file.seek(max(0, size - 2 * tarfile.BLOCKSIZE))
+        if file.read().count(0) != min(size, 2 * tarfile.BLOCKSIZE):
+            return "it does not end with the two empty blocks that close a tar archive"
+    return None
+
+
+def check_local_files(builder: str, kwargs: dict, name: str) -> dict:
+    """``kwargs`` without the empty parquet files of ``data_files`` (warned about), after checking them;
+    for webdataset shards of which the first looks truncated, with the ``features`` of a whole one
+    (``datasets`` infers them from the first samples of the first shard, and would fail there).
+
+    Raises:
+        ValueError: naming the file, when a parquet file cannot be read, every parquet file is empty,
+            or a ``.tar`` is not a tar archive.
+    """
+    files = kwargs.get("data_files") or []
+    if builder == "parquet" and files:
+        rows = {path: parquet_rows(path, name) for path in files}
+        empty = [path for path in files if rows[path] == 0]
+        if len(empty) == len(files):
+            what = (
+                f"its parquet file {files[0]} is" if len(files) == 1 else f"all {len(files)} of its parquet files are"
+            )
+            raise ValueError(f"data source {name!r}: {what} empty (0 rows)")
+        if empty:
+            logger.warning(
+                "data source %r: leaving out %d empty parquet file(s): %s", name, len(empty), ", ".join(empty)
+            )
+            kwargs = {**kwargs, "data_files": [path for path in files if rows[path]]}
+    if builder == "webdataset":
+        truncated = []
+        for path in files:
+            problem = tar_problem(path, name)
+            if problem:
+                truncated.append(path)
+                logger.warning(
+                    "data source %r: webdataset shard %s looks truncated (%s): the samples after the cut are missing",
+                    name,
+                    path,
+                    problem,
+                )
+        whole = [path for path in files if path not in truncated]
+        if files and files[0] in truncated and whole:
+            features = datasets.load_dataset("webdataset", data_files=whole[:1], split="train", streaming=True).features
+            kwargs = {**kwargs, "features": features}
+    return kwargs
 
 
 def load_source(name: str, split: str = "train", streaming: bool = True) -> datasets.IterableDataset:
@@ -188,8 +278,12 @@ def load_source(name: str, split: str = "train", streaming: bool = True) -> data
     split = kwargs.pop("split_override", None) or split
     if builder in ("parquet", "webdataset", "imagefolder"):
         split = "train"  # local files always load as one "train" split
-    with connection_errors_name_the_source(name):
-        dataset = datasets.load_dataset(builder, split=split, streaming=streaming, **kwargs)
+    kwargs = check_local_files(builder, kwargs, name)
+    try:
+        with connection_errors_name_the_source(name):
+            dataset = datasets.load_dataset(builder, split=split, streaming=streaming, **kwargs)
+    except tarfile.TarError as error:  # a Hub shard: the local ones were checked above
+        raise ValueError(f"data source {name!r}: a shard is not a readable tar archive ({error})") from error
     return standardise_columns(dataset, name)
 
 
@@ -201,6 +295,7 @@ def standardise_columns(dataset, name: str = "dataset"):
     image_column = image_column or next((c for c in IMAGE_COLUMNS if c in columns), None)
     if image_column is None:
         raise ValueError(f"data source {name!r} has no image column; columns are {columns}")
+    check_image_feature(features.get(image_column), image_column, name)
     label_column = next((c for c in LABEL_COLUMNS if c in columns), None)
     if isinstance(features.get(image_column), datasets.Image):
         # Before any rename: ``rename_columns`` is a ``map`` that decodes its input with the features
@@ -213,3 +308,22 @@ def standardise_columns(dataset, name: str = "dataset"):
     if renames:
         dataset = dataset.rename_columns(renames)
     return dataset
+
+
+def check_image_feature(feature, column: str, name: str) -> None:
+    """Refuse an image column whose declared type cannot hold encoded images (ints, strings, lists).
+
+    Raises:
+        ValueError: naming the column, the type it holds and what is expected.
+    """
+    if feature is None or isinstance(feature, datasets.Image):
+        return
+    if isinstance(feature, datasets.Value) and feature.dtype in ("binary", "large_binary"):
+        return
+    if isinstance(feature, dict) and "bytes" in feature:
+        return  # {"bytes", "path"} structs, as datasets stores images
+    kind = feature.dtype if isinstance(feature, datasets.Value) else type(feature).__name__
+    raise ValueError(
+        f"data source {name!r}: its image column {column!r} holds {kind} values; expected encoded images "
+        "(a datasets Image feature, binary bytes, or {'bytes', 'path'} structs)"
+    )

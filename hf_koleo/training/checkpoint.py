@@ -43,7 +43,8 @@ class TrainerState:
     """What the loop needs besides model, optimiser and RNG to continue exactly."""
 
     step: int = 0
-    position: list[int] = field(default_factory=lambda: [0, 0])  # stream (epoch, batch_index)
+    # Data position: resident [epoch, batch_index]; streamed [0, batches delivered] (+ each worker's records read).
+    position: list[int] = field(default_factory=lambda: [0, 0])
     images_seen: int = 0
     corrupt_records: int = 0
     global_batch_size: int = 0  # images per step over all processes (0: a checkpoint from before it was saved)

@@ -23,7 +23,7 @@ from ..data.decoded import DecodedImages, cache_key, decode_records, load_decode
 from ..data.masking import MaskSettings
 from ..data.resident import ResidentBatches
 from ..data.sources import count_records, load_source
-from ..data.stream import CanvasStream, shard_source, usable_workers
+from ..data.stream import CanvasStream, advance_position, shard_source, usable_workers
 from .arguments import PretrainingArguments
 from .checkpoint import TrainerState
 
@@ -139,12 +139,9 @@ class DataPipeline:
             batch = self.batches.next_batch()
             state.position = list(batch["position"])
             return batch
-        while True:
-            raw = next(self._iterator)
-            state.position = list(raw["position"])
-            state.corrupt_records += raw["n_corrupt"]
-            if raw["images"].shape[0] > 0:
-                break
+        raw = next(self._iterator)  # always batch_size images: undecodable records were replaced by the next ones
+        state.position = advance_position(state.position, raw, max(1, self.loader.num_workers))
+        state.corrupt_records += raw["n_corrupt"]
         keys = raw["keys"].to(self.device, non_blocking=True)
         batch = self.augmentation(
             raw["images"].to(self.device, non_blocking=True), raw["extents"].to(self.device, non_blocking=True), keys

@@ -303,17 +303,18 @@ def _warn_if_batch_changed(state: TrainerState, global_batch: int, resident: boo
     saved = state.global_batch_size or (state.images_seen // state.step if state.step else 0)
     if not saved or saved == global_batch:
         return
-    if resident:
+    if not resident and len(state.position) > 2:  # the stream counts each worker's records: exact
+        effect = "the stream goes on after the records the checkpoint's run had read"
+    else:
         epoch, batch_index = state.position[:2]
         then, now = batch_index * saved, batch_index * global_batch
         effect = (
-            f"the data position (epoch {epoch}, batch {batch_index}) counts batches, so this run goes on at image "
-            f"{now:,} of the epoch's order where the checkpoint's run stopped at image {then:,} ("
-            + (f"{now - then:,} images of this epoch are skipped" if now > then else f"{then - now:,} are seen twice")
+            f"the data position ({'epoch' if resident else 'pass'} {epoch}, batch {batch_index}) counts batches, so "
+            f"this run goes on at image {now:,} of the {'epoch' if resident else 'stream'} where the checkpoint's run "
+            f"stopped at image {then:,} ("
+            + (f"{now - then:,} images are skipped" if now > then else f"{then - now:,} are seen twice")
             + ")"
         )
-    else:
-        effect = "the stream goes on after the records the checkpoint's run had read"
     logger.warning(
         "--resume: the global batch is %d images per step, the checkpoint's run used %d: %s; the learning "
         "rate follows the new batch (peak lr = base_lr x batch / 256)",
