@@ -59,7 +59,7 @@ def export_backbone(
     backbone.config.architectures = [type(backbone).__name__]
     backbone.save_pretrained(output_dir, safe_serialization=True)
     build_image_processor(backbone.config.model_type, image_size, image_mean, image_std).save_pretrained(output_dir)
-    logger.info("exported the teacher backbone to %s", output_dir)
+    logger.debug("exported the teacher backbone to %s", output_dir)
     return output_dir
 
 

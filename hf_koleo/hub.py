@@ -184,20 +184,23 @@ def push_folder(
     return str(commit)
 
 
-def check_export_destination(checkpoint: str | os.PathLike, output_dir: str | os.PathLike) -> None:
+def check_export_destination(
+    checkpoint: str | os.PathLike, output_dir: str | os.PathLike, option: str = "--output"
+) -> None:
     """Refuse an output that is, lies inside or contains the checkpoint, or holds other files.
 
-    Raises before anything is written: an export replaces its output folder as a whole.
+    Raises before anything is written: an export replaces its output folder as a whole. ``option``
+    is the command-line option that named ``output_dir`` (``--dry-run`` for a push's preview).
     """
     checkpoint, output = Path(checkpoint).resolve(), Path(output_dir).resolve()
     if output == checkpoint or checkpoint in output.parents or output in checkpoint.parents:
         relation = "is" if output == checkpoint else "is inside" if checkpoint in output.parents else "contains"
         raise ValueError(
-            f"--output {output_dir} {relation} the checkpoint folder {checkpoint}; "
+            f"{option} {output_dir} {relation} the checkpoint folder {checkpoint}; "
             "export to a separate folder, or the checkpoint would be overwritten"
         )
     if output.is_file():
-        raise ValueError(f"--output {output_dir} is a file; give a folder to export into")
+        raise ValueError(f"{option} {output_dir} is a file; give a folder to export into")
     if output.is_dir():
         foreign = sorted(
             path.name
@@ -206,7 +209,7 @@ def check_export_destination(checkpoint: str | os.PathLike, output_dir: str | os
         )
         if foreign:
             raise ValueError(
-                f"--output {output_dir} already holds files that are not an export ({', '.join(foreign[:5])}); "
+                f"{option} {output_dir} already holds files that are not an export ({', '.join(foreign[:5])}); "
                 "choose a new or empty folder (a previous export is replaced)"
             )
 
@@ -240,16 +243,18 @@ def prepare_upload_folder(
     allow_pickle: bool = False,
     license: str = "apache-2.0",
     project_url: str | None = None,
+    output_option: str = "--output",
 ) -> Path:
     """Export + model card: the exact folder that gets uploaded.
 
     Everything is checked (destination, checkpoint weights, evaluation files) before anything is
     written, and the folder is built beside ``output_dir`` and renamed into place: a failure
     leaves no half-written export, and a previous export at ``output_dir`` is replaced whole.
+    Errors about ``output_dir`` name it as ``output_option`` (the script's option for it).
     """
     from .model_card import build_model_card, read_evaluation_files
 
-    check_export_destination(checkpoint, output_dir)
+    check_export_destination(checkpoint, output_dir, output_option)
     evaluations = read_evaluation_files(evaluation_files)
     model = load_pretraining_model(checkpoint, allow_pickle)
     with staged_folder(output_dir) as staging:

@@ -105,7 +105,8 @@ def read_evaluation_files(paths) -> list[dict[str, Any]]:
 
     Raises:
         FileNotFoundError: a file does not exist.
-        ValueError: a file is not JSON or not an evaluation result; the message names the file.
+        ValueError: a file is not JSON or not an evaluation result, or was computed on unlabelled
+            data (label -1); the message names the file.
     """
     records = []
     for path in paths:
@@ -125,8 +126,25 @@ def read_evaluation_files(paths) -> list[dict[str, Any]]:
             missing = [key for key in EVAL_RESULT_KEYS if not isinstance(entry, dict) or key not in entry]
             if missing:
                 raise ValueError(f"evaluation results file {path}: a model_index entry lacks {missing}")
+        if _scored_against_unknown_labels(record.get("protocols")):
+            data = record.get("data") if isinstance(record.get("data"), dict) else {}
+            raise ValueError(
+                f"evaluation results file {path} was computed on data with no labels "
+                f"(test {data.get('test', '?')!r}, train {data.get('train', '?')!r}: label -1); "
+                "its accuracies mean nothing, evaluate on labelled data"
+            )
         records.append(record)
     return records
+
+
+def _scored_against_unknown_labels(protocols: Any) -> bool:
+    """Whether a result's per-class accuracies include the unknown label -1 (written before evaluation refused it)."""
+    if isinstance(protocols, dict):
+        per_class = protocols.get("per_class_accuracy")
+        if isinstance(per_class, dict) and "-1" in per_class:
+            return True
+        return any(_scored_against_unknown_labels(value) for value in protocols.values())
+    return False
 
 
 def _eval_results(evaluations) -> tuple[list, dict]:

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 
-from hf_koleo.cli import run_main
+from hf_koleo.cli import debug_requested, run_main
+from hf_koleo.console import configure_logging
 from hf_koleo.evaluation import check_result_path, default_device, evaluate_backbone, write_result
 
 
@@ -27,7 +27,7 @@ def summary_lines(result: dict) -> list[str]:
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.WARNING)
+    configure_logging("debug" if debug_requested() else "info")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("protocol", choices=["knn", "linear", "fewshot", "all"])
     parser.add_argument("--model", required=True, help="exported backbone folder, Hub id, or 'pixels'")

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import argparse
 
-from hf_koleo.cli import run_main
+from hf_koleo.cli import debug_requested, run_main
+from hf_koleo.console import configure_logging
 from hf_koleo.hub import prepare_upload_folder
 
 
 def main() -> None:
+    configure_logging("debug" if debug_requested() else "info")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="a checkpoint folder written by pretraining")
     parser.add_argument("--output", required=True)

@@ -11,11 +11,13 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from hf_koleo.cli import run_main
+from hf_koleo.cli import debug_requested, run_main
+from hf_koleo.console import configure_logging
 from hf_koleo.hub import DEFAULT_HUB_TIMEOUT, prepare_upload_folder, push_folder
 
 
 def main() -> None:
+    configure_logging("debug" if debug_requested() else "info")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--repo-id", required=True)
@@ -51,6 +53,7 @@ def main() -> None:
             arguments.allow_pickle,
             arguments.license,
             arguments.project_url,
+            output_option="--dry-run",
         )
         files = sorted(str(path.relative_to(folder)) for path in folder.rglob("*") if path.is_file())
         if arguments.dry_run:

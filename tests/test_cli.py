@@ -84,7 +84,7 @@ def test_every_script_runs_its_main_under_the_error_policy(script):
     source = script.read_text()
     assert "from hf_koleo.cli import run_main" in source
     assert source.rstrip().endswith('if __name__ == "__main__":\n    run_main(main)')
-    assert "sys.exit(" not in source  # no script-local error handling left
+    assert "except " not in source  # no script-local error handling left (sys.exit may pass on a signal's status)
 
 
 CONFIG_CASES = {

@@ -237,7 +237,7 @@ def test_dry_run_into_the_checkpoint_is_one_line_and_leaves_it_resumable(trained
     arguments = ["--checkpoint", str(trained), "--repo-id", "tester/x", "--dry-run", str(trained)]
     assert run_script("push_to_hub", *arguments, monkeypatch=monkeypatch) == 2
     stderr = capsys.readouterr().err
-    assert stderr.count("\n") == 1 and "push_to_hub.py: error: --output" in stderr and "is the checkpoint" in stderr
+    assert stderr.count("\n") == 1 and "push_to_hub.py: error: --dry-run" in stderr and "is the checkpoint" in stderr
     assert files_of(trained) == before
 
 

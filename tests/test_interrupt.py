@@ -118,3 +118,26 @@ def test_ctrl_c_in_the_script_exits_130_with_one_line_and_no_traceback(data_path
     assert result.stdout.strip().startswith("pretraining stopped by SIGINT at step 2 of 4")
     assert [path.name for path in list_checkpoints(output_dir)] == ["checkpoint-00000002"]
     assert not (output_dir / LOCK_FILE).exists()
+
+
+BEFORE_THE_LOOP = RunInterrupted(signal.SIGTERM, "before the first step: nothing to save")
+
+
+@pytest.mark.parametrize(
+    ("interruption", "exit_code", "line"),
+    [
+        (BEFORE_THE_LOOP, 143, "pretrain.py: interrupted by SIGTERM before the first step: nothing to save"),
+        (KeyboardInterrupt(), 130, "pretrain.py: interrupted by SIGINT"),
+    ],
+)
+def test_an_interruption_is_one_line_with_the_signals_exit_status(interruption, exit_code, line, capsys, monkeypatch):
+    from hf_koleo.cli import run_main
+
+    monkeypatch.setattr(sys, "argv", ["pretrain.py"])
+
+    def main():
+        raise interruption
+
+    with pytest.raises(SystemExit) as exited:
+        run_main(main)
+    assert exited.value.code == exit_code and capsys.readouterr().err == line + "\n"

@@ -91,7 +91,8 @@ def test_resume_with_another_batch_size_warns_what_happens_to_the_data_position(
     summary = run(data_path, tmp_path / "run", "--resume", "--per_device_batch_size", "8", "--max_steps", "4")
     assert summary["steps"] == 4
     assert "the global batch is 8 images per step, the checkpoint's run used 4" in caplog.text
-    assert "goes on at image 24 of the epoch where the checkpoint's run stopped at image 12 (12 images are skipped)" in caplog.text
+    effect = "goes on at image 24 of the epoch where the checkpoint's run stopped at image 12 (12 images are skipped)"
+    assert effect in caplog.text
 
 
 def test_a_run_stopped_in_set_up_leaves_no_outputs_that_block_the_next(data_path, tmp_path, monkeypatch):

@@ -136,6 +136,10 @@ def extract_features(
             model and data (names and file sizes/times), ``limit`` and ``pixel_size``.
         allow_pickle: load a model that has only pickle weights (``pytorch_model.bin``).
     """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be >= 1 (None for every image), got {limit}")
     check_model(model, allow_pickle)
     cache_path = feature_cache_path(model, data, limit, pixel_size)
     if use_cache and cache_path.exists():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 import platform
 from pathlib import Path
@@ -27,12 +28,41 @@ def extract_train_test(
     progress: bool = True,
     allow_pickle: bool = False,
 ) -> tuple[FeatureSet, FeatureSet]:
-    """Training and test features; raw test pixels are resized to the training images' size."""
+    """Training and test features; raw test pixels are resized to the training images' size.
+
+    Raises ``ValueError`` when either split has images without labels (checked on the training
+    data before the test data is read).
+    """
     options = dict(use_cache=use_cache, progress=progress, allow_pickle=allow_pickle)
     train = extract_features(model, train_data, batch_size, limit_train, device, **options)
+    check_labels(train, train_data, "training")
     pixel_size = int(math.isqrt(train.cls.shape[1] // 3)) if model == PIXELS else None
     test = extract_features(model, test_data, batch_size, limit_test, device, pixel_size, **options)
+    check_labels(test, test_data, "test")
     return train, test
+
+
+def check_labels(features: FeatureSet, data: str, split: str) -> None:
+    """Refuse features with unknown labels (-1): accuracy against them would be a meaningless 0."""
+    unlabelled, total = int((features.labels < 0).sum()), len(features.labels)
+    if unlabelled == 0:
+        return
+    which = "its images have" if unlabelled == total else f"{unlabelled} of its {total} images have"
+    raise ValueError(
+        f"{split} data {data!r}: {which} no labels; kNN, linear and few-shot evaluation need a label for "
+        "every image (an image folder with one subfolder per class, or a 'label' column)"
+    )
+
+
+def check_counts(batch_size: int, limit_train: int | None, limit_test: int | None) -> None:
+    """Refuse a batch size or an image limit below 1 (``None`` means every image), naming the option."""
+    for option, value in (("--batch-size", batch_size), ("--limit-train", limit_train), ("--limit-test", limit_test)):
+        is_limit = option != "--batch-size"
+        if value is None and is_limit:
+            continue
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            leave_out = " (leave it out to use every image)" if is_limit else ""
+            raise ValueError(f"{option} must be an integer >= 1{leave_out}, got {value!r}")
 
 
 def evaluate_backbone(
@@ -51,10 +81,13 @@ def evaluate_backbone(
     """Run ``protocol`` (``knn``, ``linear``, ``fewshot`` or ``all``) and return the result record.
 
     ``allow_pickle`` lets a model folder with only ``pytorch_model.bin`` load (pickle runs code).
+    A batch size or limit below 1, and data with unlabelled images, raise ``ValueError`` naming
+    the option or the data source.
     """
     names = list(PROTOCOLS) if protocol == "all" else [protocol]
     if protocol != "all" and protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {sorted(PROTOCOLS)} or 'all', got {protocol!r}")
+    check_counts(batch_size, limit_train, limit_test)
     train, test = extract_train_test(
         model, train_data, test_data, batch_size, limit_train, limit_test, device, use_cache, allow_pickle=allow_pickle
     )

@@ -206,6 +206,8 @@ def save_checkpoint(
 
 def load_checkpoint(accelerator: Accelerator, path: str | os.PathLike) -> TrainerState:
     """Restore model, optimiser and RNG states from ``path`` and return its trainer state."""
+    if not any((Path(path) / name).exists() for name in ("model.safetensors", "pytorch_model.bin")):
+        raise FileNotFoundError(f"{path} holds no model weights (model.safetensors is missing)")
     accelerator.load_state(str(path))
     return TrainerState(**json.loads((Path(path) / STATE_FILE).read_text()))
 

@@ -22,9 +22,9 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 class RunInterrupted(KeyboardInterrupt):
     """A stop signal arrived where the run could not stop cleanly (before its first step, or twice)."""
 
-    def __init__(self, signum: int) -> None:
+    def __init__(self, signum: int, detail: str = "") -> None:
         self.signum = signum
-        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+        super().__init__(f"interrupted by {signal.Signals(signum).name}" + (f" {detail}" if detail else ""))
 
     @property
     def exit_code(self) -> int:
@@ -46,8 +46,10 @@ class StopRequest:
         first = self.signum is None
         if first:
             self.signum = signum
-        if not self.deferring or (not first and signum == signal.SIGINT):
-            raise RunInterrupted(signum)
+        if not self.deferring:
+            raise RunInterrupted(signum, "before the first step: nothing to save")
+        if not first and signum == signal.SIGINT:
+            raise RunInterrupted(signum, "twice: stopped at once; --resume latest goes on from the last checkpoint")
 
 
 @contextmanager

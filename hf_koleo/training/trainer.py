@@ -86,6 +86,7 @@ def _trackers(report_to: str) -> list[str] | None:
     return {"none": None, "all": ["tensorboard", "trackio"]}.get(report_to, [report_to])
 
 
+@locks_output_dir
 def pretrain(arguments: PretrainingArguments, model_config: KoLeoDinoConfig) -> dict[str, Any]:
     """Run (or resume) pretraining; returns a summary with the final prototype report.
 
@@ -95,22 +96,28 @@ def pretrain(arguments: PretrainingArguments, model_config: KoLeoDinoConfig) -> 
     summary whose ``stopped`` says why (``exit_code`` 128 + the signal's number for a signal).
     """
     invocation_start = time.perf_counter()  # --max_time counts from here (setup and decoding included)
-    with stop_on_signals() as stop:
-        return _pretrain(arguments, model_config, stop, invocation_start)
-
-
-@locks_output_dir
-def _pretrain(
-    arguments: PretrainingArguments, model_config: KoLeoDinoConfig, stop: StopRequest, invocation_start: float
-) -> dict[str, Any]:
-    output_dir = Path(arguments.output_dir)
     accelerator = Accelerator(
         cpu=needs_cpu_backend(),
         gradient_accumulation_steps=arguments.gradient_accumulation_steps,
         mixed_precision=arguments.mixed_precision or None,
         log_with=_trackers(arguments.report_to),
-        project_dir=str(output_dir),
+        project_dir=str(arguments.output_dir),
     )
+    # Signals are ours once the process group exists: a process waiting in it for a failed peer keeps
+    # the default SIGTERM, so the launcher's stop ends it at once.
+    with stop_on_signals() as stop:
+        return _train(accelerator, arguments, model_config, stop, invocation_start)
+
+
+def _train(
+    accelerator: Accelerator,
+    arguments: PretrainingArguments,
+    model_config: KoLeoDinoConfig,
+    stop: StopRequest,
+    invocation_start: float,
+) -> dict[str, Any]:
+    """The run: set-up, the loop (batch -> forward -> backward -> step -> EMA -> log -> checkpoint), the end."""
+    output_dir = Path(arguments.output_dir)
     # Before any process writes: a fresh run never mixes with an earlier run's outputs.
     claim_output_dir(output_dir, arguments.resume, arguments.overwrite_output_dir, accelerator.is_main_process)
     accelerator.wait_for_everyone()
