@@ -35,6 +35,7 @@ def test_a_signal_stops_at_the_step_boundary_with_a_checkpoint_that_resumes_exac
     data_path, tmp_path, monkeypatch, signum, exit_code
 ):
     run(data_path, tmp_path / "straight", "--save_every", "100")
+    handler_before = signal.getsignal(signal.SIGTERM)
     signal_during_step(monkeypatch, signum, at_step=1)
     stopped = run(data_path, tmp_path / "run", "--save_every", "100")
     monkeypatch.undo()
@@ -43,7 +44,7 @@ def test_a_signal_stops_at_the_step_boundary_with_a_checkpoint_that_resumes_exac
     assert format_summary(stopped).startswith(f"pretraining stopped by {name} at step 2 of 4")
     assert [path.name for path in list_checkpoints(tmp_path / "run")] == ["checkpoint-00000002"]
     assert not (tmp_path / "run" / LOCK_FILE).exists()
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handlers are put back
+    assert signal.getsignal(signal.SIGTERM) is handler_before  # the handlers are put back
     run(data_path, tmp_path / "run", "--save_every", "100", "--resume")
     straight = student_parameters(list_checkpoints(tmp_path / "straight")[-1])
     resumed = student_parameters(list_checkpoints(tmp_path / "run")[-1])
@@ -81,9 +82,10 @@ def test_stop_request_defers_the_first_signal_only_while_the_loop_runs():
     assert request.name == "SIGTERM"
     with pytest.raises(RunInterrupted):
         request.handle(signal.SIGINT)  # Ctrl-C after a stop was asked: now
-    with stop_on_signals():
-        assert signal.getsignal(signal.SIGINT) != signal.default_int_handler
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    handler_before = signal.getsignal(signal.SIGINT)
+    with stop_on_signals() as installed:
+        assert signal.getsignal(signal.SIGINT) == installed.handle
+    assert signal.getsignal(signal.SIGINT) is handler_before
 
 
 SIGNAL_AT_STEP_2 = """
