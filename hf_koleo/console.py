@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import logging
 
-LOG_LEVELS = ("debug", "info", "warning", "error")
+from .training.arguments import LOG_LEVELS
+
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 

@@ -37,7 +37,7 @@ ACCELERATE_CPU = (
 @pytest.fixture(autouse=True)
 def _one_process_no_debug(monkeypatch, tmp_path):
     """No traceback mode, no launcher around this process, a private feature cache."""
-    for name in (DEBUG_ENVIRONMENT, LAUNCHER_REPORTS_ERRORS, "TORCHELASTIC_ERROR_FILE", *RANK_VARIABLES):
+    for name in (DEBUG_ENVIRONMENT, LAUNCHER_REPORTS_ERRORS, "TORCHELASTIC_ERROR_FILE", "WORLD_SIZE", *RANK_VARIABLES):
         monkeypatch.setenv(name, "")  # records the variable, so the test's changes are undone
         monkeypatch.delenv(name)
     monkeypatch.setenv("HF_KOLEO_CACHE", str(tmp_path / "cache"))
@@ -160,7 +160,9 @@ def test_other_ranks_stay_silent_and_record_the_line_for_the_launcher(tmp_path, 
         2,
         "tool.py: error: bad value\n",
     )
-    monkeypatch.setenv(LAUNCHER_REPORTS_ERRORS, "1")  # our launcher prints it instead
+    monkeypatch.setenv(LAUNCHER_REPORTS_ERRORS, "1")  # inherited by a single process: it speaks for itself
+    assert exit_code_and_stderr(main_raising(ValueError("bad value")), capsys, monkeypatch)[1] != ""
+    monkeypatch.setenv("WORLD_SIZE", "2")  # a worker of our launcher: the launcher prints it instead
     assert exit_code_and_stderr(main_raising(ValueError("bad value")), capsys, monkeypatch) == (2, "")
 
 

@@ -12,7 +12,7 @@ from test_training import run, student_parameters
 
 from hf_koleo.training import trainer
 from hf_koleo.training.checkpoint import list_checkpoints
-from hf_koleo.training.interrupt import RunInterrupted, StopRequest, stop_on_signals
+from hf_koleo.training.interrupt import AFTER_THE_LOOP, RunInterrupted, StopRequest, stop_on_signals
 from hf_koleo.training.lock import LOCK_FILE
 from hf_koleo.training.summary import format_summary
 
@@ -93,10 +93,14 @@ import os, runpy, signal, sys
 from hf_koleo.training import trainer
 
 original = trainer.train_step
+signum = signal.Signals[os.environ.get("TEST_SIGNAL", "SIGINT")]
 
 def train_step(accelerator, model, optimizer, batch, values, step, *args):
     if step == 1:
-        os.kill(os.getpid(), signal.SIGINT)
+        if os.environ.get("TEST_SIGNAL_GROUP"):  # as a scheduler or a terminal does: the whole group
+            os.killpg(os.getpgid(0), signum)
+        else:
+            os.kill(os.getpid(), signum)
     return original(accelerator, model, optimizer, batch, values, step, *args)
 
 trainer.train_step = train_step
@@ -105,21 +109,79 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
-def test_ctrl_c_in_the_script_exits_130_with_one_line_and_no_traceback(data_path, tmp_path):
-    wrapper = tmp_path / "ctrl_c.py"
+def signalled_script(tmp_path, data_path, *extra, **environment) -> subprocess.CompletedProcess:
+    """``scripts/pretrain.py`` on the tiny run, in its own process group, signalled during step 2."""
+    wrapper = tmp_path / "signal_at_step_2.py"
     wrapper.write_text(SIGNAL_AT_STEP_2)
-    output_dir = tmp_path / "run"
     command = [sys.executable, str(wrapper), str(ROOT / "scripts" / "pretrain.py"), *TINY_RUN]
-    command += ["--data", str(data_path), "--output_dir", str(output_dir), "--save_every", "100"]
-    result = subprocess.run(
-        command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    command += ["--data", str(data_path), "--output_dir", str(tmp_path / "run"), "--save_every", "100", *extra]
+    return subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **environment},
+        start_new_session=True,  # a group of its own: the group signal reaches the script and its workers only
     )
+
+
+def test_ctrl_c_in_the_script_exits_130_with_one_line_and_no_traceback(data_path, tmp_path):
+    output_dir = tmp_path / "run"
+    result = signalled_script(tmp_path, data_path)
     assert result.returncode == 130, result.stderr[-3000:]
     assert "Traceback" not in result.stderr and "KeyboardInterrupt" not in result.stderr
     assert "SIGINT at step 2 of 4: checkpoint saved; --resume latest goes on" in result.stderr
     assert result.stdout.strip().startswith("pretraining stopped by SIGINT at step 2 of 4")
     assert [path.name for path in list_checkpoints(output_dir)] == ["checkpoint-00000002"]
     assert not (output_dir / LOCK_FILE).exists()
+
+
+def test_a_signal_to_the_process_group_leaves_the_data_loader_workers_running_until_the_checkpoint(tmp_path):
+    from data_fixtures import write_parquet
+
+    for shard in range(2):
+        write_parquet(tmp_path / "data" / f"part-{shard}.parquet", 16, start_seed=100 * shard)
+    streamed = ["--in_memory", "no", "--num_workers", "2"]
+    result = signalled_script(tmp_path, tmp_path / "data", *streamed, TEST_SIGNAL="SIGTERM", TEST_SIGNAL_GROUP="1")
+    assert result.returncode == 143, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and "DataLoader worker" not in result.stderr
+    assert "SIGTERM at step 2 of 4: checkpoint saved; --resume latest goes on" in result.stderr
+    assert [path.name for path in list_checkpoints(tmp_path / "run")] == ["checkpoint-00000002"]
+
+
+def test_data_loader_workers_keep_delivering_after_a_stop_signal(tmp_path):
+    # A stop signal to the group reaches the workers too; with several processes the loop needs
+    # batches until the next log step, so the workers must outlive it.
+    from accelerate import Accelerator
+    from data_fixtures import write_parquet
+
+    from hf_koleo.training.arguments import parse_pretraining_args
+    from hf_koleo.training.pipeline import DataPipeline
+
+    for shard in range(2):
+        write_parquet(tmp_path / "data" / f"part-{shard}.parquet", 8, start_seed=100 * shard)
+    arguments, model_config = parse_pretraining_args(
+        [*TINY_RUN, "--data", str(tmp_path / "data"), "--output_dir", str(tmp_path / "run")]
+        + ["--in_memory", "no", "--num_workers", "2"]
+    )
+    with stop_on_signals() as stop:
+        data = DataPipeline(arguments, model_config, Accelerator(cpu=True))
+        stop.deferring = True  # as in the trainer: the workers were started before
+        state = trainer.TrainerState()
+        data.next_batch(state)
+        for worker in data._iterator._workers:
+            os.kill(worker.pid, signal.SIGTERM)
+        for _ in range(20):  # several passes: far beyond what was prefetched
+            data.next_batch(state)
+        assert all(worker.is_alive() for worker in data._iterator._workers)
+        del data
+
+
+def test_a_signal_after_the_loop_says_the_final_checkpoint_holds_the_run():
+    request = StopRequest()
+    request.deferring, request.outside = False, AFTER_THE_LOOP
+    with pytest.raises(RunInterrupted, match="while exporting: --resume latest exports from the final checkpoint"):
+        request.handle(signal.SIGTERM)
 
 
 BEFORE_THE_LOOP = RunInterrupted(signal.SIGTERM, "before the first step: nothing to save")

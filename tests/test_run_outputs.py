@@ -7,8 +7,14 @@ from pathlib import Path
 import pytest
 from test_training import run
 
-from hf_koleo.training.checkpoint import CheckpointConfigError, config_differences, list_checkpoints
-from hf_koleo.training.run_outputs import OutputDirInUseError, cut_metrics
+from hf_koleo.training.checkpoint import (
+    CheckpointConfigError,
+    TrainerState,
+    config_differences,
+    list_checkpoints,
+    take_own_position,
+)
+from hf_koleo.training.run_outputs import OutputDirInUseError, claim_output_dir, cut_metrics
 
 
 def metric_steps(output_dir: Path) -> list[int]:
@@ -40,6 +46,25 @@ def test_overwrite_output_dir_starts_over_with_one_clean_log(data_path, tmp_path
     assert Path(summary["checkpoint"]).name == "checkpoint-00000004"
     assert [path.name for path in list_checkpoints(output_dir)] == ["checkpoint-00000002", "checkpoint-00000004"]
     assert metric_steps(output_dir) == [1, 2, 3, 4]
+
+
+def test_overwrite_refuses_to_remove_a_tracker_folder_holding_other_files(data_path, tmp_path):
+    output_dir = tmp_path / "run"
+    run(data_path, output_dir)
+    (output_dir / "hf_koleo").mkdir()
+    (output_dir / "hf_koleo" / "events.out.tfevents.1.host").write_bytes(b"")
+    (output_dir / "hf_koleo" / "notes.txt").write_text("mine")
+    with pytest.raises(OutputDirInUseError, match=r"hf_koleo holds files a tracker did not write \(notes.txt\)"):
+        run(data_path, output_dir, "--overwrite_output_dir")
+    assert (output_dir / "hf_koleo" / "notes.txt").exists() and list_checkpoints(output_dir)
+
+
+def test_with_overwrite_only_the_main_process_looks_at_the_folder(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text("{}\n")
+    claim_output_dir(tmp_path, resume="", overwrite=True, is_main_process=False)  # another rank: leaves it
+    assert (tmp_path / "metrics.jsonl").exists()
+    claim_output_dir(tmp_path, resume="", overwrite=True, is_main_process=True)
+    assert not (tmp_path / "metrics.jsonl").exists()
 
 
 def test_resume_drops_the_killed_runs_rows_past_its_checkpoint(data_path, tmp_path, monkeypatch):
@@ -106,3 +131,30 @@ def test_a_run_stopped_in_set_up_leaves_no_outputs_that_block_the_next(data_path
         run(data_path, tmp_path / "run")
     monkeypatch.undo()
     assert run(data_path, tmp_path / "run")["steps"] == 4
+
+
+def test_each_process_takes_its_own_saved_position_or_the_batch_count_when_their_number_changed():
+    per_process = [{"position": [0, 5, 9, 11], "corrupt_records": 2}, {"position": [0, 5, -1, 10], "corrupt_records": 1}]
+    for rank in (0, 1):
+        state = TrainerState(step=5, position=[0, 5, 9, 11], corrupt_records=2, per_process=per_process)
+        take_own_position(state, rank, world_size=2)
+        assert (state.position, state.corrupt_records) == (per_process[rank]["position"], (2, 1)[rank])
+    for rank in (0, 1, 2):
+        state = TrainerState(step=5, position=[0, 5, 9, 11], corrupt_records=2, per_process=per_process)
+        take_own_position(state, rank, world_size=3)
+        assert (state.position, state.corrupt_records) == ([0, 5], 3 if rank == 0 else 0)
+    old = TrainerState(step=5, position=[0, 5, 9, 11])  # saved before positions were kept per process
+    take_own_position(old, 1, world_size=2)
+    assert old.position == [0, 5, 9, 11]
+
+
+def test_a_checkpoint_records_every_process_position_and_the_per_device_batch(data_path, tmp_path, caplog):
+    run(data_path, tmp_path / "run", "--max_steps", "3", "--save_every", "3")
+    state = json.loads((list_checkpoints(tmp_path / "run")[-1] / "trainer_state.json").read_text())
+    assert state["per_process"] == [{"position": state["position"], "corrupt_records": 0}]
+    assert state["per_device_batch_size"] == 4 and state["global_batch_size"] == 4
+    caplog.set_level(logging.WARNING)
+    run(data_path, tmp_path / "run", "--resume", "--max_steps", "4", "--gradient_accumulation_steps", "2")
+    assert "the global batch is 8 images per step, the checkpoint's run used 4: the data position is unaffected" in (
+        caplog.text
+    )

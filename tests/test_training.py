@@ -294,3 +294,21 @@ def test_compile_option_compiles_in_place_and_keeps_checkpoints_loadable(
         parse_pretraining_args(["--max_steps", "1", "--compile", "true", "--compile_mode", "fast"])
     with pytest.raises(ValueError, match="compile_scope must be one of"):
         parse_pretraining_args(["--max_steps", "1", "--compile", "true", "--compile_scope", "heads"])
+
+
+def test_two_processes_resume_a_stream_exactly_each_from_its_own_position(tmp_path):
+    # Shards 0 and 2 (rank 0's) hold an undecodable record, 1 and 3 (rank 1's) none: the two
+    # processes stand at different places in their shards, and each must go on from its own.
+    from data_fixtures import write_parquet
+
+    for shard in range(4):
+        write_parquet(tmp_path / "data" / f"part-{shard}.parquet", 12, corrupt=(1,) if shard % 2 == 0 else ())
+    stream = ["--in_memory", "no", "--num_workers", "1", "--split_strategy", "shards", "--max_steps", "4"]
+    straight, _ = launch(tmp_path / "data", tmp_path / "straight", 2, 2, *stream)
+    launch(tmp_path / "data", tmp_path / "run", 2, 2, *stream, "--max_time", "1e-9", "--log_every", "2")
+    state = json.loads((list_checkpoints(tmp_path / "run")[-1] / "trainer_state.json").read_text())
+    positions = [entry["position"] for entry in state["per_process"]]
+    assert state["step"] == 2 and len(positions) == 2 and positions[0] != positions[1]
+    resumed, _ = launch(tmp_path / "data", tmp_path / "run", 2, 2, *stream, "--resume", "latest")
+    for key in straight:
+        assert torch.equal(straight[key], resumed[key]), key

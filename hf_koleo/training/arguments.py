@@ -21,10 +21,10 @@ import yaml
 from transformers import HfArgumentParser
 
 from ..configuration_koleo_dino import KoLeoDinoConfig
-from ..console import LOG_LEVELS
 from ..data.augment import MultiCropConfig
 
 TRACKERS = ("tensorboard", "trackio", "none", "all")
+LOG_LEVELS = ("debug", "info", "warning", "error")
 PRECISIONS = ("no", "fp16", "bf16")
 IN_MEMORY = ("auto", "yes", "no")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")

@@ -8,11 +8,12 @@ import logging
 import os
 import re
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +49,15 @@ class TrainerState:
     images_seen: int = 0
     corrupt_records: int = 0
     global_batch_size: int = 0  # images per step over all processes (0: a checkpoint from before it was saved)
+    per_device_batch_size: int = 0  # images per process and data batch (0: not saved)
+    # Each process's own data position and corrupt-record count, by rank (filled when saving): a
+    # streamed position differs between processes, which read different shards.
+    per_process: list[dict] = field(default_factory=list)
+
+    @property
+    def saved_num_processes(self) -> int:
+        """How many processes the saved run had (0 when the checkpoint does not say)."""
+        return len(self.per_process)
 
 
 def checkpoint_dir(output_dir: str | os.PathLike) -> Path:
@@ -137,6 +147,8 @@ def load_resume_checkpoint(
             state = load_checkpoint(accelerator, path)
         except Exception as caught:  # a damaged file fails in many ways (safetensors, pickle, json, missing file)
             error = caught
+        else:
+            take_own_position(state, accelerator.process_index, accelerator.num_processes)
         if _everyone_succeeded(accelerator, error is None):
             if failures and accelerator.is_main_process:
                 logger.warning("--resume: fell back to %s, the newer checkpoint could not be loaded", path)
@@ -168,6 +180,7 @@ def save_checkpoint(
     is given. A failed write (a full disk, say) removes the temporary folder and raises
     ``CheckpointSaveError`` on every process.
     """
+    per_process = gather_object([{"position": list(state.position), "corrupt_records": state.corrupt_records}])
     folder = checkpoint_dir(output_dir)
     final = folder / (name or f"checkpoint-{state.step:08d}")
     staging = folder / f".tmp-{final.name}"
@@ -184,7 +197,8 @@ def save_checkpoint(
                 image_processor.save_pretrained(staging)
             if run_arguments is not None:
                 (staging / "run_arguments.json").write_text(json.dumps(run_arguments, indent=2))
-            (staging / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
+            saved = replace(state, per_process=per_process)
+            (staging / STATE_FILE).write_text(json.dumps(asdict(saved), indent=2))
     except Exception as caught:  # torch.save raises RuntimeError, safetensors its own type, on a failed write
         error = caught
     # Each process writes its own RNG state: the rename waits until all of them are done.
@@ -210,6 +224,25 @@ def load_checkpoint(accelerator: Accelerator, path: str | os.PathLike) -> Traine
         raise FileNotFoundError(f"{path} holds no model weights (model.safetensors is missing)")
     accelerator.load_state(str(path))
     return TrainerState(**json.loads((Path(path) / STATE_FILE).read_text()))
+
+
+def take_own_position(state: TrainerState, rank: int, world_size: int) -> None:
+    """Give this process its own data position and corrupt-record count from ``state.per_process``.
+
+    The same number of processes as the saved run: each takes its own entry (exact). Another
+    number: shards are dealt out anew, so the per-worker record counts of the main process's
+    position mean nothing here; every process goes on at its batch count, and the main process
+    carries the run's corrupt-record total.
+    """
+    if not state.per_process:
+        return  # a checkpoint from before positions were saved per process: the main process's, as it was
+    if len(state.per_process) == world_size:
+        own = state.per_process[rank]
+        state.position, state.corrupt_records = list(own["position"]), int(own["corrupt_records"])
+        return
+    state.position = list(state.position[:2])
+    total = sum(int(entry["corrupt_records"]) for entry in state.per_process)
+    state.corrupt_records = total if rank == 0 else 0
 
 
 def _everyone_succeeded(accelerator: Accelerator, succeeded: bool) -> bool:

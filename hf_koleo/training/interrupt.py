@@ -19,8 +19,17 @@ from contextlib import contextmanager
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
+BEFORE_THE_LOOP = "before the first step: nothing to save"
+AFTER_THE_LOOP = "after the last step, while exporting: --resume latest exports from the final checkpoint"
+
+
+def exit_code(signum: int) -> int:
+    """A process's exit status when a signal stopped it: 128 + the signal's number (shells' convention)."""
+    return 128 + int(signum)
+
+
 class RunInterrupted(KeyboardInterrupt):
-    """A stop signal arrived where the run could not stop cleanly (before its first step, or twice)."""
+    """A stop signal arrived where the run could not stop cleanly (outside the loop, or twice)."""
 
     def __init__(self, signum: int, detail: str = "") -> None:
         self.signum = signum
@@ -28,15 +37,20 @@ class RunInterrupted(KeyboardInterrupt):
 
     @property
     def exit_code(self) -> int:
-        return 128 + self.signum
+        return exit_code(self.signum)
 
 
 class StopRequest:
-    """The stop signal received so far (``signum``, None when none); ``deferring`` while the loop runs."""
+    """The stop signal received so far (``signum``, None when none); ``deferring`` while the loop runs.
+
+    ``outside`` says where the run is when it is not deferring (the message of the
+    :class:`RunInterrupted` raised there).
+    """
 
     def __init__(self) -> None:
         self.signum: int | None = None
         self.deferring = False
+        self.outside = BEFORE_THE_LOOP
 
     @property
     def name(self) -> str | None:
@@ -47,7 +61,7 @@ class StopRequest:
         if first:
             self.signum = signum
         if not self.deferring:
-            raise RunInterrupted(signum, "before the first step: nothing to save")
+            raise RunInterrupted(signum, self.outside)
         if not first and signum == signal.SIGINT:
             raise RunInterrupted(signum, "twice: stopped at once; --resume latest goes on from the last checkpoint")
 
@@ -71,4 +85,15 @@ def stop_on_signals() -> Iterator[StopRequest]:
             signal.signal(signum, handler)
 
 
-__all__ = ["RunInterrupted", "StopRequest", "stop_on_signals"]
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """A DataLoader ``worker_init_fn``: workers ignore SIGINT and SIGTERM.
+
+    A scheduler's SIGTERM and a terminal's Ctrl-C reach the whole process group: the workers must
+    go on delivering batches while the main process finishes its step and saves; it stops them
+    when it leaves (and they stop by themselves if it dies).
+    """
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+
+
+__all__ = ["RunInterrupted", "StopRequest", "exit_code", "ignore_stop_signals", "stop_on_signals"]

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from .interrupt import exit_code
 from .lock import RANK_VARIABLES
 
 logger = logging.getLogger(__name__)
@@ -96,7 +97,7 @@ def run_cpu_processes(script: str, argv: list[str], n_processes: int, port: str 
     except ChildFailedError as error:
         return report_child_failure(error, log_dir)
     except SignalException as error:  # the agent stopped the workers before re-raising
-        return 128 + int(error.sigval)
+        return exit_code(error.sigval)
     finally:
         os.environ.pop(LAUNCHER_REPORTS_ERRORS, None)
         shutil.rmtree(log_dir, ignore_errors=True)
@@ -177,8 +178,14 @@ def record_worker_error(line: str) -> None:
 
 
 def should_print_user_error() -> bool:
-    """Whether this process prints its user error: not when our launcher reports it, else rank 0 only."""
-    return os.environ.get(LAUNCHER_REPORTS_ERRORS) != "1" and worker_rank() == 0
+    """Whether this process prints its user error: not when our launcher reports it, else rank 0 only.
+
+    The launcher's variable counts only in its workers (``WORLD_SIZE`` > 1): a single process that
+    inherited it (a script run from inside a worker, say) prints its own error.
+    """
+    in_launcher_worker = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    launcher_reports = os.environ.get(LAUNCHER_REPORTS_ERRORS) == "1" and in_launcher_worker
+    return not launcher_reports and worker_rank() == 0
 
 
 def needs_cpu_backend() -> bool:

@@ -23,9 +23,10 @@ from ..data.decoded import DecodedImages, cache_key, decode_records, load_decode
 from ..data.masking import MaskSettings
 from ..data.resident import ResidentBatches
 from ..data.sources import count_records, load_source
-from ..data.stream import CanvasStream, advance_position, shard_source, usable_workers
+from ..data.stream import CanvasStream, advance_position, parse_position, shard_source, usable_workers
 from .arguments import PretrainingArguments
 from .checkpoint import TrainerState
+from .interrupt import ignore_stop_signals
 
 logger = logging.getLogger(__name__)
 
@@ -130,6 +131,7 @@ class DataPipeline:
             prefetch_factor=4 if num_workers > 0 else None,
             # Worker seeds come from this generator, not the global RNG, so resuming does not shift it.
             generator=torch.Generator().manual_seed(arguments.seed),
+            worker_init_fn=ignore_stop_signals,  # a stop signal is the main process's to handle
         )
         self._iterator = iter(self.loader)
 
@@ -140,7 +142,7 @@ class DataPipeline:
             state.position = list(batch["position"])
             return batch
         raw = next(self._iterator)  # always batch_size images: undecodable records were replaced by the next ones
-        state.position = advance_position(state.position, raw, max(1, self.loader.num_workers))
+        state.position = advance_position(state.position, raw, self.n_workers)
         state.corrupt_records += raw["n_corrupt"]
         keys = raw["keys"].to(self.device, non_blocking=True)
         batch = self.augmentation(
@@ -150,6 +152,19 @@ class DataPipeline:
             batch.update(self.masking.batch_masks(keys))
         batch["labels"] = raw["labels"]
         return batch
+
+    @property
+    def n_workers(self) -> int:
+        """The stream's logical workers (the main process counts as one when there are no workers)."""
+        return max(1, self.loader.num_workers)
+
+    def exact_position(self, position: list[int]) -> bool:
+        """Whether a saved position counts the records each worker read, so that resuming it does not
+        depend on the batch size (streamed only; a resident position counts batches)."""
+        if self.resident:
+            return False
+        _, consumed = parse_position(position, self.n_workers)
+        return all(count >= 0 for count in consumed)
 
     def report_images(self, count: int) -> torch.Tensor:
         """``(n, 3, S, S)`` normalised centre crops of the first ``count`` images of the source."""

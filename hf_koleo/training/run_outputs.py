@@ -22,6 +22,7 @@ METRICS_FILE = "metrics.jsonl"
 RUN_OUTPUTS = ("checkpoints", METRICS_FILE, "backbone", "prototype_report.json")
 # Also removed by --overwrite_output_dir: TensorBoard's run folder (named after the tracker project).
 TRACKER_OUTPUTS = ("hf_koleo",)
+TRACKER_FILE_PREFIX = "events.out.tfevents"
 
 
 class OutputDirInUseError(ValueError):
@@ -44,15 +45,16 @@ def earlier_outputs(output_dir: str | os.PathLike) -> list[Path]:
 def claim_output_dir(output_dir: str | os.PathLike, resume: str, overwrite: bool, is_main_process: bool) -> None:
     """Make sure a fresh run does not mix with an earlier one in ``output_dir``.
 
-    Every process checks (the folder is shared, nothing writes to it yet); only the main process
-    removes the earlier outputs when ``overwrite`` is set. A run that resumes keeps them.
+    Every process checks (the folder is shared, nothing writes to it yet); with ``overwrite`` only
+    the main process looks and removes the earlier outputs (the tracker folder ``hf_koleo/`` only
+    when it holds nothing but TensorBoard event files). A run that resumes keeps them.
 
     Raises:
         OutputDirInUseError: the folder holds an earlier run's outputs and neither ``resume`` nor
             ``overwrite`` was given.
     """
-    if resume:
-        return
+    if resume or (overwrite and not is_main_process):
+        return  # with overwrite, only the main process looks: the others would race its removal
     found = earlier_outputs(output_dir)
     if not found:
         return
@@ -62,12 +64,29 @@ def claim_output_dir(output_dir: str | os.PathLike, resume: str, overwrite: bool
             f"--output_dir {output_dir} holds an earlier run's outputs ({names}): continue that run with "
             "--resume latest, start over with --overwrite_output_dir (removes them), or choose another --output_dir"
         )
-    if is_main_process:
-        found += [Path(output_dir) / name for name in TRACKER_OUTPUTS if (Path(output_dir) / name).exists()]
-        names = _names(found)
-        for path in found:
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-        logger.warning("--overwrite_output_dir: removed the earlier run's %s from %s", names, output_dir)
+    for name in TRACKER_OUTPUTS:
+        path = Path(output_dir) / name
+        if path.exists():
+            foreign = _not_tracker_files(path)
+            if foreign:
+                raise OutputDirInUseError(
+                    f"--overwrite_output_dir: {path} holds files a tracker did not write ({_names(foreign[:3])}"
+                    f"{', ...' if len(foreign) > 3 else ''}); move them, or choose another --output_dir"
+                )
+            found.append(path)
+    names = _names(found)
+    for path in found:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    logger.warning("--overwrite_output_dir: removed the earlier run's %s from %s", names, output_dir)
+
+
+def _not_tracker_files(folder: Path) -> list[Path]:
+    """Files in a tracker's folder that TensorBoard did not write (``events.out.tfevents.*``)."""
+    if not folder.is_dir():
+        return [folder]
+    return sorted(
+        path for path in folder.rglob("*") if path.is_file() and not path.name.startswith(TRACKER_FILE_PREFIX)
+    )
 
 
 def _names(paths: list[Path]) -> str:

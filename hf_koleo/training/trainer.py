@@ -22,7 +22,7 @@ from ..modeling_koleo_dino import KoLeoDinoForPreTraining
 from ..prototypes import prototype_metrics, prototype_report
 from .arguments import PretrainingArguments
 from .checkpoint import TrainerState, list_checkpoints, load_resume_checkpoint, save_checkpoint
-from .interrupt import StopRequest, stop_on_signals
+from .interrupt import AFTER_THE_LOOP, StopRequest, exit_code, stop_on_signals
 from .launch import needs_cpu_backend
 from .lock import locks_output_dir
 from .optimization import (
@@ -128,15 +128,15 @@ def _train(
     unwrapped: KoLeoDinoForPreTraining = accelerator.unwrap_model(model)
 
     state, resume_from = load_resume_checkpoint(accelerator, output_dir, arguments.resume, model_config)
-    if resume_from is not None:
+    if resume_from is not None and accelerator.is_main_process:
         logger.info("resumed from %s at step %d", resume_from, state.step)
     if arguments.resume and accelerator.is_main_process:
         cut_metrics(output_dir, state.step)  # the killed run's rows past its checkpoint go
     data = DataPipeline(arguments, model_config, accelerator, tuple(state.position))
     global_batch = arguments.global_batch_size(accelerator.num_processes)
     if resume_from is not None and accelerator.is_main_process:
-        _warn_if_batch_changed(state, global_batch, data.resident)
-    state.global_batch_size = global_batch
+        _warn_if_batch_changed(state, arguments, accelerator.num_processes, data)
+    state.global_batch_size, state.per_device_batch_size = global_batch, arguments.per_device_batch_size
     steps_per_epoch = arguments.steps_per_epoch(accelerator.num_processes, data.dataset_size)
     total_steps = arguments.total_steps(steps_per_epoch)
     proto_interval = arguments.proto_interval(steps_per_epoch)
@@ -185,14 +185,13 @@ def _train(
         if logging_step or saving:
             # Sync point: the loss terms and the non-finite count, one reduce every log_every steps.
             elapsed = time.perf_counter() - window_start
-            metrics = _loss_metrics(accelerator, output, guard)
+            metrics = _loss_metrics(accelerator, output, guard, state.corrupt_records)
             if metrics["nonfinite_steps"] > 0:
                 _stop_non_finite(accelerator, guard, state, arguments, model_config, metrics)
             metrics.update(
                 asdict(values),
                 images_per_second=window_images / max(elapsed, 1e-9),
                 epoch=_epoch(state, data),
-                corrupt_records=state.corrupt_records,
             )
             _log(accelerator, output_dir, metrics, state.step)
             progress.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{metrics['images_per_second']:.1f}")
@@ -217,14 +216,16 @@ def _train(
                 image_processor=image_processor,
                 run_arguments=asdict(arguments),
             )
-            logger.info("step %d: checkpoint %s", state.step, checkpoint)
+            if accelerator.is_main_process:
+                logger.info("step %d: checkpoint %s", state.step, checkpoint)
         if stop_reason:
             cause = f"--max_time {arguments.max_time:g}s reached" if stop_reason == "max_time" else stop_reason
-            logger.warning(
-                "%s at step %d of %d: checkpoint saved; --resume latest goes on", cause, state.step, total_steps
-            )
+            if accelerator.is_main_process:
+                logger.warning(
+                    "%s at step %d of %d: checkpoint saved; --resume latest goes on", cause, state.step, total_steps
+                )
             break
-    stop.deferring = False
+    stop.deferring, stop.outside = False, AFTER_THE_LOOP
     progress.close()
     if stop_reason:  # no export, no final report yet
         summary = _stopped_summary(accelerator, output_dir, state, run_start, total_steps, stop_reason)
@@ -305,40 +306,60 @@ def _log(accelerator: Accelerator, output_dir: Path, metrics: dict[str, Any], st
         append_metrics(output_dir, step, metrics)
 
 
-def _warn_if_batch_changed(state: TrainerState, global_batch: int, resident: bool) -> None:
-    """A resumed run with another global batch than its checkpoint's: say what that does to the data."""
-    saved = state.global_batch_size or (state.images_seen // state.step if state.step else 0)
-    if not saved or saved == global_batch:
+def _warn_if_batch_changed(state: TrainerState, arguments: PretrainingArguments, world: int, data) -> None:
+    """A resumed run with another batch or number of processes than its checkpoint's: say what that
+    does to the data position and the learning rate (main process)."""
+    saved_world = state.saved_num_processes or world
+    # Images per data batch over all processes, then and now (a checkpoint from before the
+    # per-device batch was saved knew only the step's global batch).
+    then = state.per_device_batch_size * saved_world or state.global_batch_size
+    if not then and state.step:
+        then = state.images_seen // (state.step * arguments.gradient_accumulation_steps)
+    now = arguments.per_device_batch_size * world
+    global_then, global_now = state.global_batch_size or then, arguments.global_batch_size(world)
+    if (not then or then == now) and saved_world == world and global_then in (0, global_now):
         return
-    if not resident and len(state.position) > 2:  # the stream counts each worker's records: exact
+    epoch, batch_index = state.position[:2]
+    if then == now and saved_world == world:
+        effect = "the data position is unaffected (the same images per data batch)"
+    elif not data.resident and saved_world != world:
+        effect = (
+            f"the stream's shards are dealt out to {world} processes, {saved_world} in the checkpoint's run, so "
+            f"each process goes on after batch {batch_index} of its new share: some records of this pass are "
+            "seen twice, others skipped"
+        )
+    elif data.exact_position(state.position):  # the stream counts each worker's records: exact
         effect = "the stream goes on after the records the checkpoint's run had read"
     else:
-        epoch, batch_index = state.position[:2]
-        then, now = batch_index * saved, batch_index * global_batch
+        at_then, at_now = batch_index * then, batch_index * now
         effect = (
-            f"the data position ({'epoch' if resident else 'pass'} {epoch}, batch {batch_index}) counts batches, so "
-            f"this run goes on at image {now:,} of the {'epoch' if resident else 'stream'} where the checkpoint's run "
-            f"stopped at image {then:,} ("
-            + (f"{now - then:,} images are skipped" if now > then else f"{then - now:,} are seen twice")
+            f"the data position ({'epoch' if data.resident else 'pass'} {epoch}, batch {batch_index}) counts batches, "
+            f"so this run goes on at image {at_now:,} of the {'epoch' if data.resident else 'stream'} where the "
+            f"checkpoint's run stopped at image {at_then:,} ("
+            + (f"{at_now - at_then:,} images are skipped" if at_now > at_then else f"{at_then - at_now:,} are seen twice")
             + ")"
         )
     logger.warning(
         "--resume: the global batch is %d images per step, the checkpoint's run used %d: %s; the learning "
         "rate follows the new batch (peak lr = base_lr x batch / 256)",
-        global_batch,
-        saved,
+        global_now,
+        global_then,
         effect,
     )
 
 
-def _loss_metrics(accelerator, output, guard: NonFiniteGuard) -> dict[str, float]:
-    """Loss terms (mean over processes), the gradient norm and the non-finite step count (sum)."""
+def _loss_metrics(accelerator, output, guard: NonFiniteGuard, corrupt_records: int) -> dict[str, float]:
+    """Loss terms (mean over processes), the gradient norm, the non-finite step count and the corrupt
+    records skipped (sums over processes): one reduce."""
     world = accelerator.num_processes
     terms = [output[name].detach().float() for name in LOSS_TERMS]
-    terms += [guard.gradient_norm.float(), guard.count.float() * world]
+    counts = torch.tensor(float(corrupt_records), device=accelerator.device)
+    terms += [guard.gradient_norm.float(), guard.count.float() * world, counts * world]
     values = accelerator.reduce(torch.stack(terms), reduction="mean").tolist()
-    names = (*LOSS_TERMS, "gradient_norm", "nonfinite_steps")
-    return {name: float(value) for name, value in zip(names, values)}
+    names = (*LOSS_TERMS, "gradient_norm", "nonfinite_steps", "corrupt_records")
+    metrics = {name: float(value) for name, value in zip(names, values)}
+    metrics["corrupt_records"] = round(metrics["corrupt_records"])
+    return metrics
 
 
 def _stop_non_finite(accelerator, guard: NonFiniteGuard, state, arguments, model_config, metrics) -> None:
@@ -420,7 +441,7 @@ def _stopped_summary(accelerator, output_dir: Path, state, run_start, total_step
     """The summary of a run that ``--max_time`` or a signal stopped: where it is and where its checkpoint is."""
     summary = {**_session_figures(state, run_start), "total_steps": total_steps, "stopped": reason}
     if reason != "max_time":
-        summary["exit_code"] = 128 + signal.Signals[reason].value
+        summary["exit_code"] = exit_code(signal.Signals[reason])
     if accelerator.is_main_process:
         summary["checkpoint"] = _last_checkpoint(output_dir)
     return summary
@@ -430,11 +451,13 @@ def _finish(
     accelerator, model, arguments, data: DataPipeline, state: TrainerState, run_start: tuple[float, int]
 ) -> dict[str, Any]:
     """Export the backbone and the prototype report; the run's summary (see ``training.summary``)."""
-    summary: dict[str, Any] = {
-        **_session_figures(state, run_start),
-        # Resident sources drop undecodable records once, when decoding; streamed ones at every pass.
-        "corrupt_records": data.batches.data.n_corrupt if data.resident else state.corrupt_records,
-    }
+    # Resident sources drop undecodable records once, when decoding (every process alike); streamed
+    # ones at every pass, each process in its own shards.
+    if data.resident:
+        corrupt = data.batches.data.n_corrupt
+    else:
+        corrupt = int(accelerator.reduce(torch.tensor([state.corrupt_records], device=accelerator.device), "sum"))
+    summary: dict[str, Any] = {**_session_figures(state, run_start), "corrupt_records": corrupt}
     if not accelerator.is_main_process:
         return summary
     output_dir = Path(arguments.output_dir)
