@@ -33,6 +33,7 @@ class MainProcess:
     """
 
     is_main_process = True
+    process_index, num_processes = 0, 2
     device = torch.device("cpu")
 
     def __init__(self, other_rank_fails: bool = False):

@@ -24,6 +24,7 @@ LAYERS = {
     "hf_koleo.hub": 4,  # export, cards, push; the scripts' error helper
     "hf_koleo.model_card": 4,
     "hf_koleo.cli": 4,
+    "hf_koleo.console": 4,  # the scripts' console set-up
 }
 LIGHT_IMPORT_FORBIDS = ("matplotlib", "lightly", "experiments")
 
