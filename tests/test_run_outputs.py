@@ -134,7 +134,10 @@ def test_a_run_stopped_in_set_up_leaves_no_outputs_that_block_the_next(data_path
 
 
 def test_each_process_takes_its_own_saved_position_or_the_batch_count_when_their_number_changed():
-    per_process = [{"position": [0, 5, 9, 11], "corrupt_records": 2}, {"position": [0, 5, -1, 10], "corrupt_records": 1}]
+    per_process = [
+        {"position": [0, 5, 9, 11], "corrupt_records": 2},
+        {"position": [0, 5, -1, 10], "corrupt_records": 1},
+    ]
     for rank in (0, 1):
         state = TrainerState(step=5, position=[0, 5, 9, 11], corrupt_records=2, per_process=per_process)
         take_own_position(state, rank, world_size=2)

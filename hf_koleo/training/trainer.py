@@ -332,12 +332,11 @@ def _warn_if_batch_changed(state: TrainerState, arguments: PretrainingArguments,
         effect = "the stream goes on after the records the checkpoint's run had read"
     else:
         at_then, at_now = batch_index * then, batch_index * now
+        gap = f"{at_now - at_then:,} images are skipped" if at_now > at_then else f"{at_then - at_now:,} are seen twice"
         effect = (
             f"the data position ({'epoch' if data.resident else 'pass'} {epoch}, batch {batch_index}) counts batches, "
             f"so this run goes on at image {at_now:,} of the {'epoch' if data.resident else 'stream'} where the "
-            f"checkpoint's run stopped at image {at_then:,} ("
-            + (f"{at_now - at_then:,} images are skipped" if at_now > at_then else f"{at_then - at_now:,} are seen twice")
-            + ")"
+            f"checkpoint's run stopped at image {at_then:,} ({gap})"
         )
     logger.warning(
         "--resume: the global batch is %d images per step, the checkpoint's run used %d: %s; the learning "
