@@ -14,8 +14,9 @@ Two frozen "backbones" produce the head's inputs:
   ``Dinov2Model``), run once over ``n_views`` augmented views per image
   (:func:`build_backbone_views`); each step takes two different cached views of an image.
 
-:func:`run_frozen_head` trains one head and returns its metrics over time; :func:`run_study` runs
-a grid of backbones x variants x seeds; :func:`render_markdown` and :func:`plot_study` report it.
+:func:`run_frozen_head` trains one head and returns its metrics over time; :func:`frozen_head_run`
+is the run kind of ``configs/experiments/frozen_head.yaml`` (backbones x variants x seeds), and
+:mod:`experiments.frozen_head_report` renders its records.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -392,97 +393,65 @@ def run_frozen_head(
     }
 
 
-@dataclass
-class BackbonePlan:
-    """One frozen backbone of a study: how to build its views and the head settings it gets."""
+# Views are built once per process and backbone (a feature bank takes minutes), for every run on it.
+_VIEWS: dict[str, tuple[Views, dict[str, Any]]] = {}
 
-    name: str
-    build_views: Callable[[], Views]
-    head: FrozenHeadConfig
-    description: str = ""
+
+def backbone_views(backbone: dict[str, Any]) -> tuple[Views, dict[str, Any]]:
+    """The views of a frozen backbone and a description of them, built once per process.
+
+    ``backbone``: ``model`` (``"pixels"``, or a folder ``AutoModel`` loads with its image processor),
+    ``data`` (a source), ``n_images`` (default: all for pixels), ``n_views`` (cached views per image,
+    models only), ``cache`` (default true), ``description``.
+    """
+    key = json.dumps(backbone, sort_keys=True)
+    if key not in _VIEWS:
+        start = time.perf_counter()
+        if backbone["model"] == "pixels":
+            views: Views = load_pixel_views(backbone["data"], limit=backbone.get("n_images"))
+        else:
+            if not Path(backbone["model"]).is_dir():
+                raise FileNotFoundError(
+                    f"backbone {backbone['model']!r} is not a folder (export one with scripts/pretrain.py)"
+                )
+            views = build_backbone_views(
+                backbone["model"],
+                backbone["data"],
+                n_images=backbone["n_images"],
+                n_views=backbone["n_views"],
+                use_cache=backbone.get("cache", True),
+            )
+        info = {
+            "description": backbone.get("description", backbone["model"]),
+            "dim": views.dim,
+            "n_images": views.n_images,
+            "mean_cosine_to_mean": feature_concentration(views.clean(torch.arange(min(views.n_images, 4096)))),
+            "setup_seconds": time.perf_counter() - start,
+        }
+        _VIEWS[key] = (views, info)
+    return _VIEWS[key]
+
+
+def frozen_head_run(params: dict[str, Any], context=None) -> dict[str, Any]:
+    """Run kind ``frozen_head``: one head on one frozen backbone's views.
+
+    ``params``: ``backbone`` (see :func:`backbone_views`) and ``head`` (:class:`FrozenHeadConfig`
+    fields). The result is :func:`run_frozen_head`'s, with ``backbone``: the views' description and
+    the head settings.
+    """
+    views, info = backbone_views(params["backbone"])
+    config = FrozenHeadConfig(**params["head"])
+    name = context.run.name if context is not None else "frozen head"
+
+    def report(row: dict[str, Any]) -> None:
+        logger.info(
+            "%s step %d: unique %s used %d loss %s", name, row["step"], row["unique"], row["used"], row["dino_loss"]
+        )
+
+    return {"backbone": {**info, "head": asdict(config)}, **run_frozen_head(views, config, report)}
 
 
 def feature_concentration(features: torch.Tensor) -> float:
     """Mean cosine between ``(n, d)`` features and their mean: 1 when they all point one way."""
     unit = F.normalize(features.float(), dim=1)
     return float((unit @ F.normalize(unit.mean(dim=0), dim=0)).mean())
-
-
-def run_study(
-    backbones: Sequence[BackbonePlan],
-    variants: dict[str, float],
-    seeds: Sequence[int],
-    log: Callable[[str], None] = logger.info,
-) -> dict[str, Any]:
-    """Every (backbone, variant, seed): a head-only run. ``variants`` maps a name to a KoLeo-proto weight.
-
-    Returns:
-        ``{"backbones": {name: {"description", "dim", "n_images", "setup_seconds", "head"}},
-        "runs": [{"backbone", "variant", "seed", **run_frozen_head(...)}], "seconds"}``.
-    """
-    start = time.perf_counter()
-    results: dict[str, Any] = {"backbones": {}, "runs": []}
-    for plan in backbones:
-        setup_start = time.perf_counter()
-        views = plan.build_views()
-        results["backbones"][plan.name] = {
-            "description": plan.description,
-            "dim": views.dim,
-            "n_images": views.n_images,
-            "mean_cosine_to_mean": feature_concentration(views.clean(torch.arange(min(views.n_images, 4096)))),
-            "setup_seconds": time.perf_counter() - setup_start,
-            "head": asdict(plan.head),
-        }
-        for variant, weight in variants.items():
-            for seed in seeds:
-                config = FrozenHeadConfig(**{**asdict(plan.head), "koleo_proto_weight": weight, "seed": seed})
-
-                def report(row: dict[str, Any], tag=f"{plan.name}/{variant}/seed {seed}") -> None:
-                    log(f"{tag} step {row['step']}: unique {row['unique']} used {row['used']} loss {row['dino_loss']}")
-
-                run = run_frozen_head(views, config, report)
-                results["runs"].append({"backbone": plan.name, "variant": variant, "seed": seed, **run})
-    results["seconds"] = time.perf_counter() - start
-    return results
-
-
-def study_plans(quick: bool, backbone_dir: str | Path, data: str) -> list[BackbonePlan]:
-    """The two frozen backbones of the study, sized for a loaded 2-core CPU (``quick``: seconds)."""
-    if quick:
-        head = FrozenHeadConfig(
-            num_prototypes=64,
-            hidden_size=64,
-            bottleneck_size=16,
-            batch_size=32,
-            steps=12,
-            eval_every=6,
-            eval_images=64,
-        )
-        return [
-            BackbonePlan("pixels", lambda: load_pixel_views(data, limit=256), head, "raw pixels (quick)"),
-            BackbonePlan(
-                "backbone",
-                lambda: build_backbone_views(backbone_dir, data, n_images=64, n_views=2, use_cache=False),
-                head,
-                f"{backbone_dir} (quick)",
-            ),
-        ]
-    # The issue's head (784 -> 1024 -> 1024 -> 256) with K, batch and lr changed to fit ~40 minutes of
-    # a loaded 2-core CPU: K 4096 -> 2048 and batch 256 -> 128 halve the step; lr 5e-4 -> 2e-3 because
-    # a 2e-3 probe merged prototypes from step ~2,000 on, and 5e-3 contracted them no faster over 1,000 steps.
-    head = FrozenHeadConfig(num_prototypes=2048, batch_size=128, learning_rate=2e-3, steps=3000, eval_every=150)
-    return [
-        BackbonePlan(
-            "pixels",
-            lambda: load_pixel_views(data),
-            head,
-            f"raw pixels of {data}: 28x28 grayscale views flattened to 784-d, centred",
-        ),
-        BackbonePlan(
-            "backbone",
-            lambda: build_backbone_views(backbone_dir, data, n_images=10000, n_views=8),
-            head,
-            f"CLS features of the frozen backbone {backbone_dir} on 8 cached augmented views of the first 10,000 "
-            f"images of {data}",
-        ),
-    ]

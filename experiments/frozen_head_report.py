@@ -1,4 +1,7 @@
-"""Report of the frozen-head study (experiments/frozen_head.py): tables, the reading, plots."""
+"""Report of the frozen-head study (``configs/experiments/frozen_head.yaml``): tables, the reading, plots.
+
+Reads the study's records (run kind ``frozen_head``) and renders them; nothing here trains.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +10,51 @@ from typing import Any
 
 from .frozen_head import TRACKED_EPS
 from .markdown import mean_std
+
+
+def load_results(records: list[dict[str, Any]], spec) -> dict[str, Any]:
+    """The study's runs and backbones from its records, with how and where they were made.
+
+    ``{"backbones": {name: description}, "runs": [{"backbone", "variant", "seed", **result}],
+    "seconds", "command", "machine", "quick", "variants", "seeds", "backbone_origin", "notes"}``.
+    """
+    records = [record for record in records if record.get("status") == "done"]
+    backbones, runs = {}, []
+    for record in records:
+        result = dict(record["result"])
+        backbones.setdefault(record["axes"]["backbone"], result.pop("backbone"))
+        result.pop("backbone", None)
+        runs.append({key: record["axes"][key] for key in ("backbone", "variant", "seed")} | result)
+    environments = [record["environment"] for record in records]
+    origins = [record["params"]["backbone"].get("origin") for record in records]
+    notes = spec.settings.get("notes")
+    variants = spec.settings["choices"]["variant"]
+    return {
+        "backbones": backbones,
+        "runs": runs,
+        "seconds": sum(record["seconds"] for record in records),
+        "command": "; ".join(dict.fromkeys(environment.get("command", "?") for environment in environments)),
+        "machine": "; ".join(dict.fromkeys(environment["machine"] for environment in environments)),
+        "quick": spec.quick,
+        "variants": {name: overlay["head"]["koleo_proto_weight"] for name, overlay in variants.items()},
+        "seeds": sorted({run["seed"] for run in runs}),
+        "backbone_origin": next((origin for origin in origins if origin), None),
+        "notes": Path(notes).read_text() if notes and Path(notes).exists() else None,
+    }
+
+
+def write_report(spec, records: list[dict[str, Any]], left_out: dict[str, str], report_dir: Path) -> list[Path]:
+    """``frozen_head.md`` and ``figures/frozen_head_*.png`` in ``report_dir``."""
+    results = load_results(records, spec)
+    failed = {record["name"]: f"failed: {record['error']}" for record in records if record.get("status") == "failed"}
+    left_out = {**left_out, **failed}
+    report_dir.mkdir(parents=True, exist_ok=True)
+    markdown = report_dir / "frozen_head.md"
+    text = render_markdown(results)
+    if left_out:
+        text += "\nLeft out: " + "; ".join(f"{name} ({why})" for name, why in left_out.items()) + ".\n"
+    markdown.write_text(text)
+    return [markdown, *plot_study(results, report_dir / "figures" / "frozen_head")]
 
 
 def _grouped(results: dict[str, Any]) -> dict[tuple[str, str], list[dict[str, Any]]]:

@@ -1,7 +1,7 @@
-"""Report of the GPU study (experiments/gpu_study.py): tables, one verdict per paper claim, plots, JSON.
+"""Report of the GPU study (``configs/experiments/gpu_study.yaml``): tables, one verdict per claim, plots, JSON.
 
-Reads the per-run JSON files a study's chunks wrote (``<run name>.json``, ``pixels-<dataset>.json``)
-and renders them; nothing here trains or evaluates. The verdicts test the targets of the study:
+Reads the study's records (runs of kind ``pretrain_eval``, the raw-pixel ``evaluate_pixels``) and
+renders them; nothing here trains or evaluates. The verdicts test the targets of the study:
 
 * features beat raw pixels: kNN@20 top-1 >= 90 on the Fashion-MNIST test split;
 * the baseline partially collapses: teacher unique@0.025 <= 75 % of K at some K >= 16384;
@@ -16,7 +16,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .gpu_study import plan_runs, record_status
 from .markdown import markdown_table, mean_std, sample_sd
 
 HEADLINE_EPS = "0.025"
@@ -31,30 +30,36 @@ METRICS = (  # (key in a run's "evaluation", label)
 TARGETS = {"knn": 90.0, "collapsed": 0.75, "prevented": 0.95, "collapse_min_k": 16384, "lt_gain": 1.0}
 
 
-def load_results(results_dir: str | Path, config: dict[str, Any] | None = None) -> dict[str, Any]:
-    """``{"runs": [run records], "pixels": {dataset: evaluation}, "left_out": {name: why}}`` from a folder.
+def load_results(records: list[dict[str, Any]], left_out: dict[str, str] | None = None, spec=None) -> dict[str, Any]:
+    """``{"runs": [flat run records], "pixels": {dataset: evaluation}, "left_out": {name: why}}`` from records.
 
-    With the study ``config``, only results of runs it plans with their current settings count: a
-    stale result (trained with other settings) or one of a run no longer planned is left out, and the
-    recipe's own group (``koleo_proto`` at the recipe's K) is the one the "beats pixels" claim tests.
+    ``records`` are the store's records of the spec's current plan (:meth:`Store.records`); a run
+    record is flattened to its axis values (dataset, method, num_prototypes, seed), name, stage and
+    result. A failed run is left out with its error. With the ``spec``, the recipe's own group
+    (``koleo_proto`` at the recipe's K) is the one the "beats pixels" claim tests.
     """
-    results_dir = Path(results_dir)
-    runs, pixels, left_out = [], {}, {}
-    planned = {run.name: run for run in plan_runs(config)} if config is not None else None
-    for path in sorted(results_dir.glob("*.json")):
-        record = json.loads(path.read_text())
-        if path.name.startswith("pixels-"):
-            pixels[record["dataset"]] = record["evaluation"]
-        elif planned is not None and record["name"] not in planned:
-            left_out[record["name"]] = "not in the plan"
-        elif planned is not None and record_status(config, planned[record["name"]], results_dir) != "done":
-            left_out[record["name"]] = "stale: trained with other settings than the config gives it now"
+    runs, pixels, left_out = [], {}, dict(left_out or {})
+    for record in records:
+        if record.get("status") == "failed":
+            left_out[record["name"]] = f"failed: {record['error']}"
+        elif record["kind"] == "evaluate_pixels":
+            pixels[record["axes"]["dataset"]] = record["result"]["evaluation"]
         else:
-            runs.append(record)
+            runs.append({"name": record["name"], "stage": record["stage"], **record["axes"], **record["result"]})
     results = {"runs": runs, "pixels": pixels, "left_out": left_out}
-    if config is not None:
-        results["recipe_group"] = {"num_prototypes": config["recipe_settings"]["model"]["num_prototypes"]}
+    if spec is not None:
+        results["recipe_group"] = {"num_prototypes": spec.settings["base"]["pretrain"]["model"]["num_prototypes"]}
     return results
+
+
+def write_report(spec, records: list[dict[str, Any]], left_out: dict[str, str], report_dir: Path) -> list[Path]:
+    """``results_gpu.md``, ``results.json`` and ``figures/gpu_study_*.png`` in ``report_dir``."""
+    results = load_results(records, left_out, spec)
+    report_dir.mkdir(parents=True, exist_ok=True)
+    markdown, headline = report_dir / "results_gpu.md", report_dir / "results.json"
+    markdown.write_text(render_markdown(results))
+    headline.write_text(json.dumps(results_json(results), indent=1) + "\n")
+    return [markdown, headline, *plot_results(results, report_dir / "figures")]
 
 
 def teacher_curve(run: dict[str, Any]) -> dict[str, int]:
@@ -364,4 +369,4 @@ def plot_results(results: dict[str, Any], figures_dir: str | Path, prefix: str =
     return written
 
 
-__all__ = ["claims", "load_results", "plot_results", "render_markdown", "results_json"]
+__all__ = ["claims", "load_results", "plot_results", "render_markdown", "results_json", "write_report"]

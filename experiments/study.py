@@ -12,7 +12,6 @@ Run by ``scripts/study_koleo_proto.py``; every number in ``results.md`` is read 
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import time
@@ -23,29 +22,18 @@ import torch
 import yaml
 
 from experiments.markdown import mean_std
+from experiments.pretrain_eval import evaluate_run
+from experiments.spec import merge_settings
 from hf_koleo import KoLeoDinoConfig
-from hf_koleo.evaluation.features import FeatureSet, extract_features
+from hf_koleo.evaluation.features import extract_features
 from hf_koleo.evaluation.knn import weighted_knn_predict
 from hf_koleo.evaluation.linear import stratified_split
 from hf_koleo.evaluation.metrics import classification_metrics
-from hf_koleo.evaluation.protocols import few_shot_protocol, knn_protocol, linear_protocol
-from hf_koleo.evaluation.run import extract_train_test
 from hf_koleo.training.arguments import PretrainingArguments, arguments_from_settings
 from hf_koleo.training.trainer import pretrain
 
 logger = logging.getLogger(__name__)
 VARIANTS = ("baseline", "koleo_proto")
-
-
-def merge_settings(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """``base`` with ``overrides`` laid over it, nested mappings merged key by key (both left unchanged)."""
-    merged = copy.deepcopy(base)
-    for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = merge_settings(merged[key], value)
-        else:
-            merged[key] = copy.deepcopy(value)
-    return merged
 
 
 def load_study_config(path: str | Path, quick: bool = False) -> dict[str, Any]:
@@ -83,45 +71,12 @@ def _run(config: dict, dataset: str, output_dir: Path, weight: float, seed: int,
     return output_dir
 
 
-def _subset(features: FeatureSet, index: torch.Tensor) -> FeatureSet:
-    patch = None if features.patch_mean is None else features.patch_mean[index]
-    return FeatureSet(features.cls[index], patch, features.labels[index])
-
-
 def validation_knn(model_dir: str, train_data: str, limit: int, seed: int = 0) -> float:
     """kNN (k = 20) balanced accuracy on a split held out from the training data (no test data)."""
     features = extract_features(model_dir, train_data, limit=limit, progress=False)
     fit, held_out = stratified_split(features.labels, 0.2, seed)
     predictions = weighted_knn_predict(features.cls[fit], features.labels[fit], features.cls[held_out], (20,))
     return classification_metrics(predictions[20], features.labels[held_out], use_evaluate=False)["balanced_accuracy"]
-
-
-def evaluate_run(model_dir: str, dataset: dict, settings: dict) -> dict[str, Any]:
-    train, test = extract_train_test(
-        model_dir,
-        dataset["train"],
-        dataset["test"],
-        limit_train=settings.get("limit_train"),
-        limit_test=settings.get("limit_test"),
-        batch_size=settings.get("batch_size", 64),
-        device=settings.get("device", "cpu"),
-        progress=False,
-    )
-    knn = knn_protocol(train, test, k_values=(20,))["by_k"]["20"]
-    probe_index = torch.arange(len(train.labels))[: settings.get("limit_linear", len(train.labels))]
-    linear = linear_protocol(_subset(train, probe_index), test, epochs=settings["linear_epochs"])["test"]
-    few = few_shot_protocol(
-        train, test, shots=(1, 5), n_draws=settings["fewshot_draws"], epochs=settings["linear_epochs"]
-    )["by_shots"]
-    return {
-        "knn_top1": knn["accuracy"],
-        "knn_balanced": knn["balanced_accuracy"],
-        "linear_top1": linear["accuracy"],
-        "linear_balanced": linear["balanced_accuracy"],
-        "shot1": few["1"]["accuracy_mean"],
-        "shot5": few["5"]["accuracy_mean"],
-        "shot5_balanced": few["5"]["balanced_accuracy_mean"],
-    }
 
 
 def prototype_summary(run_dir: Path, report_images: torch.Tensor | None = None) -> dict[str, Any]:

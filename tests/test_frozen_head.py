@@ -1,12 +1,7 @@
-"""Head-only DINO on a frozen backbone (experiments/frozen_head.py, scripts/frozen_head_study.py)."""
+"""Head-only DINO on a frozen backbone (experiments/frozen_head.py; the study itself: tests/test_experiments.py)."""
 
-import json
-import runpy
-import sys
-from pathlib import Path
 
 import torch
-from transformers import Dinov2Config, Dinov2Model
 
 from experiments.frozen_head import (
     FeatureBankViews,
@@ -16,11 +11,8 @@ from experiments.frozen_head import (
     init_state,
     run_frozen_head,
 )
-from hf_koleo.backbone_export import build_image_processor
 from hf_koleo.data.counter_rng import sample_keys
 from hf_koleo.prototypes import nearest_neighbour_distances
-
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "frozen_head_study.py"
 
 
 def clustered_views(n_images=512, n_clusters=8, dim=16, spread=0.3, noise=0.1, n_views=4) -> FeatureBankViews:
@@ -110,50 +102,3 @@ def test_views_are_a_pure_function_of_the_keys_and_the_two_views_differ():
     pair = bank.views(torch.arange(200), sample_keys(0, 0, torch.arange(200)))
     assert pair.shape == (200, 2, 16)
     assert not (pair[:, 0] == pair[:, 1]).all(dim=1).any()  # two different cached views every time
-
-
-def test_quick_study_tables_hold_the_numbers_of_its_own_runs(tmp_path, monkeypatch, one_thread):
-    backbone = tmp_path / "backbone"
-    config = Dinov2Config(
-        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, mlp_ratio=2, image_size=16, patch_size=4
-    )
-    Dinov2Model(config).save_pretrained(backbone)
-    build_image_processor("dinov2", 16, [0.5] * 3, [0.5] * 3).save_pretrained(backbone)
-    monkeypatch.setenv("HF_KOLEO_CACHE", str(tmp_path / "cache"))
-    output = tmp_path / "out"
-    argv = [str(SCRIPT), "--quick", "--backbone", str(backbone), "--output_dir", str(output)]
-    monkeypatch.setattr(sys, "argv", argv)
-    runpy.run_path(str(SCRIPT), run_name="__main__")
-    results = json.loads((output / "frozen_head.json").read_text())
-    markdown = (output / "frozen_head.md").read_text()
-    assert {(run["backbone"], run["variant"]) for run in results["runs"]} == {
-        (backbone_name, variant) for backbone_name in ("pixels", "backbone") for variant in ("baseline", "koleo_proto")
-    }
-    assert results["backbones"]["pixels"]["dim"] == 784 and results["backbones"]["backbone"]["dim"] == 32
-    for run in results["runs"]:
-        final = run["history"][-1]
-        assert final["step"] == run["config"]["steps"]
-        median = f"{final['nn_distance']['q0.5']:,.3f}"
-        row = next(
-            line for line in markdown.splitlines() if line.startswith(f"| {run['backbone']} | {run['variant']} |")
-        )
-        assert median in row and f"| {final['used']:,} |" in row
-        assert f"| {final['unique']['0.025']:,} |" in row
-    assert "Quick mode" in markdown and results["command"] in markdown
-    for name in ("unique_vs_step", "eps_curve"):
-        assert (output / "figures" / f"frozen_head_{name}.png").stat().st_size > 10_000
-    rendered = tmp_path / "rendered"
-    monkeypatch.setattr(
-        sys, "argv", [str(SCRIPT), "--from_json", str(output / "frozen_head.json"), "--output_dir", str(rendered)]
-    )
-    runpy.run_path(str(SCRIPT), run_name="__main__")
-    assert (rendered / "frozen_head.md").read_text() == markdown
-    notes = tmp_path / "notes.md"
-    notes.write_text("- read after the run")
-    argv = [str(SCRIPT), "--from_json", str(output / "frozen_head.json"), "--output_dir", str(rendered)]
-    monkeypatch.setattr(sys, "argv", [*argv, "--notes_file", str(notes)])
-    runpy.run_path(str(SCRIPT), run_name="__main__")
-    assert (
-        rendered / "frozen_head.md"
-    ).read_text() == markdown + "\n## Reading (written after the run)\n\n- read after the run\n"
-    assert json.loads((rendered / "frozen_head.json").read_text())["notes"] == "- read after the run"

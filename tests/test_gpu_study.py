@@ -1,75 +1,68 @@
-"""The GPU study (experiments/gpu_study.py, gpu_study_report.py): plan, resumable chunks, verdicts."""
+"""The GPU study on the harness (configs/experiments/gpu_study.yaml, pretrain_eval, gpu_study_report)."""
 
 import dataclasses
 import json
-import subprocess
-import sys
 from pathlib import Path
 
-import pytest
 from conftest import ROOT
 
-import experiments.gpu_study as gpu_study
-from experiments.gpu_study import load_gpu_study_config, plan_runs, record_status, run_chunk, run_settings
-from experiments.gpu_study_report import claims, load_results, render_markdown, results_json
+import experiments.pretrain_eval as pretrain_eval
+from experiments.gpu_study_report import claims, load_results, render_markdown, results_json, write_report
+from experiments.pretrain_eval import run_settings
+from experiments.runner import run_pending
+from experiments.spec import load_spec
+from experiments.store import Store
 from hf_koleo.prototypes import DEFAULT_EPS_VALUES
 from hf_koleo.training.arguments import arguments_from_settings
 
-CONFIG = ROOT / "configs" / "study_gpu.yaml"
+SPEC = ROOT / "configs" / "experiments" / "gpu_study.yaml"
 
 
-def test_full_plan_runs_the_recipe_then_the_main_comparison_then_the_rest_each_once():
-    config = load_gpu_study_config(CONFIG)
-    runs = plan_runs(config)
+def test_full_plan_runs_pixels_the_recipe_then_the_main_comparison_then_the_rest_each_once():
+    runs = load_spec(SPEC).runs
     names = [run.name for run in runs]
     assert len(names) == len(set(names))
-    assert [run.stage for run in runs[:4]] == ["recipe"] * 4
-    assert names[4:8] == [
+    assert names[:3] == ["pixels-fashion_mnist_val", "pixels-fashion_mnist", "pixels-fashion_mnist_lt"]
+    assert [run.stage for run in runs[3:7]] == ["recipe"] * 4
+    assert names[7:11] == [
         "fashion_mnist-K16384-baseline-seed0",
         "fashion_mnist-K16384-koleo_proto-seed0",
         "fashion_mnist_lt-K16384-baseline-seed0",
         "fashion_mnist_lt-K16384-koleo_proto-seed0",
     ]
-    assert {run.num_prototypes for run in runs} == {4096, 16384, 65536}
-    assert {run.method for run in runs if run.stage == "sinkhorn"} == {"baseline_sinkhorn"}
+    trained = [run for run in runs if run.kind == "pretrain_eval"]
+    assert {run.axes["num_prototypes"] for run in trained} == {4096, 16384, 65536}
+    assert {run.axes["method"] for run in runs if run.stage == "sinkhorn"} == {"baseline_sinkhorn"}
+    assert all(run.reserve_seconds == (240 if run.stage == "main" else 60) for run in trained)
     # every run's settings parse, and carry what the run is about
-    for run in runs:
-        arguments, model = arguments_from_settings(run_settings(config, run, Path("/tmp/x")), source=run.name)
-        assert model.num_prototypes == run.num_prototypes and arguments.seed == run.seed
+    for run in trained:
+        arguments, model = arguments_from_settings(run_settings(run.params, Path("/tmp/x")), source=run.name)
+        assert model.num_prototypes == run.axes["num_prototypes"] and arguments.seed == run.axes["seed"]
         assert arguments.epochs >= (50 if run.stage == "recipe" else 100)
         assert arguments.proto_every_epochs == 1 and arguments.resume == "latest"
+        assert run.params.get("keep_backbone", False) == (run.stage == "main")
         if run.stage != "recipe":
             assert arguments.data.startswith("fashion_mnist:train")  # never the test split
-            assert model.koleo_proto_weight == (0.1 if run.method == "koleo_proto" else 0.0)
-            assert model.centring == ("sinkhorn_knopp" if run.method == "baseline_sinkhorn" else "ema")
+            assert model.koleo_proto_weight == (0.1 if run.axes["method"] == "koleo_proto" else 0.0)
+            assert model.centring == ("sinkhorn_knopp" if run.axes["method"] == "baseline_sinkhorn" else "ema")
         else:
-            assert arguments.data == "fashion_mnist:fit"
-            assert config["datasets"][run.dataset]["test"] == "fashion_mnist:val"
+            assert arguments.data == "fashion_mnist:fit" and run.params["dataset"]["test"] == "fashion_mnist:val"
 
 
-def test_a_stage_naming_an_unknown_method_is_refused(tmp_path):
-    text = CONFIG.read_text().replace("methods: [baseline_sinkhorn]", "methods: [baseline_sinkorn]")
-    (tmp_path / "study.yaml").write_text(text)
-    (tmp_path / "fashion_mnist_gpu.yaml").write_text((ROOT / "configs" / "fashion_mnist_gpu.yaml").read_text())
-    with pytest.raises(ValueError, match="unknown methods \\['baseline_sinkorn'\\]"):
-        load_gpu_study_config(tmp_path / "study.yaml")
+def _small_quick_spec():
+    spec = load_spec(SPEC, quick=True)
+    spec.runs = [run for run in spec.runs if run.name in (
+        "pixels-fashion_mnist", "fashion_mnist-K32-baseline-seed0", "fashion_mnist-K32-koleo_proto-seed0"
+    )]  # fmt: skip
+    return spec
 
 
-def _small_quick_config():
-    config = load_gpu_study_config(CONFIG, quick=True)
-    config["stages"] = [
-        {"name": "main", "datasets": ["fashion_mnist"], "methods": ["baseline", "koleo_proto"], "num_prototypes": [32],
-         "seeds": [0], "keep_backbone": True},
-    ]  # fmt: skip
-    return config
-
-
-def test_a_chunk_cut_by_the_budget_resumes_in_the_next_and_each_run_leaves_one_small_record(
+def test_a_run_cut_by_the_budget_resumes_in_the_next_call_and_leaves_one_small_record(
     tmp_path, monkeypatch, one_thread
 ):
-    config = _small_quick_config()
+    spec = _small_quick_spec()
     calls = []
-    real_pretrain = gpu_study.pretrain
+    real_pretrain = pretrain_eval.pretrain
 
     def out_of_time_first(arguments, model_config):
         calls.append(arguments.output_dir)
@@ -77,57 +70,44 @@ def test_a_chunk_cut_by_the_budget_resumes_in_the_next_and_each_run_leaves_one_s
             arguments = dataclasses.replace(arguments, max_time=1e-9)  # the budget ends at the first log step
         return real_pretrain(arguments, model_config)
 
-    monkeypatch.setattr(gpu_study, "pretrain", out_of_time_first)
-    first = run_chunk(config, tmp_path / "work", tmp_path / "runs", 600, backbone_dir=tmp_path / "backbones")
+    monkeypatch.setattr(pretrain_eval, "pretrain", out_of_time_first)
+    store, work = Store(tmp_path / "runs"), tmp_path / "work"
+    first = run_pending(spec, store, work, 600)
     baseline, koleo = "fashion_mnist-K32-baseline-seed0", "fashion_mnist-K32-koleo_proto-seed0"
-    assert first == {"finished": [], "interrupted": baseline, "pending": [baseline, koleo]}
-    assert not list((tmp_path / "runs").glob("*.json"))
-
-    second = run_chunk(config, tmp_path / "work", tmp_path / "runs", 600, backbone_dir=tmp_path / "backbones")
-    assert second == {"finished": [baseline, koleo], "interrupted": None, "pending": []}
-    record = json.loads((tmp_path / "runs" / f"{baseline}.json").read_text())
+    assert first.as_dict() == {"finished": ["pixels-fashion_mnist"], "failed": [], "interrupted": baseline,
+                               "pending": [baseline, koleo]}  # fmt: skip
+    second = run_pending(spec, store, work, 600)
+    assert second.as_dict() == {"finished": [baseline, koleo], "failed": [], "interrupted": None, "pending": []}
+    record = store.read(baseline)["result"]
     assert record["pretraining"]["chunks"] == 2 and record["pretraining"]["steps"] == 4
     assert [row["step"] for row in record["prototype_history"]] == [2, 4]  # steps 1 and 2..4 joined, no repeat
     assert [round(epoch * 3000 / 8) for epoch, _ in record["losses"]] == [1, 2, 3, 4]
     assert record["final_prototypes"]["teacher/cls"]["unique_curve"]["0.025"] <= 32
     assert set(record["evaluation"]) >= {"knn_top1", "knn_balanced", "linear_top1", "linear_balanced", "shot5"}
     assert record["settings"]["model"]["koleo_proto_weight"] == 0.0 and record["device"] == "CPU"
-    assert (tmp_path / "runs" / "pixels-fashion_mnist.json").exists()
-    export = tmp_path / "backbones" / baseline  # the release folder, made where the checkpoint is
+    export = Path(record["release"])  # the release folder, made where the checkpoint is
+    assert export == work / baseline / "release"
     assert (export / "model.safetensors").exists() and (export / "preprocessor_config.json").exists()
     card = (export / "README.md").read_text()
     assert "model-index" in card and "demo:test" in card and "koleo" in card.lower()
     assert sum(path.stat().st_size for path in (tmp_path / "runs").glob("*.json")) < 200_000
 
-    # a third chunk has nothing left to do, and the script renders the report from the records
-    assert run_chunk(config, tmp_path / "work", tmp_path / "runs", 600) == {
-        "finished": [], "interrupted": None, "pending": []
-    }  # fmt: skip
-    (run,) = [run for run in plan_runs(config) if run.name == koleo]
-    assert record_status(config, run, tmp_path / "runs") == "done"
-    config["methods"]["koleo_proto"]["model"]["koleo_proto_weight"] = 0.2  # the config moved on: not rerun, flagged
-    assert record_status(config, run, tmp_path / "runs") == "stale"
-    assert run_chunk(config, tmp_path / "work", tmp_path / "runs", 600)["finished"] == []
-    # deleting the stale result reruns it from scratch: the old checkpoint is not resumed under new settings
-    (tmp_path / "runs" / f"{koleo}.json").unlink()
-    assert run_chunk(config, tmp_path / "work", tmp_path / "runs", 600)["finished"] == [koleo]
-    rerun = json.loads((tmp_path / "runs" / f"{koleo}.json").read_text())
-    assert rerun["pretraining"]["chunks"] == 1 and rerun["settings"]["model"]["koleo_proto_weight"] == 0.2
-    assert record_status(config, run, tmp_path / "runs") == "done"
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "gpu_study.py"), "report", "--quick", "--results_dir",
-         str(tmp_path / "runs"), "--output", str(tmp_path / "r.md"), "--json", str(tmp_path / "r.json"),
-         "--figures", str(tmp_path / "fig")],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-2000:]
-    markdown = (tmp_path / "r.md").read_text()
-    # the shipped quick config gives KoLeo-proto weight 0.1: the 0.2 result is stale there and left out
+    # the spec moves on: the old record is stale, never overwritten, left out of the report with why
+    def moved_on(run):
+        evaluation = {**run.params["evaluation"], "fewshot_draws": 3}
+        return dataclasses.replace(run, params={**run.params, "evaluation": evaluation}) if run.name == koleo else run
+
+    spec.runs = [moved_on(run) for run in spec.runs]
+    assert run_pending(spec, store, work, 600).finished == []
+    records, left_out = store.records(spec.runs)
+    written = write_report(spec, records, left_out, tmp_path / "docs")
+    markdown = (tmp_path / "docs" / "results_gpu.md").read_text()
     assert "| 32 | baseline | 1 |" in markdown and "| 32 | koleo_proto |" not in markdown
     assert f"Left out: {koleo} (stale" in markdown
-    headline = json.loads((tmp_path / "r.json").read_text())
+    assert "| - | raw pixels |" in markdown
+    headline = json.loads((tmp_path / "docs" / "results.json").read_text())
     assert {run["method"] for run in headline["runs"]} == {"baseline"}
-    assert len(list((tmp_path / "fig").glob("*.png"))) == 3
+    assert len([path for path in written if path.suffix == ".png"]) == 3
 
 
 def _record(dataset, k, method, seed, unique, knn, balanced):
@@ -194,20 +174,7 @@ def test_verdicts_follow_the_targets():
     assert len(results_json(results)["runs"]) == len(runs)
 
 
-def test_an_empty_results_folder_reports_that_nothing_ran(tmp_path):
-    results = load_results(tmp_path)
+def test_no_records_report_that_nothing_ran():
+    results = load_results([])
     assert render_markdown(results) == "No run of the GPU study has finished yet.\n"
     assert {item["verdict"] for item in claims(results)} == {"not measured"}
-
-
-def test_the_plan_command_lists_every_run_with_its_status_and_images(tmp_path):
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "gpu_study.py"), "plan", "--quick", "--results_dir", str(tmp_path)],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-2000:]
-    lines = result.stdout.splitlines()
-    runs = plan_runs(load_gpu_study_config(CONFIG, quick=True))
-    assert [line.split()[2] for line in lines[:-1]] == [run.name for run in runs]
-    assert all(line.startswith("pending") and line.endswith("M images") for line in lines[:-1])
-    assert lines[-1].endswith("M images in all")

@@ -1,0 +1,52 @@
+"""The run kinds and reports a spec may name: plain dicts of ``"module:function"``, imported when used.
+
+A run kind is ``function(params, context) -> result`` (:mod:`experiments.runner`); a report is
+``function(spec, records, left_out, report_dir) -> [paths written]`` reading records only (it
+never trains or measures).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+
+RUN_KINDS: dict[str, str] = {
+    "pretrain_eval": "experiments.pretrain_eval:pretrain_and_evaluate",
+    "evaluate_pixels": "experiments.pretrain_eval:evaluate_pixels",
+    "frozen_head": "experiments.frozen_head:frozen_head_run",
+}
+
+# Optional: a line ``plan`` prints beside a run of that kind (``function(params) -> str``).
+PLAN_NOTES: dict[str, str] = {
+    "pretrain_eval": "experiments.pretrain_eval:planned_images",
+}
+
+REPORTS: dict[str, str] = {
+    "gpu_study": "experiments.gpu_study_report:write_report",
+    "frozen_head": "experiments.frozen_head_report:write_report",
+}
+
+
+def _resolve(table: dict[str, str], what: str, name: str) -> Callable:
+    if name not in table:
+        raise ValueError(f"unknown {what} {name!r}; known: {sorted(table)}")
+    module, function = table[name].split(":")
+    return getattr(importlib.import_module(module), function)
+
+
+def run_kind(name: str) -> Callable:
+    """The run kind called ``name`` (a key of :data:`RUN_KINDS`)."""
+    return _resolve(RUN_KINDS, "run kind", name)
+
+
+def plan_note(name: str) -> Callable | None:
+    """The plan note of run kind ``name``, or None."""
+    return _resolve(PLAN_NOTES, "plan note", name) if name in PLAN_NOTES else None
+
+
+def report(name: str) -> Callable:
+    """The report called ``name`` (a key of :data:`REPORTS`)."""
+    return _resolve(REPORTS, "report", name)
+
+
+__all__ = ["PLAN_NOTES", "REPORTS", "RUN_KINDS", "plan_note", "report", "run_kind"]
