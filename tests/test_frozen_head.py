@@ -1,6 +1,5 @@
 """Head-only DINO on a frozen backbone (experiments/frozen_head.py; the study itself: tests/test_experiments.py)."""
 
-
 import torch
 
 from experiments.frozen_head import (
