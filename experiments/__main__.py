@@ -41,7 +41,10 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--budget_seconds", type=float, default=float("inf"), help="run: start no run after this")
     parser.add_argument("--only", nargs="+", help="run: only these runs (by name)")
     parser.add_argument("--retry_failed", action="store_true", help="run: run failed runs again")
-    parser.add_argument("--fresh_process", action="store_true", help="run: each run in a new Python process")
+    parser.add_argument(
+        "--fresh_process", action="store_true", default=None, help="run: each run in a new Python process"
+    )
+    parser.add_argument("--in_process", action="store_true", help=argparse.SUPPRESS)  # a fresh process's own run
     parser.add_argument("--threads", type=int, help="torch threads (1 is often fastest on 2 shared cores)")
     return parser.parse_args(argv)
 
@@ -61,7 +64,8 @@ def main(argv: list[str] | None = None) -> None:
     elif arguments.command == "run":
         work_dir = arguments.work_dir or spec.folder("work_dir", f"outputs/experiments/{spec.name}")
         outcome = run_pending(
-            spec, store, work_dir, arguments.budget_seconds, arguments.fresh_process, arguments.retry_failed,
+            spec, store, work_dir, arguments.budget_seconds,
+            False if arguments.in_process else arguments.fresh_process, arguments.retry_failed,
             arguments.only,
         )  # fmt: skip
         print(json.dumps(outcome.as_dict(), indent=1))

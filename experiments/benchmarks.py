@@ -1,33 +1,33 @@
-"""Measurements behind ``docs/benchmarks.md``: time and peak memory, each in a fresh process,
-and side-by-side timings against peers run alternately in one process.
+"""Measurements behind ``docs/benchmarks.md``: time and peak memory, and side-by-side timings
+against peers run alternately in one process.
 
-Run by ``scripts/benchmark.py``. Every ratio and img/s figure is computed from the timings the
-record carries (``seconds``), so a reader can recompute it; :func:`check_targets` marks the
-acceptance targets met or not. The peer step is built from lightly (``pip install --no-deps
-lightly``), with a torchvision stub where torchvision cannot import beside the CPU torch wheel.
+Run kinds of ``configs/experiments/benchmarks.yaml`` (``koleo_timing``, ``dino_ibot_timing``,
+``step_vs_peer``, ``data_rate``, ``feature_extraction``; each run in a fresh process, so peak memory
+is the run's own). Every ratio and img/s figure is computed from the timings the record carries
+(``seconds``), so a reader can recompute it; :func:`check_targets` marks the targets met or not;
+:func:`write_report` rewrites the generated tables of ``docs/benchmarks.md``. The peer step is
+built from lightly (``pip install --no-deps lightly``), with a torchvision stub where torchvision
+cannot import beside the CPU torch wheel.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import copy
 import importlib.abc
 import importlib.machinery
-import multiprocessing
-import os
-import platform
 import resource
 import statistics
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 from unittest import mock
 
 import torch
 
 from experiments.koleo_reference import dinov2_koleo_loss
-from experiments.markdown import markdown_table
+from experiments.markdown import markdown_table, write_generated
 from hf_koleo.losses import dino_loss, ibot_patch_loss, koleo_proto_loss, masked_patch_slots
 
 
@@ -45,14 +45,6 @@ def available_memory_gib() -> float:
     with open("/proc/meminfo") as meminfo:
         fields = dict(line.split(":", 1) for line in meminfo)
     return int(fields["MemAvailable"].split()[0]) / 2**20
-
-
-def machine_description() -> str:
-    return (
-        f"{platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPUs, "
-        f"{available_memory_gib():.0f} GiB available, torch {torch.__version__} "
-        f"({torch.get_num_threads()} threads), Python {platform.python_version()}"
-    )
 
 
 KOLEO_IMPLEMENTATIONS: dict[str, str] = {
@@ -88,17 +80,39 @@ def _timed_forward_backward(make_inputs: Callable[[], tuple], compute: Callable,
     }
 
 
-def _koleo_child(implementation: str, num_prototypes: int, dim: int, repeats: int, threads: int) -> dict:
-    torch.set_num_threads(threads)
-    torch.manual_seed(0)
+def koleo_timing(params: dict[str, Any], context=None) -> dict[str, Any]:
+    """Run kind: forward+backward time and peak extra resident memory of one KoLeo-proto implementation.
+
+    ``params``: ``implementation`` (a key of :data:`KOLEO_IMPLEMENTATIONS`), ``num_prototypes``,
+    ``dim`` (256), ``repeats`` (3). DINOv2's algorithm (``"dense"``) is not attempted when its
+    ``K x K`` float32 similarity matrix cannot fit in the available memory (the run fails saying so).
+    Peak memory is meaningful in a fresh process (the spec's ``fresh_process: true``).
+    """
+    implementation, num_prototypes, dim = params["implementation"], params["num_prototypes"], params.get("dim", 256)
     compute = koleo_implementation(implementation)  # resolved before the clock starts
-    return _timed_forward_backward(lambda: (torch.randn(num_prototypes, dim, requires_grad=True),), compute, repeats)
+    needed_gib = num_prototypes**2 * 4 / 2**30
+    if implementation == "dense" and needed_gib > 0.8 * available_memory_gib():
+        raise MemoryError(
+            f"not run: needs about {needed_gib:.0f} GiB for the K x K similarity matrix, "
+            f"{available_memory_gib():.0f} GiB available"
+        )
+    torch.manual_seed(0)
+    timing = _timed_forward_backward(
+        lambda: (torch.randn(num_prototypes, dim, requires_grad=True),), compute, params.get("repeats", 3)
+    )
+    record = {"implementation": implementation, "num_prototypes": num_prototypes, "dim": dim}
+    return {**record, "threads": torch.get_num_threads(), **timing}
 
 
-def _dino_ibot_child(
-    num_prototypes: int, batch: int, n_global: int, n_local: int, n_masked_per_image: int, repeats: int, threads: int
-) -> dict:
-    torch.set_num_threads(threads)
+def dino_ibot_timing(params: dict[str, Any], context=None) -> dict[str, Any]:
+    """Run kind: forward+backward of ``dino_loss`` + ``ibot_patch_loss`` on given logits (heads excluded).
+
+    ``params``: ``num_prototypes``, ``batch``, ``n_global`` (2), ``n_local`` (8),
+    ``masked_patches_per_crop`` (50), ``repeats`` (3).
+    """
+    num_prototypes, batch = params["num_prototypes"], params["batch"]
+    n_global, n_local = params.get("n_global", 2), params.get("n_local", 8)
+    n_masked_per_image = params.get("masked_patches_per_crop", 50)
     torch.manual_seed(0)
     n_masked = batch * n_global * n_masked_per_image
     masks = torch.zeros(batch * n_global, n_masked_per_image * 2, dtype=torch.bool)
@@ -117,52 +131,6 @@ def _dino_ibot_child(
     def compute(student_cls, student_patches):
         return dino_loss(student_cls, teacher, 0.1) + ibot_patch_loss(student_patches, teacher_patches, weights, 0.1)
 
-    return _timed_forward_backward(make_inputs, compute, repeats)
-
-
-def run_isolated(function: Callable, *args) -> dict[str, Any]:
-    """``function(*args)`` in a fresh spawned process; ``{"error": ...}`` if the process dies."""
-    context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
-        try:
-            return pool.submit(function, *args).result()
-        except concurrent.futures.process.BrokenProcessPool as error:
-            return {"error": f"process died (likely out of memory): {error}"}
-
-
-def measure_koleo_proto(
-    implementation: str, num_prototypes: int, dim: int = 256, repeats: int = 3, threads: int | None = None
-) -> dict[str, Any]:
-    """Forward+backward time and peak extra resident memory of one KoLeo-proto implementation.
-
-    DINOv2's algorithm (``"dense"``) is not attempted when its ``K x K`` float32 similarity matrix
-    cannot fit in the available memory; the result says so instead.
-    """
-    if implementation not in KOLEO_IMPLEMENTATIONS:
-        raise ValueError(f"implementation must be one of {sorted(KOLEO_IMPLEMENTATIONS)}, got {implementation!r}")
-    threads = threads or torch.get_num_threads()
-    record = {"implementation": implementation, "num_prototypes": num_prototypes, "dim": dim, "threads": threads}
-    needed_gib = num_prototypes**2 * 4 / 2**30
-    if implementation == "dense" and needed_gib > 0.8 * available_memory_gib():
-        return {
-            **record,
-            "error": f"not run: needs about {needed_gib:.0f} GiB for the K x K similarity matrix, "
-            f"{available_memory_gib():.0f} GiB available",
-        }
-    return {**record, **run_isolated(_koleo_child, implementation, num_prototypes, dim, repeats, threads)}
-
-
-def measure_dino_ibot(
-    num_prototypes: int,
-    batch: int,
-    n_global: int = 2,
-    n_local: int = 8,
-    n_masked_per_image: int = 50,
-    repeats: int = 3,
-    threads: int | None = None,
-) -> dict[str, Any]:
-    """Forward+backward of ``dino_loss`` + ``ibot_patch_loss`` on given logits (heads excluded)."""
-    threads = threads or torch.get_num_threads()
     record = {
         "num_prototypes": num_prototypes,
         "batch": batch,
@@ -170,12 +138,49 @@ def measure_dino_ibot(
         "n_local": n_local,
         "masked_patches_per_crop": n_masked_per_image,
     }
-    return {
-        **record,
-        **run_isolated(
-            _dino_ibot_child, num_prototypes, batch, n_global, n_local, n_masked_per_image, repeats, threads
-        ),
-    }
+    return {**record, **_timed_forward_backward(make_inputs, compute, params.get("repeats", 3))}
+
+
+def _dino_only(argv: list[str]):
+    """A pretraining config's arguments and model with iBOT and KoLeo-proto off (peers have neither)."""
+    from hf_koleo.training.arguments import parse_pretraining_args
+
+    return parse_pretraining_args([*argv, "--model.ibot_loss_weight", "0", "--model.koleo_proto_weight", "0"])
+
+
+def step_vs_peer(params: dict[str, Any], context=None) -> dict[str, Any]:
+    """Run kind: :func:`compare_training_steps` for a pretraining config (``argv``) at ``num_prototypes``
+    (default: the config's), ``batch`` and ``rounds`` (5)."""
+    arguments, model_config = _dino_only(params["argv"])
+    if params.get("num_prototypes"):
+        model_config.num_prototypes = model_config.num_patch_prototypes = params["num_prototypes"]
+    return compare_training_steps(
+        model_config,
+        params["batch"],
+        arguments.global_crops_size,
+        arguments.local_crops_size,
+        arguments.local_crops_number,
+        rounds=params.get("rounds", 5),
+    )
+
+
+def data_rate(params: dict[str, Any], context=None) -> dict[str, Any]:
+    """Run kind: :func:`measure_data_pipeline` for a pretraining config (``argv``), ``batches`` (20)."""
+    return measure_data_pipeline(params["argv"], params.get("batches", 20))
+
+
+def feature_extraction(params: dict[str, Any], context=None) -> dict[str, Any]:
+    """Run kind: :func:`compare_feature_extraction` on a backbone exported from a fresh model of a
+    pretraining config (``argv``), ``batch`` (64) and ``rounds`` (5)."""
+    import tempfile
+
+    from hf_koleo.backbone_export import export_backbone
+    from hf_koleo.modeling_koleo_dino import KoLeoDinoForPreTraining
+
+    arguments, model_config = _dino_only(params["argv"])
+    with tempfile.TemporaryDirectory() as folder:
+        export_backbone(KoLeoDinoForPreTraining(model_config), folder, arguments.global_crops_size)
+        return compare_feature_extraction(folder, params.get("batch", 64), params.get("rounds", 5))
 
 
 def measure_data_pipeline(argv: list[str], n_batches: int = 20) -> dict[str, Any]:
@@ -188,10 +193,10 @@ def measure_data_pipeline(argv: list[str], n_batches: int = 20) -> dict[str, Any
 
     from hf_koleo.training.arguments import parse_pretraining_args
     from hf_koleo.training.checkpoint import TrainerState
-    from hf_koleo.training.pipeline import DataPipeline
+    from hf_koleo.training.pipeline import build_pipeline
 
     arguments, model_config = parse_pretraining_args(argv)
-    pipeline = DataPipeline(arguments, model_config, Accelerator(cpu=True))
+    pipeline = build_pipeline(arguments, model_config, Accelerator(cpu=True))
     state = TrainerState()
     pipeline.next_batch(state)
     start, images = time.perf_counter(), 0
@@ -390,72 +395,20 @@ def _cell(result: dict, key: str, fmt: str) -> str:
     return result["error"] if "error" in result else format(result[key], fmt)
 
 
-def run_benchmark_suite(
-    koleo_sizes=(1024, 8192, 65536),
-    loss_sizes=(1024, 8192, 65536),
-    loss_batches=(16, 64),
-    step_sizes=(1024, 65536),
-    step_batch: int = 64,
-    data_config: str = "configs/demo.yaml",
-    rounds: int = 5,
-    dim: int = 256,
-) -> dict[str, Any]:
-    """Every measurement of ``docs/benchmarks.md`` (tiny sizes make it a smoke test)."""
-    import tempfile
+def benchmark_sections(results: dict[str, Any]) -> dict[str, list[str]]:
+    """The generated parts of ``docs/benchmarks.md``, by name: each a table (or the targets list).
 
-    from hf_koleo.backbone_export import export_backbone
-    from hf_koleo.modeling_koleo_dino import KoLeoDinoForPreTraining
-    from hf_koleo.training.arguments import parse_pretraining_args
-
-    results: dict[str, Any] = {"machine": machine_description()}
-    results["koleo"] = [
-        measure_koleo_proto(implementation, size, dim)
-        for size in koleo_sizes
-        for implementation in ("blocked", "dense")
-    ]
-    results["dino_ibot"] = [measure_dino_ibot(size, batch) for size in loss_sizes for batch in loss_batches]
-    arguments, model_config = parse_pretraining_args(
-        ["--config", data_config, "--model.ibot_loss_weight", "0", "--model.koleo_proto_weight", "0"]
-    )
-    results["step"] = []
-    for size in step_sizes:
-        config = copy.deepcopy(model_config)
-        config.num_prototypes = config.num_patch_prototypes = size
-        results["step"].append(
-            compare_training_steps(
-                config,
-                step_batch,
-                arguments.global_crops_size,
-                arguments.local_crops_size,
-                arguments.local_crops_number,
-                rounds=rounds,
-            )
-        )
-    results["data"] = measure_data_pipeline(["--config", data_config])
-    with tempfile.TemporaryDirectory() as folder:
-        export_backbone(KoLeoDinoForPreTraining(model_config), folder, arguments.global_crops_size)
-        results["features"] = compare_feature_extraction(folder, step_batch, rounds)
-    return results
-
-
-def render_benchmarks_markdown(results: dict[str, Any], command: str) -> str:
-    """``docs/benchmarks.md`` from :func:`run_benchmark_suite` results."""
-    lines = [
-        "# Benchmarks",
-        "",
-        f"Produced by `{command}` on: {results['machine']}.",
-        "",
-        "Every figure is measured; memory is the peak resident memory above the inputs, in a fresh process.",
-        "",
-        "## KoLeo-proto forward + backward (d = 256)",
-        "",
-    ]
+    ``results``: ``{"koleo": [rows], "dino_ibot": [rows], "step": [rows], "data": row, "features": row}``
+    (:func:`load_results`); a row that failed holds its parameters and ``error``.
+    """
+    sections: dict[str, list[str]] = {}
     by_size: dict[int, dict[str, dict]] = {}
-    for row in results["koleo"]:
+    for row in results.get("koleo", []):
         by_size.setdefault(row["num_prototypes"], {})[row["implementation"]] = row
     rows = []
+    missing = {"error": "-"}
     for size, pair in by_size.items():
-        blocked, dense = pair["blocked"], pair["dense"]
+        blocked, dense = pair.get("blocked", missing), pair.get("dense", missing)
         ratio = "-"
         if "error" not in dense and "error" not in blocked:
             ratio = f"{blocked['seconds_median'] / dense['seconds_median']:.2f}"
@@ -470,110 +423,145 @@ def render_benchmarks_markdown(results: dict[str, Any], command: str) -> str:
             ]
         )
     dinov2 = KOLEO_IMPLEMENTATIONS["dense"]
-    lines += [
-        f"Ours against the {dinov2}: the full K x K dot products, each row's arg-max without gradient, then "
-        "only the K chosen distances differentiated (`experiments/koleo_reference.py`).",
-        "",
-    ]
-    lines += markdown_table(
-        ["K", "ours (blocked) s", "ours peak MiB", f"{dinov2} s", f"{dinov2} peak MiB", "time ours ÷ DINOv2"], rows
-    )
-    lines += [
-        "",
-        "## DINO + iBOT loss forward + backward",
-        "",
-        "Logits given (heads excluded): 2 global + 8 local crops, 50 masked patches per global crop.",
-        "",
-    ]
-    rows = [
-        [
-            str(row["num_prototypes"]),
-            str(row["batch"]),
-            _cell(row, "seconds_median", ".3f"),
-            _cell(row, "peak_extra_mib", ".0f"),
-        ]
-        for row in results["dino_ibot"]
-    ]
-    lines += markdown_table(["K", "batch", "s", "peak MiB"], rows)
-    lines += [
-        "",
-        "## One training step: ours vs a lightly-based step, alternately in one process",
-        "",
-        "Student forward/backward on 2 global + local crops, teacher forward, AdamW step, EMA update; the same "
-        "stock Dinov2Model backbone, head sizes and crops; DINO loss only (lightly's DINOLoss and "
-        "DINOProjectionHead for the peer).",
-        "",
-    ]
-    rows = [
-        [
-            str(row["K"]),
-            str(row["batch"]),
-            f"{row['ours_images_per_second']:.1f}",
-            f"{row['lightly_images_per_second']:.1f}",
-            f"{row['speedup_median']:.2f}×",
-        ]
-        for row in results["step"]
-    ]
-    lines += markdown_table(["K", "batch", "ours img/s", "lightly img/s", "median ratio (ours / lightly)"], rows)
-    data, step = results["data"], results["step"][0]
-    headroom = data["images_per_second"] / step["ours_images_per_second"]
-    lines += ["", "## Data pipeline vs what the training step consumes", ""]
-    lines += markdown_table(
-        ["pipeline img/s (stream → decode → multi-crop → photometric)", "step img/s", "headroom"],
-        [
+    if rows:
+        sections["koleo"] = markdown_table(
+            ["K", "ours (blocked) s", "ours peak MiB", f"{dinov2} s", f"{dinov2} peak MiB", "time ours ÷ DINOv2"], rows
+        )
+    if results.get("dino_ibot"):
+        rows = [
             [
-                f"{data['images_per_second']:.0f} (workers {data['num_workers']}, batch {data['batch_size']})",
-                f"{step['ours_images_per_second']:.1f} (K = {step['K']})",
-                f"{headroom:.1f}×",
+                str(row["num_prototypes"]),
+                str(row["batch"]),
+                _cell(row, "seconds_median", ".3f"),
+                _cell(row, "peak_extra_mib", ".0f"),
             ]
-        ],
-    )
-    features = results["features"]
-    lines += ["", "## Feature extraction: exported backbone vs stock Dinov2Model", ""]
-    lines += markdown_table(
-        ["exported img/s", "stock img/s", "ratio"],
-        [
+            for row in results["dino_ibot"]
+        ]
+        sections["dino_ibot"] = markdown_table(["K", "batch", "s", "peak MiB"], rows)
+    measured_steps = [row for row in results.get("step", []) if "error" not in row]
+    if results.get("step"):
+        rows = [
+            [str(row.get("K", row.get("num_prototypes"))), str(row["batch"]), row["error"], "", ""]
+            if "error" in row
+            else [
+                str(row["K"]),
+                str(row["batch"]),
+                f"{row['ours_images_per_second']:.1f}",
+                f"{row['lightly_images_per_second']:.1f}",
+                f"{row['speedup_median']:.2f}×",
+            ]
+            for row in results["step"]
+        ]
+        sections["step"] = markdown_table(
+            ["K", "batch", "ours img/s", "lightly img/s", "median ratio (ours / lightly)"], rows
+        )
+    data = results.get("data")
+    if data and "error" not in data and measured_steps:
+        step = measured_steps[0]
+        headroom = data["images_per_second"] / step["ours_images_per_second"]
+        sections["data"] = markdown_table(
+            ["pipeline img/s (stream → decode → multi-crop → photometric)", "step img/s", "headroom"],
             [
-                f"{features['exported_images_per_second']:.1f}",
-                f"{features['stock_images_per_second']:.1f}",
-                f"{features['ratio']:.2f}×",
-            ]
-        ],
-    )
-    lines += ["", "## Targets", ""] + [f"- {line}" for line in check_targets(results)]
-    return "\n".join(lines + [""])
+                [
+                    f"{data['images_per_second']:.0f} (workers {data['num_workers']}, batch {data['batch_size']})",
+                    f"{step['ours_images_per_second']:.1f} (K = {step['K']})",
+                    f"{headroom:.1f}×",
+                ]
+            ],
+        )
+    features = results.get("features")
+    if features and "error" not in features:
+        sections["features"] = markdown_table(
+            ["exported img/s", "stock img/s", "ratio"],
+            [
+                [
+                    f"{features['exported_images_per_second']:.1f}",
+                    f"{features['stock_images_per_second']:.1f}",
+                    f"{features['ratio']:.2f}×",
+                ]
+            ],
+        )
+    sections["targets"] = [f"- {line}" for line in check_targets(results)]
+    return sections
+
+
+SECTION_TITLES = {
+    "koleo": "KoLeo-proto forward + backward",
+    "dino_ibot": "DINO + iBOT loss forward + backward",
+    "step": "One training step: ours vs a lightly-based step, alternately in one process",
+    "data": "Data pipeline vs what the training step consumes",
+    "features": "Feature extraction: exported backbone vs stock Dinov2Model",
+    "targets": "Targets",
+}
+
+# Which part of the suite each run kind measures.
+KIND_SECTIONS = {
+    "koleo_timing": "koleo",
+    "dino_ibot_timing": "dino_ibot",
+    "step_vs_peer": "step",
+    "data_rate": "data",
+    "feature_extraction": "features",
+}
+
+
+def load_results(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """The suite's results from its records: lists for the tables, one row for data and features."""
+    results: dict[str, Any] = {"machine": "; ".join(dict.fromkeys(r["environment"]["machine"] for r in records))}
+    for record in records:
+        section = KIND_SECTIONS[record["kind"]]
+        row = record["result"] if record["status"] == "done" else {**record["params"], "error": record["error"]}
+        if section in ("data", "features"):
+            results[section] = row
+        else:
+            results.setdefault(section, []).append(row)
+    return results
+
+
+def write_report(spec, records: list[dict[str, Any]], left_out: dict[str, str], report_dir: Path) -> list[Path]:
+    """The generated parts of ``benchmarks.md`` in ``report_dir`` (the text around them is kept)."""
+    path = report_dir / "benchmarks.md"
+    header = ["# Benchmarks", "", f"Tables generated from the records in `{spec.folder('records', '')}`."]
+    write_generated(path, benchmark_sections(load_results(records)), header, SECTION_TITLES)
+    return [path]
 
 
 def check_targets(results: dict[str, Any]) -> list[str]:
-    """The issue's targets, each marked met / not met with the measured number."""
+    """The suite's targets, each marked met / not met with the measured number (skipped when not measured)."""
 
     def mark(condition: bool) -> str:
         return "met" if condition else "NOT met"
 
-    koleo = {(row["num_prototypes"], row["implementation"]): row for row in results["koleo"]}
+    def measured(row) -> bool:
+        return bool(row) and "error" not in row
+
+    koleo = {(row["num_prototypes"], row["implementation"]): row for row in results.get("koleo", [])}
     lines = []
-    largest = max(size for size, _ in koleo)
-    blocked = koleo[(largest, "blocked")]
-    if "error" not in blocked:
-        lines.append(
-            f"KoLeo-proto at K = {largest}: {blocked['peak_extra_mib']:.0f} MiB extra peak memory "
-            f"(target < 1024 MiB): {mark(blocked['peak_extra_mib'] < 1024)}."
-        )
-    if (8192, "blocked") in koleo and "error" not in koleo[(8192, "dense")]:
+    if koleo:
+        largest = max(size for size, _ in koleo)
+        blocked = koleo.get((largest, "blocked"))
+        if measured(blocked):
+            lines.append(
+                f"KoLeo-proto at K = {largest}: {blocked['peak_extra_mib']:.0f} MiB extra peak memory "
+                f"(target < 1024 MiB): {mark(blocked['peak_extra_mib'] < 1024)}."
+            )
+    if measured(koleo.get((8192, "blocked"))) and measured(koleo.get((8192, "dense"))):
         ours, dense = koleo[(8192, "blocked")]["seconds_median"], koleo[(8192, "dense")]["seconds_median"]
         lines.append(
             f"KoLeo-proto at K = 8192 no slower than the DINOv2 algorithm: {ours:.3f} s vs {dense:.3f} s: "
             f"{mark(ours <= dense)}."
         )
-    for row in results["step"]:
+    steps = [row for row in results.get("step", []) if measured(row)]
+    for row in steps:
         lines.append(
             f"Full step at K = {row['K']} >= 1.2x the lightly-based step: {row['speedup_median']:.2f}x: "
             f"{mark(row['speedup_median'] >= 1.2)}."
         )
-    headroom = results["data"]["images_per_second"] / results["step"][0]["ours_images_per_second"]
-    lines.append(f"Data pipeline >= 2x the step's demand (demo config): {headroom:.1f}x: {mark(headroom >= 2)}.")
-    ratio = results["features"]["ratio"]
-    lines.append(
-        f"Exported backbone feature extraction = stock Dinov2Model: {ratio:.2f}x: {mark(0.95 <= ratio <= 1.05)}."
-    )
+    if measured(results.get("data")) and steps:
+        headroom = results["data"]["images_per_second"] / steps[0]["ours_images_per_second"]
+        lines.append(f"Data pipeline >= 2x the step's demand (demo config): {headroom:.1f}x: {mark(headroom >= 2)}.")
+    if measured(results.get("features")):
+        ratio = results["features"]["ratio"]
+        lines.append(
+            f"Exported backbone feature extraction = stock Dinov2Model: {ratio:.2f}x: {mark(0.95 <= ratio <= 1.05)}."
+        )
     return lines

@@ -42,6 +42,7 @@ from hf_koleo.data.counter_rng import sample_keys, uniforms
 from hf_koleo.data.decoded import load_decoded
 from hf_koleo.data.sources import cache_dir
 from hf_koleo.losses import batch_centre, centred_teacher_probs, dino_loss, ema_centre
+from hf_koleo.modeling_koleo_dino import ema_update_
 from hf_koleo.prototypes import (
     DEFAULT_EPS_VALUES,
     distance_quantiles,
@@ -243,7 +244,7 @@ def build_backbone_views(
 
 @dataclass
 class FrozenHeadConfig:
-    """One head-only DINO run (defaults: the issue's first measurement)."""
+    """One head-only DINO run (defaults: the experiment's first measurement, K = 4,096, batch 256, lr 5e-4)."""
 
     num_prototypes: int = 4096
     hidden_size: int = 1024
@@ -313,10 +314,8 @@ def head_step(state: HeadState, views: torch.Tensor, config: FrozenHeadConfig) -
     state.optimizer.zero_grad(set_to_none=True)
     (loss + config.koleo_proto_weight * koleo).backward()
     state.optimizer.step()
+    ema_update_(state.teacher, state.student, config.teacher_momentum)  # the model's own EMA
     with torch.no_grad():
-        teacher_parameters = list(state.teacher.parameters())
-        torch._foreach_mul_(teacher_parameters, config.teacher_momentum)
-        torch._foreach_add_(teacher_parameters, list(state.student.parameters()), alpha=1 - config.teacher_momentum)
         new_centre, count = batch_centre(teacher_logits)
         state.centre = ema_centre(state.centre, new_centre, config.centre_momentum, count)
     return loss.detach(), koleo.detach()

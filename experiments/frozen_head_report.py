@@ -184,7 +184,7 @@ def render_markdown(results: dict[str, Any], figure_prefix: str = "figures/froze
         *reading(summary),
         *comparison(summary),
         "",
-        "## Against the paper and the issue's first measurement",
+        "## Against the paper and the first measurement",
         "",
         ISSUE_CONTEXT,
     ]
@@ -194,13 +194,13 @@ def render_markdown(results: dict[str, Any], figure_prefix: str = "figures/froze
 
 
 ISSUE_CONTEXT = (
-    "Issue 11's first measurement (K = 4,096, batch 256, lr 5e-4, 3,000 steps, one seed) found unique@0.025 at "
+    "The experiment's first measurement (K = 4,096, batch 256, lr 5e-4, 3,000 steps, one seed) found unique@0.025 at "
     "4,096 until step ~1,200, then 1,165 (28 %) at step 3,000 with 412 prototypes used, and 4,096 of 4,096 with "
     "KoLeo-proto 0.1 (293 used). The full study here changes K, batch and lr to fit its CPU budget (see Setup), so "
     "compare fractions of K and the shape of the curves rather than step numbers. The backbone is frozen, so any "
     "merging is the head's own doing: the paper's mechanism (the DINO loss is met by moving prototypes, so "
     "nothing stops them from coinciding) in isolation. It says nothing about end-to-end pretraining, kNN or "
-    "linear accuracy, or long-tailed data (the other deliverables of issue 11)."
+    "linear accuracy, or long-tailed data (the end-to-end studies answer those)."
 )
 
 

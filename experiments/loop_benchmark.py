@@ -1,12 +1,14 @@
 """Speed of the training loop on the accelerator (GPU; runs on CPU too, at any size).
 
-For a pretraining config (the argv ``scripts/pretrain.py`` takes) and several per-device batch
-sizes, measures in one process:
+Run kinds of ``configs/experiments/loop_benchmark.yaml`` (``loop_batch``, ``host_overhead``,
+``koleo_on_device``; the peer step is ``experiments.benchmarks.step_vs_peer``). For a pretraining
+config (the argv ``scripts/pretrain.py`` takes) and a per-device batch size, a ``loop_batch`` run
+measures in one process:
 
-* **data**: ``DataPipeline.next_batch`` alone (decode-once images -> crops, colours, masks on the device);
+* **data**: ``Pipeline.next_batch`` alone (decode-once images -> crops, colours, masks on the device);
 * **step**: ``train_step`` + EMA on a batch already on the device (the model alone);
 * **end to end**: data + step + EMA, as the trainer runs them;
-* the ratios the GPU-speed issue sets targets for: step time at 4x the batch / at the batch,
+* the ratios the speed targets are set on: step time at 4x the batch / at the batch,
   data img/s / step img/s, end-to-end / step;
 * **host syncs** inside data + step: ``torch.cuda.set_sync_debug_mode("error")`` on a GPU, the
   :class:`HostSyncRecorder` on a CPU;
@@ -17,11 +19,11 @@ Every timing waits for the device (``torch.cuda.synchronize``) before reading th
 
 from __future__ import annotations
 
-import gc
 import logging
 import statistics
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,13 +31,14 @@ from accelerate import Accelerator
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from experiments.markdown import markdown_table
-from hf_koleo import KoLeoDinoForPreTraining, koleo_proto_loss
+from hf_koleo import koleo_proto_loss
 from hf_koleo.training.arguments import parse_pretraining_args
 from hf_koleo.training.checkpoint import TrainerState
 from hf_koleo.training.host_sync import HostSyncRecorder
-from hf_koleo.training.optimization import apply_schedules, build_optimizer, schedule_values
-from hf_koleo.training.pipeline import DataPipeline
-from hf_koleo.training.trainer import NonFiniteGuard, compile_model, train_step
+from hf_koleo.training.optimization import apply_schedules, schedule_values
+from hf_koleo.training.pipeline import Pipeline
+from hf_koleo.training.run_setup import build_run
+from hf_koleo.training.trainer import NonFiniteGuard, train_step
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +55,7 @@ class Loop:
     accelerator: Accelerator
     model: Any
     optimizer: Any
-    data: DataPipeline
+    data: Pipeline
     values: Any
     batch_size: int
     state: TrainerState
@@ -62,17 +65,11 @@ class Loop:
     @classmethod
     def build(cls, argv: list[str], batch_size: int) -> Loop:
         arguments, model_config = parse_pretraining_args([*argv, "--per_device_batch_size", str(batch_size)])
-        accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=arguments.mixed_precision or None)
-        torch.manual_seed(arguments.seed)
-        model = KoLeoDinoForPreTraining(model_config)
-        model, optimizer = accelerator.prepare(model, build_optimizer(model, arguments.weight_decay))
-        if arguments.compile:
-            compile_model(accelerator.unwrap_model(model), arguments.compile_mode, arguments.compile_scope)
-        data = DataPipeline(arguments, model_config, accelerator)
+        run = build_run(arguments, model_config, resume=False)
         values = schedule_values(arguments, 0, 1000, 100.0, arguments.peak_lr(1))
-        values.freeze_last_layer_steps = 0
-        apply_schedules(optimizer, values)
-        return cls(accelerator, model, optimizer, data, values, batch_size, TrainerState(), NonFiniteGuard())
+        values.last_layer_lr = values.lr  # measured past the freeze: every parameter updates
+        apply_schedules(run.optimizer, values)
+        return cls(run.accelerator, run.model, run.optimizer, run.data, values, batch_size, run.state, NonFiniteGuard())
 
     @property
     def device(self) -> torch.device:
@@ -141,15 +138,20 @@ def measure_batch(argv: list[str], batch_size: int, steps: int, warmup: int = 3)
     }
 
 
-def measure_loop(argv: list[str], batch_sizes: list[int], steps: int = 20) -> dict[str, Any]:
-    """:func:`measure_batch` per batch size, plus step-time scaling between consecutive sizes."""
-    # one batch size failing (out of memory at the largest) keeps the others' rows
-    rows = [_recorded({"batch_size": batch_size}, measure_batch, argv, batch_size, steps) for batch_size in batch_sizes]
-    measured = [row for row in rows if "error" not in row]
-    for smaller, larger in zip(measured, measured[1:]):
-        larger["step_time_ratio_to_previous"] = larger["step_ms"] / smaller["step_ms"]
-        larger["batch_ratio_to_previous"] = larger["batch_size"] / smaller["batch_size"]
-    return {"argv": argv, "device": device_name(), "rows": rows}
+# A measurement logs nothing and must not end: the schedules assume a run of this many steps.
+MEASURE_ARGV = ["--report_to", "none", "--max_steps", "1000"]
+
+
+def loop_batch(params: dict[str, Any], context=None) -> dict[str, Any]:
+    """Run kind: :func:`measure_batch` for a pretraining config (``argv``), ``batch_size``, ``steps`` (20)."""
+    argv = [*params["argv"], *MEASURE_ARGV]
+    return {"argv": params["argv"], **measure_batch(argv, params["batch_size"], params.get("steps", 20))}
+
+
+def host_overhead(params: dict[str, Any], context=None) -> dict[str, Any]:
+    """Run kind: :func:`measure_host_overhead` for a pretraining config (``argv``), ``batch_size`` (2)."""
+    argv = [*params["argv"], *MEASURE_ARGV]
+    return {**measure_host_overhead(argv, params.get("batch_size", 2), params.get("steps", 20)), "argv": params["argv"]}
 
 
 # Every op of the data path and the step kept, their work shrunk to nothing: what is left is the host's
@@ -193,8 +195,10 @@ def measure_host_overhead(argv: list[str], batch_size: int = 2, steps: int = 20)
     }
 
 
-def measure_koleo_on_device(num_prototypes: int, dim: int = 256, repeats: int = 5) -> dict[str, Any]:
-    """KoLeo-proto forward + backward on the accelerator: ms per call and peak extra memory."""
+def koleo_on_device(params: dict[str, Any], context=None) -> dict[str, Any]:
+    """Run kind: KoLeo-proto forward + backward on the accelerator (``num_prototypes``, ``dim`` 256,
+    ``repeats`` 5): ms per call and peak memory (NaN on a CPU)."""
+    num_prototypes, dim, repeats = params["num_prototypes"], params.get("dim", 256), params.get("repeats", 5)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     prototypes = torch.randn(num_prototypes, dim, device=device, requires_grad=True)
 
@@ -207,12 +211,6 @@ def measure_koleo_on_device(num_prototypes: int, dim: int = 256, repeats: int = 
     seconds = [_timed(device, call, 1) for _ in range(repeats)]
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
     return {"num_prototypes": num_prototypes, "dim": dim, "ms": 1000 * statistics.median(seconds), "peak_mib": peak}
-
-
-def device_name() -> str:
-    if torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name()} (torch {torch.__version__})"
-    return f"CPU, {torch.get_num_threads()} threads (torch {torch.__version__})"
 
 
 def render_loop_markdown(name: str, results: dict[str, Any]) -> list[str]:
@@ -251,147 +249,46 @@ def render_loop_markdown(name: str, results: dict[str, Any]) -> list[str]:
     return [*lines, *markdown_table(header, rows), ""]
 
 
-# The GPU-speed issue's measurements: (name, pretrain argv, per-device batch sizes).
-_FMNIST_BF16 = ["--config", "configs/fashion_mnist.yaml", "--mixed_precision", "bf16"]
-# 28 px images decode onto 28 px canvases (141 MiB): --in_memory yes, as auto budgets 224 px ones.
-_VITS16_RESIDENT = [
-    *("--config", "configs/vits16_in1k.yaml", "--data", "fashion_mnist:train"),
-    *("--dataset_size", "0", "--in_memory", "yes"),
-]
-# The whole forward (backbones, heads, losses) traces as one graph: CUDA graphs replay all of it.
-_WHOLE_MODEL_CUDA_GRAPHS = ["--compile", "true", "--compile_scope", "model", "--compile_mode", "reduce-overhead"]
-GPU_SUITE = (
-    ("fashion_mnist", _FMNIST_BF16, [256, 1024, 4096]),
-    (
-        "vits16_in1k (ViT-S/16, 2x224 + 10x96, iBOT, K = 8192; Fashion-MNIST images, resident)",
-        _VITS16_RESIDENT,
-        [32, 128],
-    ),
-)
-# Measured after KoLeo-proto and the peer (a run cut by the device's time limit keeps the targets' tables):
-# the GPU study's recipe, and torch.compile (default mode; reduce-overhead adds CUDA graphs).
-GPU_EXTRA = (
-    (
-        "fashion_mnist_gpu (the GPU study's recipe: ViT-Tiny-sized, 6 local crops)",
-        ["--config", "configs/fashion_mnist_gpu.yaml"],
-        [512, 2048],
-    ),
-    ("fashion_mnist, --compile true", [*_FMNIST_BF16, "--compile", "true"], [1024, 4096]),
-    (
-        "fashion_mnist, --compile true --compile_mode reduce-overhead",
-        [*_FMNIST_BF16, "--compile", "true", "--compile_mode", "reduce-overhead"],
-        [1024, 4096],
-    ),
-    (
-        "fashion_mnist, --compile true --compile_scope model --compile_mode reduce-overhead",
-        [*_FMNIST_BF16, *_WHOLE_MODEL_CUDA_GRAPHS],
-        [1024, 4096],
-    ),
-    (
-        "vits16_in1k, --compile true --compile_scope model --compile_mode reduce-overhead",
-        [*_VITS16_RESIDENT, *_WHOLE_MODEL_CUDA_GRAPHS],
-        [128],
-    ),
-)
-# The same pipeline at sizes a 2-core CPU (and CI) runs in seconds.
-QUICK_SUITE = (
-    (
-        "demo, tiny",
-        [
-            "--config",
-            "configs/demo.yaml",
-            "--model.backbone_config",
-            "{hidden_size: 32, num_hidden_layers: 1, num_attention_heads: 2, image_size: 32, patch_size: 8}",
-            "--model.num_prototypes",
-            "64",
-            "--model.head_hidden_size",
-            "32",
-            "--global_crops_size",
-            "16",
-            "--local_crops_size",
-            "8",
-        ],
-        [4, 16],
-    ),
-)
+def _loop_tables(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Loop records grouped by config (in plan order), with step-time scaling between consecutive batches."""
+    loops: dict[str, dict[str, Any]] = {}
+    for record in records:
+        if record["kind"] != "loop_batch":
+            continue
+        name = record["params"].get("title", record["axes"].get("config", record["stage"]))
+        loop = loops.setdefault(
+            name, {"argv": record["params"]["argv"], "device": record["environment"]["device"], "rows": []}
+        )
+        row = record["result"] if record["status"] == "done" else {"batch_size": record["params"]["batch_size"],
+                                                                   "error": record["error"]}  # fmt: skip
+        loop["rows"].append(dict(row))
+    for loop in loops.values():
+        measured = [row for row in loop["rows"] if "error" not in row]
+        for smaller, larger in zip(measured, measured[1:]):
+            larger["step_time_ratio_to_previous"] = larger["step_ms"] / smaller["step_ms"]
+            larger["batch_ratio_to_previous"] = larger["batch_size"] / smaller["batch_size"]
+    return loops
 
 
-SUITE_PARTS = ("all", "core", "extra")
-
-
-def run_loop_suite(
-    quick: bool = False, steps: int = 20, koleo_prototypes: int = 65536, progress=None, part: str = "all"
-) -> dict[str, Any]:
-    """Every loop measurement of the suite, KoLeo-proto at ``koleo_prototypes`` and the peer step on the device.
-
-    ``part``: ``core`` (the targets, the overhead floor, KoLeo-proto, the peer), ``extra`` (the GPU
-    study's recipe and the compiled variants: minutes of compilation) or ``all``, so a device with a
-    10-minute limit per call can take them in two calls. ``progress(results)``, when given, is called
-    after each measurement with what is measured so far (a run cut short keeps its first tables).
-    """
-    if part not in SUITE_PARTS:
-        raise ValueError(f"part must be one of {SUITE_PARTS}, got {part!r}")
-    results: dict[str, Any] = {"device": device_name(), "loops": {}}
-    report = progress or (lambda _: None)
-
-    def loops(suite) -> None:
-        for name, argv, batch_sizes in suite:
-            argv = [*argv, "--report_to", "none", "--max_steps", "1000"]
-            results["loops"][name] = _recorded({"argv": argv}, measure_loop, argv, batch_sizes, steps)
-            report(results)
-
-    if part in ("all", "core"):
-        loops(QUICK_SUITE if quick else GPU_SUITE)
-        overhead_argv = [*(QUICK_SUITE[0][1] if quick else _FMNIST_BF16), "--report_to", "none", "--max_steps", "1000"]
-        results["overhead"] = _recorded({"argv": overhead_argv}, measure_host_overhead, overhead_argv)
-        report(results)
-        results["koleo_proto"] = _recorded({}, measure_koleo_on_device, koleo_prototypes)
-        report(results)
-        results["peer"] = _recorded({}, measure_peer_step, *(QUICK_PEER if quick else GPU_PEER))
-        report(results)
-    if part in ("all", "extra"):
-        loops(() if quick else GPU_EXTRA)
+def load_results(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """``{"device", "loops": {config: table}, "overhead", "koleo_proto", "peer"}`` from the suite's records."""
+    single = {"host_overhead": "overhead", "koleo_on_device": "koleo_proto", "step_vs_peer": "peer"}
+    devices = [record["environment"]["device"] for record in records]
+    results: dict[str, Any] = {"device": "; ".join(dict.fromkeys(devices)) or "-", "loops": _loop_tables(records)}
+    for record in records:
+        if record["kind"] in single:
+            done = record["status"] == "done"
+            results[single[record["kind"]]] = record["result"] if done else {"error": record["error"]}
     return results
 
 
-def _recorded(context: dict[str, Any], measure, *args) -> dict[str, Any]:
-    """A measurement's result, or ``{"error": ...}`` when it fails: one failure (an out-of-memory batch, a
-    compiler error) must not cost the device run the measurements after it."""
-    try:
-        return measure(*args)
-    except Exception as error:  # any failure of the measured code is a result to report
-        logger.exception("measurement failed")
-        return {**context, "error": f"{type(error).__name__}: {' '.join(str(error).split())[:300]}"}
-    finally:
-        gc.collect()  # a failed measurement's model and batches, held in reference cycles, free their memory
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-
-
-# The lightly-based peer step against ours on the device: (pretrain argv, batch).
-GPU_PEER = (["--config", "configs/fashion_mnist.yaml"], 256)
-QUICK_PEER = (QUICK_SUITE[0][1], 4)
-
-
-def measure_peer_step(argv: list[str], batch_size: int, rounds: int = 5) -> dict[str, Any]:
-    """Our DINO step vs the lightly-based one (``experiments.benchmarks.compare_training_steps``) on the device.
-
-    The config's model with iBOT and KoLeo-proto off (lightly has neither), both teachers batched,
-    the same fused AdamW, random crops already on the device.
-    """
-    from .benchmarks import compare_training_steps
-
-    arguments, model_config = parse_pretraining_args(
-        [*argv, "--model.ibot_loss_weight", "0", "--model.koleo_proto_weight", "0"]
-    )
-    return compare_training_steps(
-        model_config,
-        batch_size,
-        arguments.global_crops_size,
-        arguments.local_crops_size,
-        arguments.local_crops_number,
-        rounds=rounds,
-    )
+def write_report(spec, records: list[dict[str, Any]], left_out: dict[str, str], report_dir: Path) -> list[Path]:
+    """``benchmarks_gpu.md`` in ``report_dir``: one table per config, then the single measurements."""
+    path = report_dir / "benchmarks_gpu.md"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    commands = "; ".join(dict.fromkeys(record["environment"].get("command", "?") for record in records))
+    path.write_text(render_loop_suite_markdown(load_results(records), commands or "-"))
+    return [path]
 
 
 def _overhead_sentence(overhead: dict[str, Any]) -> str:

@@ -1,9 +1,11 @@
-"""Markdown pieces for the experiments' reports: tables, mean ± sd cells."""
+"""The reports' toolkit: markdown tables, mean ± sd cells, generated regions inside hand-written docs."""
 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
+from pathlib import Path
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
@@ -27,3 +29,30 @@ def mean_std(values: Sequence[float], digits: int = 1) -> str:
     if len(values) == 1:
         return f"{mean:,.{digits}f}"
     return f"{mean:,.{digits}f} ± {sample_sd(values):,.{digits}f}"
+
+
+def _markers(name: str) -> tuple[str, str]:
+    return f"<!-- generated: {name} -->", f"<!-- end generated: {name} -->"
+
+
+def write_generated(
+    path: Path, sections: dict[str, list[str]], header: Sequence[str] = (), titles: dict[str, str] | None = None
+) -> None:
+    """Put each section's lines between its markers in ``path``, keeping the text around them.
+
+    A doc mixes hand-written reading with generated tables: a report rewrites only the regions
+    ``<!-- generated: NAME -->`` ... ``<!-- end generated: NAME -->``. A section without markers in
+    the file is appended (with them, under ``## titles[NAME]``); a missing file starts from ``header``.
+    """
+    text = path.read_text() if path.exists() else "\n".join(header) + "\n"
+    for name, lines in sections.items():
+        begin, end = _markers(name)
+        block = "\n".join([begin, *lines, end])
+        pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.DOTALL)
+        if pattern.search(text):
+            text = pattern.sub(lambda _, block=block: block, text)
+        else:
+            title = f"## {titles[name]}\n\n" if titles and name in titles else ""
+            text = text.rstrip("\n") + "\n\n" + title + block + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)

@@ -6,6 +6,7 @@
     dataset: {train: SOURCE, test: SOURCE}
     evaluation: {device: cpu|auto, batch_size, limit_train, limit_test, limit_linear, linear_epochs, fewshot_draws}
     keep_backbone: false     # also export a release folder (backbone + model card) into the run's folder
+    # evaluation.protocol: validation -> kNN balanced accuracy on 20 % held out from the training data
 
 The run trains in its work folder through the library's own ``pretrain`` (``--resume latest``,
 ``--max_time`` = the seconds left), so a run the budget cuts keeps its checkpoint and the next
@@ -27,7 +28,10 @@ from typing import Any
 import torch
 
 from hf_koleo.data.sources import count_records
-from hf_koleo.evaluation.features import PIXELS, FeatureSet, default_device
+from hf_koleo.evaluation.features import PIXELS, FeatureSet, default_device, extract_features
+from hf_koleo.evaluation.knn import weighted_knn_predict
+from hf_koleo.evaluation.linear import stratified_split
+from hf_koleo.evaluation.metrics import classification_metrics
 from hf_koleo.evaluation.protocols import few_shot_protocol, knn_protocol, linear_protocol
 from hf_koleo.evaluation.run import evaluate_backbone, extract_train_test, write_result
 from hf_koleo.hub import prepare_upload_folder
@@ -82,6 +86,27 @@ def evaluate_run(model_dir: str, dataset: dict, settings: dict) -> dict[str, Any
     }
 
 
+def validation_knn(model_dir: str, train_data: str, limit: int | None, seed: int = 0) -> float:
+    """kNN (k = 20) balanced accuracy on 20 % held out from the training data (no test data)."""
+    features = extract_features(model_dir, train_data, limit=limit, progress=False)
+    fit, held_out = stratified_split(features.labels, 0.2, seed)
+    predictions = weighted_knn_predict(features.cls[fit], features.labels[fit], features.cls[held_out], (20,))
+    return classification_metrics(predictions[20], features.labels[held_out], use_evaluate=False)["balanced_accuracy"]
+
+
+def evaluate_backbone_of(run_dir: Path, params: dict[str, Any]) -> dict[str, Any]:
+    """The evaluation ``params["evaluation"]`` asks for: ``protocol: test`` (default; :func:`evaluate_run`
+    on the dataset's test split) or ``validation`` (:func:`validation_knn`, for choices made without the
+    test split; ``validation_limit`` images)."""
+    settings = evaluation_settings(params)
+    if settings.get("protocol", "test") == "validation":
+        balanced = validation_knn(
+            str(run_dir / "backbone"), params["dataset"]["train"], settings.get("validation_limit")
+        )
+        return {"validation_knn_balanced": balanced}
+    return evaluate_run(str(run_dir / "backbone"), params["dataset"], settings)
+
+
 def run_settings(params: dict[str, Any], output_dir: Path) -> dict[str, Any]:
     """The pretraining settings of a run: its ``pretrain`` section on its dataset, in its folder, resumable."""
     return {**params["pretrain"], "data": params["dataset"]["train"], "output_dir": str(output_dir), "resume": "latest"}
@@ -107,7 +132,7 @@ def pretrain_and_evaluate(params: dict[str, Any], context: RunContext) -> dict[s
     timing = _add_timing(run_dir, summary, time.perf_counter() - started)
     if summary.get("stopped"):
         raise Unfinished(f"stopped at step {summary['steps']} of {summary['total_steps']} (budget)")
-    evaluation = evaluate_run(str(run_dir / "backbone"), params["dataset"], evaluation_settings(params))
+    evaluation = evaluate_backbone_of(run_dir, params)
     prototype_history, losses = _history(run_dir)
     result = {
         "settings": settings,
@@ -215,4 +240,12 @@ def _claim_run_dir(run_dir: Path, settings: dict[str, Any]) -> None:
     path.write_text(json.dumps(settings))
 
 
-__all__ = ["evaluate_pixels", "evaluate_run", "export_with_card", "planned_images", "pretrain_and_evaluate"]
+__all__ = [
+    "evaluate_backbone_of",
+    "evaluate_pixels",
+    "evaluate_run",
+    "validation_knn",
+    "export_with_card",
+    "planned_images",
+    "pretrain_and_evaluate",
+]

@@ -14,6 +14,14 @@ RUN_KINDS: dict[str, str] = {
     "pretrain_eval": "experiments.pretrain_eval:pretrain_and_evaluate",
     "evaluate_pixels": "experiments.pretrain_eval:evaluate_pixels",
     "frozen_head": "experiments.frozen_head:frozen_head_run",
+    "koleo_timing": "experiments.benchmarks:koleo_timing",
+    "dino_ibot_timing": "experiments.benchmarks:dino_ibot_timing",
+    "step_vs_peer": "experiments.benchmarks:step_vs_peer",
+    "data_rate": "experiments.benchmarks:data_rate",
+    "feature_extraction": "experiments.benchmarks:feature_extraction",
+    "loop_batch": "experiments.loop_benchmark:loop_batch",
+    "host_overhead": "experiments.loop_benchmark:host_overhead",
+    "koleo_on_device": "experiments.loop_benchmark:koleo_on_device",
 }
 
 # Optional: a line ``plan`` prints beside a run of that kind (``function(params) -> str``).
@@ -24,6 +32,9 @@ PLAN_NOTES: dict[str, str] = {
 REPORTS: dict[str, str] = {
     "gpu_study": "experiments.gpu_study_report:write_report",
     "frozen_head": "experiments.frozen_head_report:write_report",
+    "benchmarks": "experiments.benchmarks:write_report",
+    "loop_benchmark": "experiments.loop_benchmark:write_report",
+    "cpu_study": "experiments.study:write_report",
 }
 
 

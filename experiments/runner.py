@@ -70,7 +70,7 @@ def run_pending(
     store: Store,
     work_dir: str | Path,
     budget_seconds: float = float("inf"),
-    fresh_process: bool = False,
+    fresh_process: bool | None = None,
     retry_failed: bool = False,
     only: list[str] | None = None,
 ) -> Outcome:
@@ -78,7 +78,10 @@ def run_pending(
 
     A run starts only with more than its ``reserve_seconds`` left; a stale record is reported and
     left alone (delete it to rerun); a failed one is retried only with ``retry_failed``.
+    ``fresh_process`` None: the spec's ``fresh_process`` setting (default false).
     """
+    if fresh_process is None:
+        fresh_process = bool(spec.settings.get("fresh_process", False))
     deadline = time.perf_counter() + budget_seconds
     outcome = Outcome()
     for run in spec.runs:
@@ -132,7 +135,7 @@ def _run_in_child(spec: Spec, store: Store, work_dir: str | Path, run: RunSpec, 
     """Run in a fresh ``python -m experiments run`` process; a child that leaves no record failed."""
     command = [sys.executable, "-m", "experiments", "run", str(spec.path), "--only", run.name]
     command += ["--records", str(store.folder), "--work_dir", str(work_dir), "--budget_seconds", f"{left:.0f}"]
-    command += ["--retry_failed"] + (["--quick"] if spec.quick else [])
+    command += ["--retry_failed", "--in_process"] + (["--quick"] if spec.quick else [])
     started = time.perf_counter()
     before = store.read(run.name)
     result = subprocess.run(command, capture_output=True, text=True, cwd=Path.cwd())

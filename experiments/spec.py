@@ -15,6 +15,7 @@ Every study and benchmark of this project is a spec in ``configs/experiments/``,
     axes: {K: pretrain.model.num_prototypes, seed: pretrain.seed}   # axes that set one parameter
     name: "{dataset}-K{K}-{method}-seed{seed}"      # a run's name, from its axis values
     reserve_seconds: 60                             # a run starts only with more than this left
+    fresh_process: false                            # each run in a new process (peak-memory measurements)
     stages:                                         # in order; a run named twice runs once
       - name: main
         grid: {seed: [0], dataset: [fashion_mnist], K: [16384], method: [baseline, koleo_proto]}
@@ -54,6 +55,7 @@ KNOWN = {
     "axes",
     "name",
     "reserve_seconds",
+    "fresh_process",
     "stages",
     "quick",
     "notes",

@@ -1,166 +1,88 @@
-"""The KoLeo-proto study: baseline vs KoLeo-proto pretraining on balanced and long-tailed data.
+"""Report of the CPU study (``configs/experiments/cpu_study.yaml``): baseline vs KoLeo-proto on
+Fashion-MNIST and Fashion-MNIST-LT, with the KoLeo-proto weight chosen by a sweep scored on a
+validation split carved from the *training* data.
 
-For each dataset and seed, two runs identical but for ``koleo_proto_weight`` (0, and the weight
-chosen by a short sweep scored on a validation split carved from the *training* data), then:
-unique prototypes of teacher and student over training and at the end (eps curve), utilisation,
-marginal-distribution entropy, weighted kNN, linear probe, 1- and 5-shot, balanced accuracy, and
-the raw-pixel baseline. Writes ``results.json``, ``results.md`` and PNG plots to ``output_dir``.
-
-Run by ``scripts/study_koleo_proto.py``; every number in ``results.md`` is read from a run's
-``prototype_report.json`` / ``metrics.jsonl`` or computed by the evaluation protocols.
+Per dataset and seed, two runs identical but for ``koleo_proto_weight``; for each: unique prototypes
+of teacher and student over training and at the end (eps curve), utilisation, marginal-distribution
+entropy, weighted kNN, linear probe, 1- and 5-shot, balanced accuracy, and the raw-pixel baseline.
+Everything is read from the study's records (run kinds ``pretrain_eval``, ``evaluate_pixels``);
+:func:`write_report` writes ``cpu_study.md`` and one PNG per dataset.
 """
 
 from __future__ import annotations
 
-import json
-import logging
-import time
 from pathlib import Path
 from typing import Any
 
-import torch
-import yaml
-
 from experiments.markdown import mean_std
-from experiments.pretrain_eval import evaluate_run
-from experiments.spec import merge_settings
-from hf_koleo import KoLeoDinoConfig
-from hf_koleo.evaluation.features import extract_features
-from hf_koleo.evaluation.knn import weighted_knn_predict
-from hf_koleo.evaluation.linear import stratified_split
-from hf_koleo.evaluation.metrics import classification_metrics
-from hf_koleo.training.arguments import PretrainingArguments, arguments_from_settings
-from hf_koleo.training.trainer import pretrain
 
-logger = logging.getLogger(__name__)
 VARIANTS = ("baseline", "koleo_proto")
+CURVE_KEYS = (
+    "prototypes/teacher_cls/unique@0.025",
+    "prototypes/student_cls/unique@0.025",
+    "prototypes/teacher_cls/nn_distance_q0.5",
+    "prototypes/student_cls/nn_distance_q0.5",
+)
 
 
-def load_study_config(path: str | Path, quick: bool = False) -> dict[str, Any]:
-    """The study YAML; ``quick`` merges its ``quick:`` section over the rest (CI-sized)."""
-    config = yaml.safe_load(Path(path).read_text())
-    quick_overrides = config.pop("quick", {}) or {}
-    return merge_settings(config, quick_overrides) if quick else config
-
-
-def run_arguments(
-    config: dict, dataset: str, output_dir: Path, weight: float, seed: int, max_steps: int
-) -> tuple[PretrainingArguments, KoLeoDinoConfig]:
-    """One study run's arguments and model config: the shared ``run``/``model`` sections, this run's data,
-    folder, seed, steps and KoLeo-proto weight (through the library's one dict -> run path)."""
-    settings = {
-        **config["run"],
-        "data": config["datasets"][dataset]["train"],
-        "output_dir": str(output_dir),
-        "seed": seed,
-        "max_steps": max_steps,
-        "report_to": "none",
-        "overwrite_output_dir": True,  # an unfinished run (no report yet) starts over, never mixes with the new one
-        "model": {**config["model"], "koleo_proto_weight": weight},
-    }
-    return arguments_from_settings(settings, source=f"study run {output_dir}")
-
-
-def _run(config: dict, dataset: str, output_dir: Path, weight: float, seed: int, max_steps: int) -> Path:
-    """Pretrain once; returns the run folder (skipped when its final report already exists)."""
-    arguments, model_config = run_arguments(config, dataset, output_dir, weight, seed, max_steps)
-    if not (output_dir / "prototype_report.json").exists():
-        started = time.perf_counter()
-        pretrain(arguments, model_config)
-        (output_dir / "wall_seconds.txt").write_text(f"{time.perf_counter() - started:.1f}")
-    return output_dir
-
-
-def validation_knn(model_dir: str, train_data: str, limit: int, seed: int = 0) -> float:
-    """kNN (k = 20) balanced accuracy on a split held out from the training data (no test data)."""
-    features = extract_features(model_dir, train_data, limit=limit, progress=False)
-    fit, held_out = stratified_split(features.labels, 0.2, seed)
-    predictions = weighted_knn_predict(features.cls[fit], features.labels[fit], features.cls[held_out], (20,))
-    return classification_metrics(predictions[20], features.labels[held_out], use_evaluate=False)["balanced_accuracy"]
-
-
-def prototype_summary(run_dir: Path, report_images: torch.Tensor | None = None) -> dict[str, Any]:
-    report = json.loads((run_dir / "prototype_report.json").read_text())
-    history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    curves = {
-        key: [(row["step"], row[key]) for row in history if key in row]
-        for key in (
-            "prototypes/teacher_cls/unique@0.025",
-            "prototypes/student_cls/unique@0.025",
-            "prototypes/teacher_cls/nn_distance_q0.5",
-            "prototypes/student_cls/nn_distance_q0.5",
-        )
-    }
-    teacher = report["teacher/cls"]
+def run_summary(result: dict[str, Any]) -> dict[str, Any]:
+    """The figures of one finished ``pretrain_eval`` run the tables and plots show."""
+    teacher, student = result["final_prototypes"]["teacher/cls"], result["final_prototypes"]["student/cls"]
+    history = result["prototype_history"]
     return {
+        "weight": result["settings"]["model"].get("koleo_proto_weight", 0.0),
         "teacher_unique": teacher["unique_prototypes"],
-        "student_unique": report["student/cls"]["unique_prototypes"],
+        "student_unique": student["unique_prototypes"],
         "teacher_eps_curve": teacher["unique_curve"],
-        "student_eps_curve": report["student/cls"]["unique_curve"],
+        "student_eps_curve": student["unique_curve"],
         "used": teacher["utilisation"]["used"],
         "perplexity": teacher["utilisation"]["assignment_perplexity"],
         "marginal_entropy": teacher["marginal_entropy"],
-        "max_entropy": teacher["max_marginal_entropy"],
         "nn_median": teacher["nn_distance_quantiles"]["q0.5"],
-        "curves": curves,
-        "wall_seconds": float((run_dir / "wall_seconds.txt").read_text())
-        if (run_dir / "wall_seconds.txt").exists()
-        else None,
+        "curves": {key: [[row["step"], row[key]] for row in history if key in row] for key in CURVE_KEYS},
+        "wall_seconds": result["pretraining"]["seconds"],
+        **result["evaluation"],
     }
 
 
-def run_study(config: dict[str, Any], output_dir: str | Path) -> dict[str, Any]:
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    results: dict[str, Any] = {"config": config, "sweep": {}, "runs": {}, "pixels": {}}
-    sweep = config["sweep"]
-    sweep_dataset = config["datasets"][sweep["dataset"]]
-    for weight in sweep["weights"]:
-        run_dir = _run(config, sweep["dataset"], output_dir / "sweep" / f"w{weight:g}", weight, 0, sweep["max_steps"])
-        results["sweep"][f"{weight:g}"] = {
-            "validation_knn_balanced": validation_knn(
-                str(run_dir / "backbone"), sweep_dataset["train"], sweep["validation_limit"]
-            ),
-            "teacher_unique": prototype_summary(run_dir)["teacher_unique"],
-        }
-    best_weight = float(
-        max(
-            results["sweep"],
-            key=lambda w: (results["sweep"][w]["validation_knn_balanced"], results["sweep"][w]["teacher_unique"]),
-        )
-    )
-    results["chosen_weight"] = best_weight
-    for dataset_name, dataset in config["datasets"].items():
-        results["pixels"][dataset_name] = evaluate_run("pixels", dataset, config["evaluation"])
-        for seed in config["seeds"]:
-            for variant, weight in zip(VARIANTS, (0.0, best_weight)):
-                run_dir = _run(
-                    config,
-                    dataset_name,
-                    output_dir / dataset_name / variant / f"seed{seed}",
-                    weight,
-                    seed,
-                    config["run"]["max_steps"],
-                )
-                record = {
-                    "weight": weight,
-                    **prototype_summary(run_dir),
-                    **evaluate_run(str(run_dir / "backbone"), dataset, config["evaluation"]),
-                }
-                results["runs"].setdefault(dataset_name, {}).setdefault(variant, []).append(record)
-                logger.info(
-                    "%s %s seed %d: %s",
-                    dataset_name,
-                    variant,
-                    seed,
-                    {k: v for k, v in record.items() if k not in ("curves",)},
-                )
-    results["wall_seconds"] = time.perf_counter() - started
-    (output_dir / "results.json").write_text(json.dumps(results, indent=2))
-    plot_study(results, output_dir)
-    (output_dir / "results.md").write_text(render_study_markdown(results))
+def load_results(records: list[dict[str, Any]], spec) -> dict[str, Any]:
+    """``{"sweep", "chosen_weight", "used_weight", "runs": {dataset: {variant: [run]}}, "pixels", ...}``."""
+    done = [record for record in records if record.get("status") == "done"]
+    results: dict[str, Any] = {"sweep": {}, "runs": {}, "pixels": {}}
+    for record in done:
+        axes, result = record["axes"], record["result"]
+        if record["kind"] == "evaluate_pixels":
+            results["pixels"][axes["dataset"]] = result["evaluation"]
+        elif record["stage"] == "sweep":
+            results["sweep"][f"{axes['weight']:g}"] = {
+                "validation_knn_balanced": result["evaluation"]["validation_knn_balanced"],
+                "teacher_unique": result["final_prototypes"]["teacher/cls"]["unique_prototypes"],
+            }
+        else:
+            summary = run_summary(result)
+            results["runs"].setdefault(axes["dataset"], {}).setdefault(axes["variant"], []).append(summary)
+    sweep = results["sweep"]
+    key = lambda w: (sweep[w]["validation_knn_balanced"], sweep[w]["teacher_unique"])  # noqa: E731
+    results["chosen_weight"] = float(max(sweep, key=key)) if sweep else None
+    results["used_weight"] = spec.settings["choices"]["variant"]["koleo_proto"]["pretrain"]["model"][
+        "koleo_proto_weight"
+    ]
+    results["num_prototypes"] = spec.settings["base"]["pretrain"]["model"]["num_prototypes"]
+    results["wall_seconds"] = sum(record["seconds"] or 0 for record in done)
     return results
+
+
+def write_report(spec, records: list[dict[str, Any]], left_out: dict[str, str], report_dir: Path) -> list[Path]:
+    """``cpu_study.md`` and ``figures/cpu_study_unique_prototypes_<dataset>.png`` in ``report_dir``."""
+    results = load_results(records, spec)
+    report_dir.mkdir(parents=True, exist_ok=True)
+    failed = {record["name"]: f"failed: {record['error']}" for record in records if record.get("status") == "failed"}
+    text = render_study_markdown(results)
+    if {**left_out, **failed}:
+        text += "\nLeft out: " + "; ".join(f"{name} ({why})" for name, why in {**left_out, **failed}.items()) + ".\n"
+    path = report_dir / "cpu_study.md"
+    path.write_text(text)
+    return [path, *plot_study(results, report_dir / "figures")]
 
 
 # (key, label, decimals)
@@ -182,9 +104,15 @@ METRIC_ROWS = (
 
 
 def render_study_markdown(results: dict[str, Any]) -> str:
+    chosen, used = results.get("chosen_weight"), results.get("used_weight", results.get("chosen_weight"))
+    if chosen is None:
+        choice = "No sweep run yet"
+    else:
+        choice = f"KoLeo-proto weight chosen by the sweep: **{chosen:g}**"
+    if used is not None and used != chosen:
+        choice += f"; the KoLeo-proto runs use **{used:g}** (the spec's: set the sweep's choice there)"
     lines = [
-        f"KoLeo-proto weight chosen by the sweep: **{results['chosen_weight']:g}** "
-        "(validation: kNN balanced accuracy on 20 % held out from the training data).",
+        f"{choice} (validation: kNN balanced accuracy on 20 % held out from the training data).",
         "",
         "| sweep weight | validation kNN balanced accuracy | teacher unique prototypes |",
         "|---|---|---|",
@@ -194,32 +122,40 @@ def render_study_markdown(results: dict[str, Any]) -> str:
         for w, row in results["sweep"].items()
     ]
     for dataset, variants in results["runs"].items():
-        pixels = results["pixels"][dataset]
+        pixels = results["pixels"].get(dataset, {})
         lines += ["", f"### {dataset}", "", "| metric | baseline | KoLeo-proto | raw pixels |", "|---|---|---|---|"]
         for key, label, digits in METRIC_ROWS:
-            cells = [mean_std([run[key] for run in variants[variant]], digits) for variant in VARIANTS]
+            cells = [
+                mean_std([run[key] for run in variants[variant]], digits) if variants.get(variant) else "-"
+                for variant in VARIANTS
+            ]
             lines.append(
                 f"| {label} | {cells[0]} | {cells[1]} | {pixels[key]:.1f} |"
                 if key in pixels
                 else f"| {label} | {cells[0]} | {cells[1]} | - |"
             )
-        walls = [run["wall_seconds"] for variant in VARIANTS for run in variants[variant] if run["wall_seconds"]]
+        walls = [
+            run["wall_seconds"] for variant in VARIANTS for run in variants.get(variant, []) if run["wall_seconds"]
+        ]
         if walls:
             lines.append(f"| pretraining wall time per run (s) | {mean_std(walls)} | | |")
     lines += ["", f"Study wall time: {results['wall_seconds'] / 60:.1f} min."]
     return "\n".join(lines) + "\n"
 
 
-def plot_study(results: dict[str, Any], output_dir: Path) -> None:
+def plot_study(results: dict[str, Any], output_dir: Path) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    written = []
     for dataset, variants in results["runs"].items():
         figure, (steps_axis, distance_axis, eps_axis) = plt.subplots(1, 3, figsize=(16, 4))
-        num_prototypes = results["config"]["model"]["num_prototypes"]
+        num_prototypes = results["num_prototypes"]
         for variant, colour in zip(VARIANTS, ("tab:red", "tab:blue")):
+            if not variants.get(variant):
+                continue
             run = variants[variant][0]
             for branch, style in (("teacher", "-"), ("student", "--")):
                 label = f"{variant} {branch}"
@@ -254,8 +190,11 @@ def plot_study(results: dict[str, Any], output_dir: Path) -> None:
         for axis in (steps_axis, distance_axis, eps_axis):
             axis.legend(fontsize=7)
         figure.tight_layout()
-        figure.savefig(output_dir / f"unique_prototypes_{dataset}.png", dpi=110)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        written.append(output_dir / f"cpu_study_unique_prototypes_{dataset}.png")
+        figure.savefig(written[-1], dpi=110)
         plt.close(figure)
+    return written
 
 
-__all__ = ["load_study_config", "run_study"]
+__all__ = ["load_results", "render_study_markdown", "run_summary", "write_report"]

@@ -197,6 +197,16 @@ def _batch_first(rows: torch.Tensor, n_views: int) -> torch.Tensor:
     return rows.reshape(n_views, -1, rows.shape[-1]).transpose(0, 1)
 
 
+@torch.no_grad()
+def ema_update_(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
+    """``teacher = momentum * teacher + (1 - momentum) * student``, parameter by parameter, in place
+    (two foreach kernels for all of them); the modules must have the same parameters in the same order."""
+    teacher_parameters = list(teacher.parameters())
+    student_parameters = [parameter.detach() for parameter in student.parameters()]
+    torch._foreach_mul_(teacher_parameters, momentum)
+    torch._foreach_add_(teacher_parameters, student_parameters, alpha=1.0 - momentum)
+
+
 class KoLeoDinoForPreTraining(KoLeoDinoPreTrainedModel):
     """Student and EMA teacher (backbone + DINO head + optional patch head) with the DINO-family losses.
 
@@ -272,10 +282,7 @@ class KoLeoDinoForPreTraining(KoLeoDinoPreTrainedModel):
         """EMA step: ``teacher = momentum * teacher + (1 - momentum) * student`` for every parameter."""
         if not 0.0 <= momentum <= 1.0:
             raise ValueError(f"teacher momentum must be in [0, 1], got {momentum}")
-        teacher = list(self._branch_modules("teacher").parameters())
-        student = [parameter.detach() for parameter in self._branch_modules("student").parameters()]
-        torch._foreach_mul_(teacher, momentum)
-        torch._foreach_add_(teacher, student, alpha=1.0 - momentum)
+        ema_update_(self._branch_modules("teacher"), self._branch_modules("student"), momentum)
 
     def prototype_heads(self, branch: str = "teacher") -> dict[str, DINOHead]:
         """``{"cls": head}`` plus ``"patch"`` when the patch head is separate."""

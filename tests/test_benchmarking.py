@@ -3,22 +3,24 @@
 import statistics
 
 import pytest
-import yaml
-from conftest import TINY_RUN, tiny_config
+from conftest import ROOT, TINY_RUN, tiny_config
 
-from experiments import benchmarks
 from experiments.benchmarks import (
     KOLEO_IMPLEMENTATIONS,
+    benchmark_sections,
     check_targets,
     compare_feature_extraction,
     compare_training_steps,
     koleo_implementation,
+    koleo_timing,
+    load_results,
     measure_data_pipeline,
-    measure_koleo_proto,
-    render_benchmarks_markdown,
-    run_benchmark_suite,
+    write_report,
 )
 from experiments.koleo_reference import dinov2_koleo_loss
+from experiments.runner import run_pending
+from experiments.spec import load_spec
+from experiments.store import Store
 from hf_koleo import KoLeoDinoForPreTraining, koleo_proto_loss
 from hf_koleo.backbone_export import export_backbone
 
@@ -32,16 +34,16 @@ def test_koleo_implementations_are_ours_and_the_dinov2_reference():
         koleo_implementation("cdist")
 
 
-def test_koleo_measurement_in_a_fresh_process_reports_the_median_of_its_own_timings():
-    result = measure_koleo_proto("dense", num_prototypes=64, dim=8, repeats=3, threads=1)
-    assert "error" not in result and len(result["seconds"]) == 3
+def test_koleo_measurement_reports_the_median_of_its_own_timings():
+    result = koleo_timing({"implementation": "dense", "num_prototypes": 64, "dim": 8, "repeats": 3})
+    assert len(result["seconds"]) == 3 and result["threads"] == 1
     assert result["seconds_median"] == statistics.median(result["seconds"])
     assert result["seconds_first"] == result["seconds"][0] and result["peak_extra_mib"] >= 0
 
 
 def test_dense_koleo_is_not_attempted_when_its_similarity_matrix_cannot_fit():
-    result = measure_koleo_proto("dense", num_prototypes=10**6, dim=8)
-    assert "not run" in result["error"] and "seconds" not in result
+    with pytest.raises(MemoryError, match="not run: needs about 3725 GiB for the K x K similarity matrix"):
+        koleo_timing({"implementation": "dense", "num_prototypes": 10**6, "dim": 8})
 
 
 def test_data_pipeline_rate_is_its_images_over_its_seconds(data_path):
@@ -69,7 +71,7 @@ def test_feature_extraction_ratio_is_stock_time_over_exported_time(tmp_path):
 
 
 def synthetic_results(blocked_seconds=0.2, dense_seconds=0.4, blocked_mib=300.0, speedup=1.5, data_rate=90.0):
-    """Suite results with chosen numbers (step at 30 img/s), as :func:`run_benchmark_suite` returns them."""
+    """Suite results with chosen numbers (step at 30 img/s), as :func:`load_results` returns them."""
 
     def koleo(implementation, size, seconds, mib):
         return {
@@ -103,8 +105,8 @@ def synthetic_results(blocked_seconds=0.2, dense_seconds=0.4, blocked_mib=300.0,
 
 
 def test_markdown_shows_the_ratios_computed_from_the_results():
-    markdown = render_benchmarks_markdown(synthetic_results(), "python scripts/benchmark.py all")
-    lines = markdown.splitlines()
+    lines = [line for section in benchmark_sections(synthetic_results()).values() for line in section]
+    markdown = "\n".join(lines)
     assert "| 8192 | 0.200 | 300 | 0.400 | 280 | 0.50 |" in lines  # time ours ÷ DINOv2 = 0.2 / 0.4
     assert "| 65536 | 9.000 | 300 | not run: needs about 16 GiB | not run: needs about 16 GiB | - |" in lines
     assert "| 1024 | 64 | 30.0 | 20.0 | 1.50× |" in lines
@@ -122,41 +124,13 @@ def test_targets_are_met_or_not_by_the_measured_numbers():
     assert "2048 MiB" in missed[0] and "1.10x" in missed[2] and "1.5x" in missed[3]
 
 
-def test_the_suite_measures_each_requested_size_from_its_data_config(tmp_path, data_path, monkeypatch):
-    settings = {
-        "data": str(data_path),
-        "max_steps": 4,
-        "per_device_batch_size": 4,
-        "num_workers": 0,
-        "shuffle_buffer": 0,
-        "global_crops_size": 8,
-        "local_crops_size": 4,
-        "local_crops_number": 2,
-        "model": {
-            "backbone_config": {
-                "hidden_size": 16,
-                "num_hidden_layers": 1,
-                "num_attention_heads": 2,
-                "image_size": 8,
-                "patch_size": 4,
-            },
-            "num_prototypes": 32,
-            "head_hidden_size": 16,
-            "head_bottleneck_size": 8,
-        },
-    }
-    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(settings))
-    monkeypatch.setattr(benchmarks, "run_isolated", lambda function, *args: function(*args))  # no process start-up
-    results = run_benchmark_suite(
-        koleo_sizes=(16, 32),
-        loss_sizes=(16,),
-        loss_batches=(2, 3),
-        step_sizes=(16, 24),
-        step_batch=2,
-        data_config=str(tmp_path / "tiny.yaml"),
-        rounds=1,
-        dim=8,
-    )
+def test_the_quick_suite_runs_every_stage_and_its_report_fills_the_docs_regions(tmp_path):
+    spec = load_spec(ROOT / "configs" / "experiments" / "benchmarks.yaml", quick=True)
+    store = Store(tmp_path / "records")
+    outcome = run_pending(spec, store, tmp_path / "work", fresh_process=False)  # in-process: no start-up cost
+    assert outcome.finished == [run.name for run in spec.runs] and not outcome.failed
+    records, _ = store.records(spec.runs)
+    results = load_results(records)
     assert [(row["num_prototypes"], row["implementation"]) for row in results["koleo"]] == [
         (16, "blocked"),
         (16, "dense"),
@@ -166,5 +140,11 @@ def test_the_suite_measures_each_requested_size_from_its_data_config(tmp_path, d
     assert [(row["num_prototypes"], row["batch"]) for row in results["dino_ibot"]] == [(16, 2), (16, 3)]
     assert [(row["K"], row["batch"], row["n_local"]) for row in results["step"]] == [(16, 2, 2), (24, 2, 2)]
     assert results["data"]["batch_size"] == 4 and results["features"]["image_size"] == 8
-    markdown = render_benchmarks_markdown(results, "python scripts/benchmark.py all")
-    assert "| 24 | 2 |" in markdown and "## Targets" in markdown
+    doc = tmp_path / "docs" / "benchmarks.md"
+    doc.parent.mkdir()
+    doc.write_text("# Mine\n\nread this\n\n<!-- generated: step -->\nold table\n<!-- end generated: step -->\nafter\n")
+    write_report(spec, records, {}, doc.parent)
+    text = doc.read_text()
+    assert text.startswith("# Mine\n\nread this\n\n<!-- generated: step -->\n| K | batch |") and "old table" not in text
+    assert "<!-- end generated: step -->\nafter\n" in text  # the hand-written text around a region stays
+    assert "## Targets" in text and "| 24 | 2 |" in text  # regions the doc lacked are appended with a title

@@ -119,10 +119,9 @@ def test_pretrain_script_reports_a_bad_config_in_one_line(tmp_path, capsys, monk
     ("script", "arguments", "message"),
     [
         ("prepare_fashion_mnist", ["--output", "{tmp}/out", "--raw-dir", "{tmp}/no_raw"], "no_raw"),
-        ("study_koleo_proto", ["--config", "{tmp}/missing.yaml", "--output_dir", "{tmp}/out"], "missing.yaml"),
-        ("benchmark", ["data", "--batches", "1", "--config", "{tmp}/missing.yaml"], "missing.yaml"),
+        ("export", ["--checkpoint", "{tmp}/missing", "--output", "{tmp}/out"], "missing"),
     ],
-    ids=["prepare_fashion_mnist", "study_koleo_proto", "benchmark"],
+    ids=["prepare_fashion_mnist", "export"],
 )
 def test_other_scripts_report_a_missing_file_in_one_line(script, arguments, message, tmp_path, capsys, monkeypatch):
     arguments = [argument.format(tmp=tmp_path) for argument in arguments]

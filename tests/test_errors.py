@@ -1,4 +1,4 @@
-"""Mistakes that must end in one line naming the cause (issue 18): unlabelled evaluation data, training
+"""Mistakes that must end in one line naming the cause: unlabelled evaluation data, training
 errors that mean bad input, errors of DataLoader workers and of several processes, messages that
 pointed the wrong way."""
 

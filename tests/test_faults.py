@@ -1,4 +1,4 @@
-"""Faults and bad input (issue 12), one row each: provoke the fault, assert what the user gets instead.
+"""Faults and bad input, one row each: provoke the fault, assert what the user gets instead.
 
 A row is a function ``case(fault: Fault)``; the next fault found is one more entry in ``FAULTS``.
 """

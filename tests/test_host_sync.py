@@ -1,15 +1,13 @@
 import pytest
 import torch
-from accelerate import Accelerator
 from conftest import TINY_RUN
 from data_fixtures import write_parquet
 
-from hf_koleo import KoLeoDinoForPreTraining
 from hf_koleo.training.arguments import parse_pretraining_args
 from hf_koleo.training.checkpoint import TrainerState
 from hf_koleo.training.host_sync import HostSyncRecorder
-from hf_koleo.training.optimization import apply_schedules, build_optimizer, schedule_values
-from hf_koleo.training.pipeline import DataPipeline
+from hf_koleo.training.optimization import apply_schedules, schedule_values
+from hf_koleo.training.run_setup import build_run
 from hf_koleo.training.trainer import NonFiniteGuard, train_step
 
 
@@ -33,13 +31,10 @@ def tiny_setup(tmp_path, *extra):
     arguments, model_config = parse_pretraining_args(
         [*TINY_RUN, "--data", str(path), "--output_dir", str(tmp_path / "run"), *extra]
     )
-    accelerator = Accelerator(cpu=True)
-    model = KoLeoDinoForPreTraining(model_config)
-    model, optimizer = accelerator.prepare(model, build_optimizer(model, arguments.weight_decay))
-    data = DataPipeline(arguments, model_config, accelerator)
+    run = build_run(arguments, model_config, resume=False)  # as pretraining builds it
     values = schedule_values(arguments, 0, 4, 12.0, 1e-3)
-    apply_schedules(optimizer, values)
-    return accelerator, model, optimizer, data, values
+    apply_schedules(run.optimizer, values)
+    return run.accelerator, run.model, run.optimizer, run.data, values
 
 
 @pytest.mark.parametrize("centring", ["ema", "sinkhorn_knopp"])

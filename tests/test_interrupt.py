@@ -10,7 +10,7 @@ import torch
 from conftest import ROOT, TINY_RUN
 from test_training import run, student_parameters
 
-from hf_koleo.training import trainer
+from hf_koleo.training import run_setup, trainer
 from hf_koleo.training.checkpoint import list_checkpoints
 from hf_koleo.training.interrupt import AFTER_THE_LOOP, RunInterrupted, StopRequest, stop_on_signals
 from hf_koleo.training.lock import LOCK_FILE
@@ -64,7 +64,7 @@ def test_a_signal_before_the_first_step_ends_the_run_at_once_and_releases_the_lo
         os.kill(os.getpid(), signal.SIGTERM)
         raise AssertionError("the signal should have stopped the set-up")
 
-    monkeypatch.setattr(trainer, "DataPipeline", interrupted_pipeline)
+    monkeypatch.setattr(run_setup, "build_pipeline", interrupted_pipeline)
     with pytest.raises(RunInterrupted, match="interrupted by SIGTERM") as interrupted:
         run(data_path, tmp_path / "run")
     assert interrupted.value.exit_code == 143
@@ -156,7 +156,7 @@ def test_data_loader_workers_keep_delivering_after_a_stop_signal(tmp_path):
     from data_fixtures import write_parquet
 
     from hf_koleo.training.arguments import parse_pretraining_args
-    from hf_koleo.training.pipeline import DataPipeline
+    from hf_koleo.training.pipeline import build_pipeline
 
     for shard in range(2):
         write_parquet(tmp_path / "data" / f"part-{shard}.parquet", 8, start_seed=100 * shard)
@@ -165,7 +165,7 @@ def test_data_loader_workers_keep_delivering_after_a_stop_signal(tmp_path):
         + ["--in_memory", "no", "--num_workers", "2"]
     )
     with stop_on_signals() as stop:
-        data = DataPipeline(arguments, model_config, Accelerator(cpu=True))
+        data = build_pipeline(arguments, model_config, Accelerator(cpu=True))
         stop.deferring = True  # as in the trainer: the workers were started before
         state = trainer.TrainerState()
         data.next_batch(state)

@@ -1,4 +1,4 @@
-"""The library's layers run one way, and ``import hf_koleo`` stays light (issue 13)."""
+"""The library's layers run one way, and ``import hf_koleo`` stays light."""
 
 import ast
 import subprocess

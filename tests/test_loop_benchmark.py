@@ -1,29 +1,39 @@
+"""The training-loop benchmark (experiments/loop_benchmark.py, configs/experiments/loop_benchmark.yaml)."""
+
 import statistics
 
 import pytest
 import torch
+from conftest import ROOT
 
-from experiments.loop_benchmark import render_loop_suite_markdown, run_loop_suite
+from experiments.loop_benchmark import load_results, render_loop_suite_markdown, write_report
+from experiments.registry import run_kind
+from experiments.runner import run_pending
+from experiments.spec import load_spec
+from experiments.store import Store
+
+SPEC = ROOT / "configs" / "experiments" / "loop_benchmark.yaml"
 
 
 @pytest.fixture(scope="module")
-def quick_results():
+def quick_records(tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny work: one thread is faster, and far faster on a shared machine
-    snapshots = []
-
-    def progress(results):  # what a cut-short run would have written, after each measurement
-        snapshots.append((sorted(results), render_loop_suite_markdown(results, "partial")))
-
+    folder = tmp_path_factory.mktemp("loop")
     try:
-        results = run_loop_suite(quick=True, steps=2, koleo_prototypes=128, progress=progress)
-        yield {**results, "snapshots": snapshots}
+        spec = load_spec(SPEC, quick=True)
+        store = Store(folder / "records")
+        outcome = run_pending(spec, store, folder / "work")
+        assert outcome.finished == [run.name for run in spec.runs] and not outcome.failed
+        yield spec, store.records(spec.runs)[0], folder
     finally:
         torch.set_num_threads(threads)
 
 
-def test_quick_suite_measures_data_step_and_end_to_end_at_each_batch(quick_results):
-    (loop,) = quick_results["loops"].values()
+def test_quick_suite_measures_data_step_and_end_to_end_at_each_batch(quick_records):
+    _, records, _ = quick_records
+    results = load_results(records)
+    (loop,) = results["loops"].values()
     small, large = loop["rows"]
     assert (small["batch_size"], large["batch_size"]) == (4, 16) and small["resident"]
     for row in (small, large):
@@ -35,57 +45,51 @@ def test_quick_suite_measures_data_step_and_end_to_end_at_each_batch(quick_resul
         )
         assert row["host_syncs"] == []  # the CPU recorder saw no host read in data + step
     assert large["step_time_ratio_to_previous"] == pytest.approx(large["step_ms"] / small["step_ms"])
-    assert quick_results["koleo_proto"]["num_prototypes"] == 128 and quick_results["koleo_proto"]["ms"] > 0
-    overhead = quick_results["overhead"]  # the same ops, no work: hundreds of ops, each a launch on a GPU
+    assert results["koleo_proto"]["num_prototypes"] == 128 and results["koleo_proto"]["ms"] > 0
+    overhead = results["overhead"]  # the same ops, no work: hundreds of ops, each a launch on a GPU
     assert overhead["step_ops"] > 500 and overhead["data_ops"] > 100 and overhead["step_ms"] > 0
-    peer = quick_results["peer"]
+    peer = results["peer"]
     assert peer["batch"] == 4 and peer["device"] == "cpu" and len(peer["seconds"]["lightly"]) == 5
     assert peer["ours_images_per_second"] == pytest.approx(4 / statistics.median(peer["seconds"]["ours"]))
 
 
-def test_quick_suite_renders_one_table_row_per_batch(quick_results):
-    markdown = render_loop_suite_markdown(quick_results, "python scripts/benchmark_loop.py --quick")
+def test_quick_suite_report_has_one_table_row_per_batch(quick_records):
+    spec, records, folder = quick_records
+    (path,) = write_report(spec, records, {}, folder / "docs")
+    markdown = path.read_text()
     rows = [line for line in markdown.splitlines() if line.startswith("| 4 |") or line.startswith("| 16 |")]
     assert len(rows) == 2 and "none" in rows[0] and "KoLeo-proto" in markdown and "lightly-based peer" in markdown
+    assert "### demo, tiny (CPU)" in markdown
 
 
-def test_quick_suite_reports_after_each_measurement(quick_results):
-    keys = [keys for keys, _ in quick_results["snapshots"]]
-    assert keys == [
-        ["device", "loops"],
-        ["device", "loops", "overhead"],
-        ["device", "koleo_proto", "loops", "overhead"],
-        ["device", "koleo_proto", "loops", "overhead", "peer"],
+def test_a_failing_batch_is_recorded_and_the_rest_still_run(tmp_path, monkeypatch, one_thread):
+    spec = load_spec(SPEC, quick=True)
+    broken = ["--config", "configs/demo.yaml", "--model.num_prototypes", "1"]
+    spec.runs = [
+        run.__class__(**{**run.__dict__, "params": {**run.params, "argv": broken}}) if run.stage == "core" else run
+        for run in spec.runs
+        if run.stage in ("core", "koleo")
     ]
-    first_markdown = quick_results["snapshots"][0][1]
-    assert "| 4 |" in first_markdown and "KoLeo-proto" not in first_markdown
-
-
-def test_a_failing_measurement_is_reported_and_the_rest_still_run(monkeypatch, one_thread):
-    import experiments.loop_benchmark as loop_benchmark
-
-    broken = ("broken", ["--config", "configs/demo.yaml", "--model.num_prototypes", "1"], [4])
-    monkeypatch.setattr(loop_benchmark, "QUICK_SUITE", (broken,))
-    monkeypatch.setattr(loop_benchmark, "measure_peer_step", lambda *args: {})
-    results = run_loop_suite(quick=True, steps=1, koleo_prototypes=64)
-    (row,) = results["loops"]["broken"]["rows"]  # each batch size is recorded on its own
+    store = Store(tmp_path / "records")
+    outcome = run_pending(spec, store, tmp_path / "work")
+    assert outcome.failed == ["demo_tiny-batch4", "demo_tiny-batch16"] and outcome.finished == ["koleo-K128"]
+    records, _ = store.records(spec.runs)
+    results = load_results(records)
+    (row, _) = results["loops"]["demo, tiny"]["rows"]  # each batch size is recorded on its own
     assert "num_prototypes" in row["error"] and row["batch_size"] == 4
-    assert results["koleo_proto"]["num_prototypes"] == 64  # measured after the failure
+    assert results["koleo_proto"]["num_prototypes"] == 128  # measured after the failures
     assert "| 4 | failed: ValueError" in render_loop_suite_markdown(results, "x")
 
 
-def test_every_gpu_suite_entry_parses_as_a_pretraining_run():
-    from experiments.loop_benchmark import GPU_EXTRA, GPU_SUITE
+def test_every_gpu_suite_entry_parses_as_a_pretraining_run_at_one_precision():
     from hf_koleo.training.arguments import parse_pretraining_args
 
-    for _, argv, batch_sizes in (*GPU_SUITE, *GPU_EXTRA):
-        arguments, _ = parse_pretraining_args([*argv, "--report_to", "none", "--max_steps", "1000"])
-        # one precision for the whole suite: accelerate's AcceleratorState is per process and refuses a change
-        assert arguments.mixed_precision == "bf16" and batch_sizes == sorted(batch_sizes)
-
-
-def test_the_suite_splits_into_core_and_extra_for_two_device_calls():
-    with pytest.raises(ValueError, match="part must be one of"):
-        run_loop_suite(quick=True, part="targets")
-    extra = run_loop_suite(quick=True, steps=1, koleo_prototypes=64, part="extra")
-    assert extra["loops"] == {} and "koleo_proto" not in extra and "peer" not in extra  # the quick suite has no extra
+    spec = load_spec(SPEC)
+    for run in spec.runs:
+        assert callable(run_kind(run.kind))
+        if run.kind == "loop_batch":
+            arguments, _ = parse_pretraining_args([*run.params["argv"], "--report_to", "none"])
+            # one precision for the whole suite: accelerate's AcceleratorState is per process and refuses a change
+            assert arguments.mixed_precision == "bf16"
+    stages = [run.stage for run in spec.runs]
+    assert stages.index("extra") > stages.index("peer")  # the targets come first in a budgeted call

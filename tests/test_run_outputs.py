@@ -121,12 +121,12 @@ def test_resume_with_another_batch_size_warns_what_happens_to_the_data_position(
 
 
 def test_a_run_stopped_in_set_up_leaves_no_outputs_that_block_the_next(data_path, tmp_path, monkeypatch):
-    import hf_koleo.training.trainer as trainer
+    import hf_koleo.training.run_setup as run_setup
 
     def broken_pipeline(*args, **kwargs):
         raise ValueError("data source: no images")
 
-    monkeypatch.setattr(trainer, "DataPipeline", broken_pipeline)
+    monkeypatch.setattr(run_setup, "build_pipeline", broken_pipeline)
     with pytest.raises(ValueError, match="no images"):
         run(data_path, tmp_path / "run")
     monkeypatch.undo()

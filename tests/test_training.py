@@ -38,6 +38,42 @@ def test_schedules_warm_up_then_follow_a_cosine():
     assert linear_warmup(15, 30, 0.04, 0.07) == pytest.approx(0.055) and linear_warmup(40, 30, 0.04, 0.07) == 0.07
 
 
+def test_the_last_layer_is_frozen_by_its_learning_rate_while_the_rest_trains():
+    from conftest import tiny_config
+
+    from hf_koleo.training.optimization import ScheduleValues, apply_schedules, build_optimizer
+
+    torch.manual_seed(0)
+    model = KoLeoDinoForPreTraining(tiny_config()).train()
+    optimizer = build_optimizer(model, weight_decay=0.04)
+    frozen = {id(head.prototypes) for head in model.prototype_heads("student").values()}
+    for group in optimizer.param_groups:  # the last layer sits in groups of its own
+        assert group["is_last_layer"] == any(id(parameter) in frozen for parameter in group["params"])
+    last_layer = [
+        parameter for group in optimizer.param_groups if group["is_last_layer"] for parameter in group["params"]
+    ]
+    assert {id(parameter) for parameter in last_layer} >= frozen
+
+    def step(last_layer_lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+        before = (
+            model.student_head.prototypes.detach().clone(),
+            model.student.backbone.embeddings.cls_token.detach().clone(),
+        )
+        apply_schedules(optimizer, ScheduleValues(1e-2, 0.04, 0.996, 0.04, last_layer_lr))
+        pixels = torch.randn(4, 2, 3, 16, 16)
+        model(pixels, teacher_temperature=0.04).loss.backward()
+        assert model.student_head.prototypes.grad is not None  # nothing touches the gradients
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return before
+
+    prototypes, cls_token = step(last_layer_lr=0.0)
+    assert torch.equal(model.student_head.prototypes, prototypes)  # frozen: lr 0, and no weight decay either
+    assert not torch.equal(model.student.backbone.embeddings.cls_token, cls_token)
+    prototypes, _ = step(last_layer_lr=1e-2)
+    assert not torch.equal(model.student_head.prototypes, prototypes)
+
+
 def test_yaml_config_with_cli_overrides_and_unknown_keys(tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text(

@@ -8,17 +8,16 @@ rejected with the list of valid ones.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import math
 import os
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
-from transformers import HfArgumentParser
 
 from ..configuration_koleo_dino import KoLeoDinoConfig
 from ..data.augment import MultiCropConfig
@@ -195,26 +194,109 @@ class PretrainingArguments(MultiCropConfig):
         return max(1, math.ceil(self.epochs * steps_per_epoch))
 
 
-def _to_argv(settings: dict[str, Any]) -> list[str]:
-    argv: list[str] = []
-    for key, value in settings.items():
-        if value is None:
-            continue
-        argv.append(f"--{key}")
-        if isinstance(value, (list, tuple)):
-            argv.extend(str(item) for item in value)
-        else:
-            argv.append(str(value))
-    return argv
-
-
-def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any, option: str) -> None:
     *parents, leaf = dotted.split(".")
     for name in parents:
         tree = tree.setdefault(name, {})
         if not isinstance(tree, dict):
-            raise ValueError(f"--model.{dotted}: {name} is not a mapping")
+            raise ValueError(f"{option}: {name} is not a mapping")
     tree[leaf] = value
+
+
+def parse_overrides(argv: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """``--key value ...`` / ``--model.a.b value`` as a settings mapping, the shape a YAML config has.
+
+    A run key keeps its words as given (one word: a string; several: a list; none: ``True``, a
+    flag; ``--resume`` alone means ``latest``), typed later by its field; a model key's value is
+    read as YAML (``--model.num_prototypes 4096`` is an int).
+    """
+    overrides: dict[str, Any] = {}
+    index, argv = 0, list(argv)
+    while index < len(argv):
+        option = argv[index]
+        if not option.startswith("--") or option == "--":
+            raise ValueError(f"unexpected argument {option!r}: options are --key value (model keys: --model.key value)")
+        values = []
+        index += 1
+        while index < len(argv) and not argv[index].startswith("--"):
+            values.append(argv[index])
+            index += 1
+        name = option[2:]
+        if name.startswith("model."):
+            if len(values) != 1:
+                raise ValueError(f"{option} needs one value")
+            _set_dotted(overrides.setdefault("model", {}), name[len("model.") :], yaml.safe_load(values[0]), option)
+        elif not values:
+            overrides[name] = "latest" if name == "resume" else True
+        else:
+            overrides[name] = values[0] if len(values) == 1 else values
+    return overrides
+
+
+_TRUE, _FALSE = ("true", "yes", "1", "on"), ("false", "no", "0", "off")
+
+
+def _typed(name: str, kind: Any, value: Any) -> Any:
+    """``value`` (from YAML, typed, or from the command line, words) as field ``name`` of type ``kind``."""
+
+    def invalid(what: str) -> ValueError:
+        return ValueError(f"argument --{name}: invalid {what} value: {value!r}")
+
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in _TRUE + _FALSE:
+            return value.lower() in _TRUE
+        raise invalid("bool")
+    if kind in (int, float):
+        if isinstance(value, bool):
+            raise invalid(kind.__name__)
+        try:
+            number = kind(value) if isinstance(value, str) else value
+        except ValueError:
+            raise invalid(kind.__name__) from None
+        if kind is int and not (isinstance(number, int) or (isinstance(number, float) and number.is_integer())):
+            raise invalid("int")
+        if not isinstance(number, (int, float)):
+            raise invalid(kind.__name__)
+        return kind(number)
+    if kind is str:
+        if isinstance(value, bool):  # YAML reads an unquoted no / yes / off as a bool
+            raise ValueError(f"argument --{name}: expected a string, got {value!r} (quote it in YAML: '{value}')")
+        if isinstance(value, (list, dict)):
+            raise invalid("str")
+        return "" if value is None else str(value)
+    if typing.get_origin(kind) is list:
+        (item,) = typing.get_args(kind)
+        items = value if isinstance(value, (list, tuple)) else [value]
+        return [_typed(name, item, element) for element in items]
+    return value
+
+
+def build_arguments(settings: dict[str, Any], source: str = "settings", check: bool = True) -> PretrainingArguments:
+    """``PretrainingArguments`` from a mapping of run keys, each value typed by its field (and checked)."""
+    hints = typing.get_type_hints(PretrainingArguments)
+    valid = sorted(hints)
+    unknown = sorted(str(key) for key in settings if key not in hints)
+    if unknown:
+        raise ValueError(f"{source}: unknown option(s) {unknown}; valid keys: {valid} (model keys go under model:)")
+    arguments = PretrainingArguments(**{key: _typed(key, hints[key], value) for key, value in settings.items()})
+    if check:
+        arguments.check()
+    return arguments
+
+
+def usage() -> str:
+    """What ``--help`` prints: every run key with its type, default and meaning."""
+    hints = typing.get_type_hints(PretrainingArguments)
+    lines = ["options (YAML keys of --config, or --key value; model keys: model: / --model.key value):"]
+    for item in dataclasses.fields(PretrainingArguments):
+        default = item.default_factory() if item.default_factory is not dataclasses.MISSING else item.default
+        hint = hints[item.name]
+        kind = str(hint) if typing.get_args(hint) else hint.__name__
+        help_text = item.metadata.get("help", "")
+        lines.append(f"  --{item.name} {kind} (default {default!r}) {help_text}".rstrip())
+    return "\n".join(lines)
 
 
 def _config_fields(config_class) -> set[str]:
@@ -279,19 +361,18 @@ def load_config_file(config_path: str | Path) -> dict[str, Any]:
 
 
 def parse_pretraining_args(argv: list[str]) -> tuple[PretrainingArguments, KoLeoDinoConfig]:
-    """``--config file.yaml`` plus ``--key value`` / ``--model.key value`` overrides."""
+    """``--config file.yaml`` plus ``--key value`` / ``--model.key value`` overrides (``--help``: the keys)."""
     argv = list(argv)
+    if "--help" in argv or "-h" in argv:
+        print(usage())
+        raise SystemExit(0)
     config_path = None
     if "--config" in argv:
         index = argv.index("--config")
-        if index + 1 >= len(argv):
+        if index + 1 >= len(argv) or argv[index + 1].startswith("--"):
             raise ValueError("--config needs a YAML file")
         config_path = argv[index + 1]
         del argv[index : index + 2]
-    if "--resume" in argv:  # a bare --resume means the latest checkpoint
-        index = argv.index("--resume")
-        if index + 1 == len(argv) or argv[index + 1].startswith("--"):
-            argv.insert(index + 1, "latest")
     settings = load_config_file(config_path) if config_path is not None else {}
     return arguments_from_settings(settings, argv, source=f"config file {config_path}" if config_path else "settings")
 
@@ -301,39 +382,28 @@ def arguments_from_settings(
 ) -> tuple[PretrainingArguments, KoLeoDinoConfig]:
     """Run arguments and model config from a mapping (what a YAML config holds) plus CLI-style overrides.
 
-    The one path from a dict to a run, shared by the command line, the study and the tests: run keys
-    at the top level, :class:`KoLeoDinoConfig` keys under ``model``; ``argv`` may hold ``--key value``
-    and ``--model.key value`` overrides. Unknown keys and bad values raise ``ValueError``.
+    The one path from settings to a run, shared by the command line, the experiments and the tests:
+    the mapping (run keys at the top level, :class:`KoLeoDinoConfig` keys under ``model``), the
+    overrides of ``argv`` merged into it as data (:func:`parse_overrides`), then the dataclasses.
+    Unknown keys and bad values raise ``ValueError`` naming them.
     """
-    settings = dict(settings)
-    model_settings = settings.pop("model", None) or {}
-    if not isinstance(model_settings, dict):
+    model_settings = settings.get("model")
+    if model_settings is not None and not isinstance(model_settings, dict):
         raise ValueError(f"{source}: model must be a mapping of KoLeoDinoConfig keys, got {model_settings!r}")
-    model_settings = copy.deepcopy(model_settings)
-    valid = sorted(f.name for f in dataclasses.fields(PretrainingArguments))
-    unknown = sorted(str(key) for key in settings if key not in valid)
-    if unknown:  # named here: once turned into options, the file and key would be lost
-        raise ValueError(f"{source}: unknown option(s) {unknown}; valid keys: {valid} (model keys go under model:)")
-    run_argv = _to_argv(settings)
-    argv = list(argv)
-    index = 0
-    while index < len(argv):
-        token = argv[index]
-        if token.startswith("--model."):
-            if index + 1 >= len(argv):
-                raise ValueError(f"{token} needs a value")
-            _set_dotted(model_settings, token[len("--model.") :], yaml.safe_load(argv[index + 1]))
-            index += 2
-        else:
-            run_argv.append(token)
-            index += 1
-    parser = HfArgumentParser(PretrainingArguments, allow_abbrev=False, exit_on_error=False)
-    try:
-        arguments, remaining = parser.parse_args_into_dataclasses(args=run_argv, return_remaining_strings=True)
-    except argparse.ArgumentError as error:  # a bad value, from the YAML or the command line
-        raise ValueError(str(error)) from None
-    if remaining:
-        raise ValueError(f"unknown option(s) {remaining}; valid keys: {valid} (model keys go under model:)")
-    arguments.check()
+    run_settings = {key: value for key, value in settings.items() if key != "model"}
+    build_arguments(run_settings, source, check=False)  # the file's own keys and values, named with the file
+    merged = _merge(copy.deepcopy(settings), parse_overrides(argv))
+    model_settings = merged.pop("model", None) or {}
+    arguments = build_arguments(merged, "command line" if argv else source)
     _check_output_dir(arguments.output_dir)
     return arguments, build_model_config(model_settings)
+
+
+def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """``overrides`` laid over ``base`` in place, mappings merged key by key."""
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = value
+    return base

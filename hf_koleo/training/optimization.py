@@ -1,6 +1,9 @@
 """Optimisation: AdamW parameter groups, the DINO schedules (lr, weight decay, teacher momentum and
-temperature) as pure functions of the step, and the two optimiser tricks of the step (skip an update
-on the device, freeze the last layer early)."""
+temperature, the last layer's lr) as pure functions of the step, and skipping an update on the device.
+
+The last layer (the student's prototypes and their scale) is frozen early on as DINOv2 does it:
+its parameter groups say ``is_last_layer`` and get ``last_layer_lr``, 0 for the first
+``freeze_last_layer_epochs``; nothing touches the gradients."""
 
 from __future__ import annotations
 
@@ -40,22 +43,38 @@ class ScheduleValues:
     weight_decay: float
     teacher_momentum: float
     teacher_temperature: float
-    freeze_last_layer_steps: int
+    last_layer_lr: float  # the prototypes' lr: 0 while the last layer is frozen, else lr
+
+
+def last_layer_parameters(model: KoLeoDinoForPreTraining) -> set[int]:
+    """``id`` of the student's prototype parameters (prototypes and scale of each head)."""
+    heads = model.prototype_heads("student").values()
+    return {id(parameter) for head in heads for parameter in (head.prototypes, head.prototype_scale)}
 
 
 def build_optimizer(model: KoLeoDinoForPreTraining, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW with weight decay on weight matrices only (no decay on biases, norms, scales)."""
-    decayed, not_decayed = [], []
+    """AdamW with weight decay on weight matrices only (no decay on biases, norms, scales); the last
+    layer in groups of its own (``is_last_layer``), so it can be frozen by its lr."""
+    last_layer = last_layer_parameters(model)
+    groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
-        (not_decayed if parameter.ndim <= 1 or name.endswith(".bias") else decayed).append(parameter)
-    groups = [
-        {"params": decayed, "weight_decay": weight_decay, "apply_weight_decay": True},
-        {"params": not_decayed, "weight_decay": 0.0, "apply_weight_decay": False},
+        decayed = not (parameter.ndim <= 1 or name.endswith(".bias"))
+        groups.setdefault((decayed, id(parameter) in last_layer), []).append(parameter)
+    param_groups = [
+        {
+            "params": parameters,
+            "weight_decay": weight_decay if decayed else 0.0,
+            "apply_weight_decay": decayed,
+            "is_last_layer": is_last_layer,
+        }
+        for (decayed, is_last_layer), parameters in sorted(
+            groups.items(), key=lambda item: (not item[0][0], item[0][1])
+        )
     ]
     # Fused: one kernel for every parameter, and it can skip an update on the device (found_inf).
-    return torch.optim.AdamW(groups, lr=0.0, fused=True)
+    return torch.optim.AdamW(param_groups, lr=0.0, fused=True)
 
 
 def skip_update_if(accelerator, optimizer, skip: torch.Tensor) -> None:
@@ -87,28 +106,22 @@ def schedule_values(
     temperature_steps = epochs_to_steps(
         arguments.teacher_temperature_warmup_epochs, steps_per_epoch, "teacher_temperature_warmup_epochs"
     )
+    freeze_steps = epochs_to_steps(arguments.freeze_last_layer_epochs, steps_per_epoch, "freeze_last_layer_epochs")
+    lr = cosine_schedule(step, total_steps, peak_lr, arguments.min_lr, max(0, warmup_steps))
     return ScheduleValues(
-        lr=cosine_schedule(step, total_steps, peak_lr, arguments.min_lr, max(0, warmup_steps)),
+        lr=lr,
         weight_decay=cosine_schedule(step, total_steps, arguments.weight_decay, arguments.weight_decay_end),
         teacher_momentum=cosine_schedule(step, total_steps, arguments.teacher_momentum, arguments.teacher_momentum_end),
         teacher_temperature=linear_warmup(
             step, temperature_steps, arguments.teacher_temperature_start, arguments.teacher_temperature
         ),
-        freeze_last_layer_steps=epochs_to_steps(
-            arguments.freeze_last_layer_epochs, steps_per_epoch, "freeze_last_layer_epochs"
-        ),
+        last_layer_lr=0.0 if step < freeze_steps else lr,
     )
 
 
 def apply_schedules(optimizer: torch.optim.Optimizer, values: ScheduleValues) -> None:
+    """The step's lr (``last_layer_lr`` for the last layer's groups) and weight decay, group by group."""
     for group in optimizer.param_groups:
-        group["lr"] = values.lr
+        group["lr"] = values.last_layer_lr if group.get("is_last_layer") else values.lr
         if group.get("apply_weight_decay"):
             group["weight_decay"] = values.weight_decay
-
-
-def cancel_last_layer_gradients(model: KoLeoDinoForPreTraining) -> None:
-    """DINO freezes the prototypes early on: drop their gradients so the optimiser skips them."""
-    for head in model.prototype_heads("student").values():
-        head.prototypes.grad = None
-        head.prototype_scale.grad = None

@@ -1,11 +1,11 @@
 """The data side of the loop: a source becomes batches of views on the accelerator.
 
-Two paths, one augmentation:
+Two paths, one class each, one augmentation (:func:`build_pipeline` picks the path):
 
-* **resident** (sources that fit ``in_memory_budget_gb``): decoded once (cached on disk), kept on
-  the accelerator, every view cut there (:class:`ResidentBatches`); no DataLoader at all.
-* **streamed** (anything else, and Hub ids): DataLoader workers decode disjoint shards into
-  ``uint8`` canvases (:class:`CanvasStream`); the views are cut on the accelerator.
+* :class:`ResidentPipeline` (sources that fit ``in_memory_budget_gb``): decoded once (cached on
+  disk), kept on the accelerator, every view cut there (:class:`ResidentBatches`); no DataLoader.
+* :class:`StreamedPipeline` (anything else, and Hub ids): DataLoader workers decode disjoint shards
+  into ``uint8`` canvases (:class:`CanvasStream`); the views are cut on the accelerator.
 """
 
 from __future__ import annotations
@@ -48,15 +48,14 @@ def fits_in_memory(arguments: PretrainingArguments, canvas_size: int) -> bool:
     return n_images * 3 * canvas_size**2 <= arguments.in_memory_budget_gb * 2**30
 
 
-class DataPipeline:
-    """Batches on the accelerator, ready for ``KoLeoDinoForPreTraining.forward``."""
+class Pipeline:
+    """What both data paths share: the multi-crop augmentation, the masks, the canvas; batches of views
+    on the accelerator, ready for ``KoLeoDinoForPreTraining.forward``."""
+
+    resident: bool = False
 
     def __init__(
-        self,
-        arguments: PretrainingArguments,
-        model_config: KoLeoDinoConfig,
-        accelerator: Accelerator,
-        position: tuple[int, int] = (0, 0),
+        self, arguments: PretrainingArguments, model_config: KoLeoDinoConfig, accelerator: Accelerator
     ) -> None:
         patch = _patch_size(model_config)
         for name in ("global_crops_size", "local_crops_size"):
@@ -73,30 +72,90 @@ class DataPipeline:
                 tuple(model_config.mask_ratio_min_max),
                 model_config.mask_probability,
             )
-        self.resident = fits_in_memory(arguments, self.canvas_size)
-        if self.resident:
-            with accelerator.main_process_first():  # the main process decodes and caches, the others load
-                decoded = load_decoded(arguments.data, self.canvas_size)
-            self.dataset_size = len(decoded)
-            self.batches = ResidentBatches(
-                decoded,
-                self.augmentation,
-                arguments.per_device_batch_size,
-                arguments.seed,
-                self.masking,
-                position,
-                accelerator.process_index,
-                accelerator.num_processes,
-                self.device,
-            )
-            logger.info(
-                "data %r: %d images resident on %s (%.1f MiB)",
-                arguments.data,
-                len(decoded),
-                self.device,
-                decoded.images.numel() / 2**20,
-            )
-            return
+        self.dataset_size = 0
+
+    def next_batch(self, state: TrainerState) -> dict[str, Any]:
+        """The next batch of views on the device; advances ``state.position``."""
+        raise NotImplementedError
+
+    def report_images(self, count: int) -> torch.Tensor:
+        """``(n, 3, S, S)`` normalised centre crops of the first ``count`` images of the source."""
+        return centre_views(
+            self.augmentation, self._first_images(count).to(self.device), self.arguments.global_crops_size
+        )
+
+    def _first_images(self, count: int) -> DecodedImages:
+        raise NotImplementedError
+
+    def corrupt_records(self, state: TrainerState, accelerator: Accelerator) -> int:
+        """Undecodable records skipped so far, over all processes (called by every process)."""
+        raise NotImplementedError
+
+    def exact_position(self, position: list[int]) -> bool:
+        """Whether a saved position counts the records each worker read, so that resuming it does not
+        depend on the batch size (a resident position counts batches)."""
+        return False
+
+
+class ResidentPipeline(Pipeline):
+    """Decoded once (cached on disk), kept on the accelerator, every view cut there; no DataLoader."""
+
+    resident = True
+
+    def __init__(
+        self,
+        arguments: PretrainingArguments,
+        model_config: KoLeoDinoConfig,
+        accelerator: Accelerator,
+        position: tuple[int, int] = (0, 0),
+    ) -> None:
+        super().__init__(arguments, model_config, accelerator)
+        with accelerator.main_process_first():  # the main process decodes and caches, the others load
+            decoded = load_decoded(arguments.data, self.canvas_size)
+        self.dataset_size = len(decoded)
+        self.batches = ResidentBatches(
+            decoded,
+            self.augmentation,
+            arguments.per_device_batch_size,
+            arguments.seed,
+            self.masking,
+            position,
+            accelerator.process_index,
+            accelerator.num_processes,
+            self.device,
+        )
+        logger.info(
+            "data %r: %d images resident on %s (%.1f MiB)",
+            arguments.data,
+            len(decoded),
+            self.device,
+            decoded.images.numel() / 2**20,
+        )
+
+    def next_batch(self, state: TrainerState) -> dict[str, Any]:
+        batch = self.batches.next_batch()
+        state.position = list(batch["position"])
+        return batch
+
+    def _first_images(self, count: int) -> DecodedImages:
+        data = self.batches.data
+        return DecodedImages(data.images[:count], data.extents[:count], data.labels[:count])
+
+    def corrupt_records(self, state: TrainerState, accelerator: Accelerator) -> int:
+        return self.batches.data.n_corrupt  # dropped once, when decoding, alike on every process
+
+
+class StreamedPipeline(Pipeline):
+    """DataLoader workers decode disjoint shards into ``uint8`` canvases; the views are cut on the accelerator."""
+
+    def __init__(
+        self,
+        arguments: PretrainingArguments,
+        model_config: KoLeoDinoConfig,
+        accelerator: Accelerator,
+        position: tuple[int, ...] = (0, 0),
+    ) -> None:
+        super().__init__(arguments, model_config, accelerator)
         with accelerator.main_process_first():  # built-in sources are prepared once, by the main process
             self.source = load_source(arguments.data)
         self.dataset_size = arguments.dataset_size or count_records(arguments.data) or 0
@@ -135,12 +194,12 @@ class DataPipeline:
         )
         self._iterator = iter(self.loader)
 
+    @property
+    def n_workers(self) -> int:
+        """The stream's logical workers (the main process counts as one when there are no workers)."""
+        return max(1, self.loader.num_workers)
+
     def next_batch(self, state: TrainerState) -> dict[str, Any]:
-        """The next batch of views on the device; advances ``state.position``."""
-        if self.resident:
-            batch = self.batches.next_batch()
-            state.position = list(batch["position"])
-            return batch
         raw = next(self._iterator)  # always batch_size images: undecodable records were replaced by the next ones
         state.position = advance_position(state.position, raw, self.n_workers)
         state.corrupt_records += raw["n_corrupt"]
@@ -153,27 +212,28 @@ class DataPipeline:
         batch["labels"] = raw["labels"]
         return batch
 
-    @property
-    def n_workers(self) -> int:
-        """The stream's logical workers (the main process counts as one when there are no workers)."""
-        return max(1, self.loader.num_workers)
+    def _first_images(self, count: int) -> DecodedImages:
+        return decode_records(islice(self.source, count), self.canvas_size, self.arguments.data)
+
+    def corrupt_records(self, state: TrainerState, accelerator: Accelerator) -> int:
+        counts = torch.tensor([state.corrupt_records], device=accelerator.device)
+        return int(accelerator.reduce(counts, "sum"))  # each process counts in its own shards
 
     def exact_position(self, position: list[int]) -> bool:
-        """Whether a saved position counts the records each worker read, so that resuming it does not
-        depend on the batch size (streamed only; a resident position counts batches)."""
-        if self.resident:
-            return False
         _, consumed = parse_position(position, self.n_workers)
         return all(count >= 0 for count in consumed)
 
-    def report_images(self, count: int) -> torch.Tensor:
-        """``(n, 3, S, S)`` normalised centre crops of the first ``count`` images of the source."""
-        if self.resident:
-            data = self.batches.data
-            decoded = DecodedImages(data.images[:count], data.extents[:count], data.labels[:count])
-        else:
-            decoded = decode_records(islice(self.source, count), self.canvas_size, self.arguments.data)
-        return centre_views(self.augmentation, decoded.to(self.device), self.arguments.global_crops_size)
+
+def build_pipeline(
+    arguments: PretrainingArguments,
+    model_config: KoLeoDinoConfig,
+    accelerator: Accelerator,
+    position: tuple[int, ...] = (0, 0),
+) -> Pipeline:
+    """The data path ``arguments`` call for (see :func:`fits_in_memory`), positioned at ``position``."""
+    canvas_size = arguments.canvas_size or arguments.global_crops_size
+    kind = ResidentPipeline if fits_in_memory(arguments, canvas_size) else StreamedPipeline
+    return kind(arguments, model_config, accelerator, position)
 
 
 def centre_views(augmentation: MultiCropAugmentation, decoded: DecodedImages, size: int) -> torch.Tensor:
@@ -193,3 +253,6 @@ def centre_views(augmentation: MultiCropAugmentation, decoded: DecodedImages, si
     crops = crop_and_resize(decoded.images.float() / 255.0, boxes, no_flip, size)[:, 0]
     identity = torch.tensor([IDENTITY_PARAMETERS], device=crops.device).expand(len(decoded), -1)
     return augmentation.photometric(crops, identity)
+
+
+__all__ = ["Pipeline", "ResidentPipeline", "StreamedPipeline", "build_pipeline", "centre_views", "fits_in_memory"]

@@ -13,28 +13,24 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from ..backbone_export import build_image_processor, export_backbone
 from ..configuration_koleo_dino import KoLeoDinoConfig
-from ..modeling_koleo_dino import KoLeoDinoForPreTraining
 from ..prototypes import prototype_metrics, prototype_report
 from .arguments import PretrainingArguments
-from .checkpoint import TrainerState, list_checkpoints, load_resume_checkpoint, save_checkpoint
+from .checkpoint import TrainerState, list_checkpoints, save_checkpoint
 from .interrupt import AFTER_THE_LOOP, StopRequest, exit_code, stop_on_signals
-from .launch import needs_cpu_backend
 from .lock import locks_output_dir
 from .optimization import (
     ScheduleValues,
     apply_schedules,
-    build_optimizer,
-    cancel_last_layer_gradients,
     schedule_values,
     skip_update_if,
 )
-from .pipeline import DataPipeline
+from .pipeline import Pipeline
 from .run_outputs import append_metrics, claim_output_dir, cut_metrics
+from .run_setup import build_run, make_accelerator
 from .summary import prototype_line
 
 logger = logging.getLogger(__name__)
@@ -82,10 +78,6 @@ class NonFiniteGuard:
         return int(steps.min())
 
 
-def _trackers(report_to: str) -> list[str] | None:
-    return {"none": None, "all": ["tensorboard", "trackio"]}.get(report_to, [report_to])
-
-
 @locks_output_dir
 def pretrain(arguments: PretrainingArguments, model_config: KoLeoDinoConfig) -> dict[str, Any]:
     """Run (or resume) pretraining; returns a summary with the final prototype report.
@@ -96,13 +88,7 @@ def pretrain(arguments: PretrainingArguments, model_config: KoLeoDinoConfig) -> 
     summary whose ``stopped`` says why (``exit_code`` 128 + the signal's number for a signal).
     """
     invocation_start = time.perf_counter()  # --max_time counts from here (setup and decoding included)
-    accelerator = Accelerator(
-        cpu=needs_cpu_backend(),
-        gradient_accumulation_steps=arguments.gradient_accumulation_steps,
-        mixed_precision=arguments.mixed_precision or None,
-        log_with=_trackers(arguments.report_to),
-        project_dir=str(arguments.output_dir),
-    )
+    accelerator = make_accelerator(arguments)
     # Signals are ours once the process group exists: a process waiting in it for a failed peer keeps
     # the default SIGTERM, so the launcher's stop ends it at once.
     with stop_on_signals() as stop:
@@ -121,18 +107,13 @@ def _train(
     # Before any process writes: a fresh run never mixes with an earlier run's outputs.
     claim_output_dir(output_dir, arguments.resume, arguments.overwrite_output_dir, accelerator.is_main_process)
     accelerator.wait_for_everyone()
-    set_seed(arguments.seed)
-    model = KoLeoDinoForPreTraining(model_config)
-    optimizer = build_optimizer(model, arguments.weight_decay)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    unwrapped: KoLeoDinoForPreTraining = accelerator.unwrap_model(model)
-
-    state, resume_from = load_resume_checkpoint(accelerator, output_dir, arguments.resume, model_config)
+    run = build_run(arguments, model_config, accelerator)
+    model, optimizer, unwrapped, data, state = run.model, run.optimizer, run.unwrapped, run.data, run.state
+    resume_from = run.resume_from
     if resume_from is not None and accelerator.is_main_process:
         logger.info("resumed from %s at step %d", resume_from, state.step)
     if arguments.resume and accelerator.is_main_process:
         cut_metrics(output_dir, state.step)  # the killed run's rows past its checkpoint go
-    data = DataPipeline(arguments, model_config, accelerator, tuple(state.position))
     global_batch = arguments.global_batch_size(accelerator.num_processes)
     if resume_from is not None and accelerator.is_main_process:
         _warn_if_batch_changed(state, arguments, accelerator.num_processes, data)
@@ -155,8 +136,6 @@ def _train(
     image_processor = build_image_processor(
         model_config.backbone_config.model_type, arguments.global_crops_size, arguments.image_mean, arguments.image_std
     )
-    if arguments.compile:
-        compile_model(unwrapped, arguments.compile_mode, arguments.compile_scope)
     assignment_counts = torch.zeros(model_config.num_prototypes, device=accelerator.device, dtype=torch.long)
     guard = NonFiniteGuard()
     window_start, window_images = time.perf_counter(), 0
@@ -251,18 +230,6 @@ def _end(accelerator: Accelerator) -> None:
     accelerator.end_training()
 
 
-def compile_model(model: KoLeoDinoForPreTraining, mode: str = "default", scope: str = "backbones") -> None:
-    """``torch.compile`` in place (parameter names and checkpoints unchanged); the first steps pay the
-    compilation. ``scope="backbones"``: the student and teacher backbones; ``"model"``: the whole
-    forward (backbones, heads, DINO / iBOT / KoLeo-proto losses trace as one graph). The optimiser
-    step (fused) and the EMA (foreach) stay eager."""
-    if scope == "model":
-        model.compile(mode=mode)
-    else:
-        model.student.compile(mode=mode)
-        model.teacher.compile(mode=mode)
-
-
 def train_step(
     accelerator: Accelerator,
     model,
@@ -289,8 +256,6 @@ def train_step(
         accelerator.backward(output.loss)
         gradient_norm = None
         if accelerator.sync_gradients:
-            if step < values.freeze_last_layer_steps:
-                cancel_last_layer_gradients(accelerator.unwrap_model(model))
             gradient_norm = accelerator.clip_grad_norm_(model.parameters(), clip_grad or math.inf)
             skip_update_if(accelerator, optimizer, ~torch.isfinite(gradient_norm))
         guard.observe(step, output.loss, gradient_norm, batch)
@@ -396,7 +361,7 @@ def _tracker_config(arguments: PretrainingArguments, model_config: KoLeoDinoConf
     return flat
 
 
-def _epoch(state: TrainerState, data: DataPipeline) -> float:
+def _epoch(state: TrainerState, data: Pipeline) -> float:
     """Epochs so far: images seen over the source's size (the pass counter when the size is unknown)."""
     return state.images_seen / data.dataset_size if data.dataset_size else float(state.position[0])
 
@@ -447,15 +412,10 @@ def _stopped_summary(accelerator, output_dir: Path, state, run_start, total_step
 
 
 def _finish(
-    accelerator, model, arguments, data: DataPipeline, state: TrainerState, run_start: tuple[float, int]
+    accelerator, model, arguments, data: Pipeline, state: TrainerState, run_start: tuple[float, int]
 ) -> dict[str, Any]:
     """Export the backbone and the prototype report; the run's summary (see ``training.summary``)."""
-    # Resident sources drop undecodable records once, when decoding (every process alike); streamed
-    # ones at every pass, each process in its own shards.
-    if data.resident:
-        corrupt = data.batches.data.n_corrupt
-    else:
-        corrupt = int(accelerator.reduce(torch.tensor([state.corrupt_records], device=accelerator.device), "sum"))
+    corrupt = data.corrupt_records(state, accelerator)
     summary: dict[str, Any] = {**_session_figures(state, run_start), "corrupt_records": corrupt}
     if not accelerator.is_main_process:
         return summary
@@ -474,4 +434,4 @@ def _finish(
     return summary
 
 
-__all__ = ["NonFiniteGuard", "NonFiniteLossError", "ScheduleValues", "compile_model", "pretrain", "train_step"]
+__all__ = ["NonFiniteGuard", "NonFiniteLossError", "ScheduleValues", "pretrain", "train_step"]
