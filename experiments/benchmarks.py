@@ -27,7 +27,7 @@ from unittest import mock
 import torch
 
 from experiments.koleo_reference import dinov2_koleo_loss
-from experiments.markdown import markdown_table, write_generated
+from experiments.markdown import markdown_table, verdict_list, write_generated
 from hf_koleo.losses import dino_loss, ibot_patch_loss, koleo_proto_loss, masked_patch_slots
 
 
@@ -481,7 +481,7 @@ def benchmark_sections(results: dict[str, Any]) -> dict[str, list[str]]:
                 ]
             ],
         )
-    sections["targets"] = [f"- {line}" for line in check_targets(results)]
+    sections["targets"] = verdict_list(check_targets(results))
     return sections
 
 
@@ -525,43 +525,42 @@ def write_report(spec, records: list[dict[str, Any]], left_out: dict[str, str], 
     return [path]
 
 
-def check_targets(results: dict[str, Any]) -> list[str]:
-    """The suite's targets, each marked met / not met with the measured number (skipped when not measured)."""
+def check_targets(results: dict[str, Any]) -> list[dict[str, str]]:
+    """The suite's targets as verdicts (``claim``, ``verdict`` met / NOT met, ``evidence``: the measured
+    number and the target); a target whose measurement is missing or failed is left out."""
 
-    def mark(condition: bool) -> str:
-        return "met" if condition else "NOT met"
+    def verdict(claim: str, met: bool, evidence: str) -> dict[str, str]:
+        return {"claim": claim, "verdict": "met" if met else "NOT met", "evidence": evidence}
 
     def measured(row) -> bool:
         return bool(row) and "error" not in row
 
     koleo = {(row["num_prototypes"], row["implementation"]): row for row in results.get("koleo", [])}
-    lines = []
+    verdicts = []
     if koleo:
         largest = max(size for size, _ in koleo)
         blocked = koleo.get((largest, "blocked"))
         if measured(blocked):
-            lines.append(
-                f"KoLeo-proto at K = {largest}: {blocked['peak_extra_mib']:.0f} MiB extra peak memory "
-                f"(target < 1024 MiB): {mark(blocked['peak_extra_mib'] < 1024)}."
+            mib = blocked["peak_extra_mib"]
+            verdicts.append(
+                verdict(
+                    f"KoLeo-proto at K = {largest}", mib < 1024, f"{mib:.0f} MiB extra peak memory (target < 1024 MiB)"
+                )
             )
     if measured(koleo.get((8192, "blocked"))) and measured(koleo.get((8192, "dense"))):
         ours, dense = koleo[(8192, "blocked")]["seconds_median"], koleo[(8192, "dense")]["seconds_median"]
-        lines.append(
-            f"KoLeo-proto at K = 8192 no slower than the DINOv2 algorithm: {ours:.3f} s vs {dense:.3f} s: "
-            f"{mark(ours <= dense)}."
-        )
+        claim = "KoLeo-proto at K = 8192 no slower than the DINOv2 algorithm"
+        verdicts.append(verdict(claim, ours <= dense, f"{ours:.3f} s vs {dense:.3f} s"))
     steps = [row for row in results.get("step", []) if measured(row)]
     for row in steps:
-        lines.append(
-            f"Full step at K = {row['K']} >= 1.2x the lightly-based step: {row['speedup_median']:.2f}x: "
-            f"{mark(row['speedup_median'] >= 1.2)}."
-        )
+        claim = f"Full step at K = {row['K']} >= 1.2x the lightly-based step"
+        verdicts.append(verdict(claim, row["speedup_median"] >= 1.2, f"{row['speedup_median']:.2f}x"))
     if measured(results.get("data")) and steps:
         headroom = results["data"]["images_per_second"] / steps[0]["ours_images_per_second"]
-        lines.append(f"Data pipeline >= 2x the step's demand (demo config): {headroom:.1f}x: {mark(headroom >= 2)}.")
+        claim = "Data pipeline >= 2x the step's demand (demo config)"
+        verdicts.append(verdict(claim, headroom >= 2, f"{headroom:.1f}x"))
     if measured(results.get("features")):
         ratio = results["features"]["ratio"]
-        lines.append(
-            f"Exported backbone feature extraction = stock Dinov2Model: {ratio:.2f}x: {mark(0.95 <= ratio <= 1.05)}."
-        )
-    return lines
+        claim = "Exported backbone feature extraction = stock Dinov2Model"
+        verdicts.append(verdict(claim, 0.95 <= ratio <= 1.05, f"{ratio:.2f}x"))
+    return verdicts

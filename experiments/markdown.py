@@ -31,6 +31,18 @@ def mean_std(values: Sequence[float], digits: int = 1) -> str:
     return f"{mean:,.{digits}f} ± {sample_sd(values):,.{digits}f}"
 
 
+def verdict_list(verdicts: Sequence[dict[str, str]]) -> list[str]:
+    """Verdicts (``claim``, ``verdict``, ``evidence``, as every report makes them) as a bullet list."""
+    return [f"- {item['claim']}: {item['evidence']}: {item['verdict']}." for item in verdicts]
+
+
+def verdict_table(verdicts: Sequence[dict[str, str]]) -> list[str]:
+    """Verdicts as a markdown table: claim, verdict, evidence."""
+    return markdown_table(
+        ["claim", "verdict", "evidence"], [[v["claim"], v["verdict"], v["evidence"]] for v in verdicts]
+    )
+
+
 def _markers(name: str) -> tuple[str, str]:
     return f"<!-- generated: {name} -->", f"<!-- end generated: {name} -->"
 

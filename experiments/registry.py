@@ -30,11 +30,10 @@ PLAN_NOTES: dict[str, str] = {
 }
 
 REPORTS: dict[str, str] = {
-    "gpu_study": "experiments.gpu_study_report:write_report",
+    "pretrain_study": "experiments.study_report:write_report",
     "frozen_head": "experiments.frozen_head_report:write_report",
     "benchmarks": "experiments.benchmarks:write_report",
     "loop_benchmark": "experiments.loop_benchmark:write_report",
-    "cpu_study": "experiments.study:write_report",
 }
 
 

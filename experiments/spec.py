@@ -8,6 +8,7 @@ Every study and benchmark of this project is a spec in ``configs/experiments/``,
     records: docs/study_gpu/runs                    # one JSON record per finished run (kept in git)
     work_dir: outputs/study_gpu                     # run folders and checkpoints (never committed)
     report_dir: docs                                # where the report writes
+    outputs: {markdown: results_gpu.md}             # the report's file names (optional)
     base_files: {pretrain: ../fashion_mnist_gpu.yaml}   # parameters read from a file (beside the spec)
     base: {...}                                     # every run's parameters
     choices:                                        # axes whose values name parameter overlays
@@ -49,6 +50,7 @@ KNOWN = {
     "records",
     "work_dir",
     "report_dir",
+    "outputs",
     "base_files",
     "base",
     "choices",

@@ -14,6 +14,18 @@ from data_fixtures import write_parquet
 from hf_koleo import KoLeoDinoConfig
 
 ROOT = Path(__file__).resolve().parents[1]
+# `python ACCELERATE_CPU --num_processes N script ...`: accelerate's launcher, CPU, every default given.
+ACCELERATE_CPU = (
+    "-m",
+    "accelerate.commands.launch",
+    "--cpu",
+    "--num_machines",
+    "1",
+    "--mixed_precision",
+    "no",
+    "--dynamo_backend",
+    "no",
+)
 # A pretraining run small enough for a test: 4 steps of batch 4 on 8x8 crops, a 1-layer backbone, K = 32,
 # iBOT and KoLeo-proto on, logs / prototype metrics / checkpoints every step or two.
 TINY_RUN = [

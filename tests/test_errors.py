@@ -4,13 +4,13 @@ pointed the wrong way."""
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import ACCELERATE_CPU, free_port
 from data_fixtures import png_bytes, write_parquet
 from test_cli import run_script
 
@@ -21,17 +21,6 @@ from hf_koleo.training.launch import LAUNCHER_REPORTS_ERRORS, RANK_VARIABLES
 from hf_koleo.training.lock import OutputDirLockedError
 
 ROOT = Path(__file__).resolve().parents[1]
-ACCELERATE_CPU = (
-    "-m",
-    "accelerate.commands.launch",
-    "--cpu",
-    "--num_machines",
-    "1",
-    "--mixed_precision",
-    "no",
-    "--dynamo_backend",
-    "no",
-)
 
 
 @pytest.fixture(autouse=True)
@@ -190,17 +179,11 @@ for case in ("user_error", "bug"):
 """
 
 
-def free_port() -> str:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return str(probe.getsockname()[1])
-
-
 def test_our_launcher_prints_a_user_error_once_and_a_crash_of_another_rank_with_its_traceback(tmp_path):
     script = tmp_path / "ranks.py"
     script.write_text(RANKS_SCRIPT)
     environment = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-c", LAUNCH_BOTH, str(script), free_port()]
+    command = [sys.executable, "-c", LAUNCH_BOTH, str(script), str(free_port())]
     completed = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=300)
     user_error, bug = completed.stderr.split("== bug\n")
     assert user_error.splitlines() == ["== user_error", "ranks.py: error: bad value; same on every rank", "exit 2"]
@@ -213,7 +196,7 @@ def test_accelerate_launch_on_two_cpu_processes_reports_a_config_mistake_in_one_
     config = tmp_path / "run.yaml"
     config.write_text("max_steps: 1\nlearning_rate: 0.1\n")
     command = [
-        *(sys.executable, *ACCELERATE_CPU, "--quiet", "--num_processes", "2", "--main_process_port", free_port()),
+        *(sys.executable, *ACCELERATE_CPU, "--quiet", "--num_processes", "2", "--main_process_port", str(free_port())),
         *(str(ROOT / "scripts" / "pretrain.py"), "--config", str(config), "--output_dir", str(tmp_path / "run")),
     ]
     environment = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}

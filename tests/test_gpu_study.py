@@ -1,4 +1,4 @@
-"""The GPU study on the harness (configs/experiments/gpu_study.yaml, pretrain_eval, gpu_study_report)."""
+"""The GPU study on the harness (configs/experiments/gpu_study.yaml, pretrain_eval, study_report)."""
 
 import dataclasses
 import json
@@ -7,11 +7,11 @@ from pathlib import Path
 from conftest import ROOT
 
 import experiments.pretrain_eval as pretrain_eval
-from experiments.gpu_study_report import claims, load_results, render_markdown, results_json, write_report
 from experiments.pretrain_eval import run_settings
 from experiments.runner import run_pending
 from experiments.spec import load_spec
 from experiments.store import Store
+from experiments.study_report import claims, load_results, render_markdown, results_json, write_report
 from hf_koleo.prototypes import DEFAULT_EPS_VALUES
 from hf_koleo.training.arguments import arguments_from_settings
 
@@ -115,7 +115,8 @@ def _record(dataset, k, method, seed, unique, knn, balanced):
         "name": f"{dataset}-K{k}-{method}-seed{seed}", "stage": "main", "dataset": dataset, "method": method,
         "num_prototypes": k, "seed": seed, "settings": {"epochs": 100}, "device": "test", "prototype_history": [],
         "pretraining": {"seconds": 60.0},
-        "final_prototypes": {"teacher/cls": {"unique_curve": {f"{eps:g}": unique for eps in DEFAULT_EPS_VALUES}}},
+        "final_prototypes": {"teacher/cls": {"unique_curve": {f"{eps:g}": unique for eps in DEFAULT_EPS_VALUES},
+                                             "utilisation": {"used": 12}, "nn_distance_quantiles": {"q0.5": 0.5}}},
         "evaluation": {"knn_top1": knn, "knn_balanced": balanced, "linear_top1": knn, "linear_balanced": balanced,
                        "shot5": knn},
     }  # fmt: skip
@@ -176,5 +177,5 @@ def test_verdicts_follow_the_targets():
 
 def test_no_records_report_that_nothing_ran():
     results = load_results([])
-    assert render_markdown(results) == "No run of the GPU study has finished yet.\n"
+    assert render_markdown(results, "the GPU study") == "No run of the GPU study has finished yet.\n"
     assert {item["verdict"] for item in claims(results)} == {"not measured"}

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, TINY_RUN, free_port
+from conftest import ACCELERATE_CPU, ROOT, TINY_RUN, free_port
 from safetensors.torch import load_file
 from transformers import AutoImageProcessor, AutoModel
 
@@ -244,17 +244,9 @@ def test_non_finite_loss_stops_with_a_diagnostic_checkpoint(data_path, tmp_path,
 def launch(data_path, output_dir, num_processes, batch_size, *extra):
     command = [
         sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--cpu",
+        *ACCELERATE_CPU,
         "--num_processes",
         str(num_processes),
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
         "--main_process_port",
         str(free_port()),
         str(ROOT / "scripts" / "pretrain.py"),

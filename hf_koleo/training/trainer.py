@@ -103,6 +103,7 @@ def _train(
     invocation_start: float,
 ) -> dict[str, Any]:
     """The run: set-up, the loop (batch -> forward -> backward -> step -> EMA -> log -> checkpoint), the end."""
+    # ---- Set-up: the output folder, model, optimiser, the resumed state, the data, the schedules ----
     output_dir = Path(arguments.output_dir)
     # Before any process writes: a fresh run never mixes with an earlier run's outputs.
     claim_output_dir(output_dir, arguments.resume, arguments.overwrite_output_dir, accelerator.is_main_process)
@@ -141,6 +142,7 @@ def _train(
     window_start, window_images = time.perf_counter(), 0
     run_start = (window_start, state.images_seen)  # the summary's img/s: this session's steps only
     output = None
+    # ---- Train: batch -> forward -> backward -> step -> EMA -> log -> checkpoint ----
     stop.deferring = True  # from here a signal stops the loop at a step boundary, with a checkpoint
     stop_reason = None
     # The step below never reads a device value on the host: the GPU runs ahead until logging.
@@ -204,6 +206,7 @@ def _train(
                     "%s at step %d of %d: checkpoint saved; --resume latest goes on", cause, state.step, total_steps
                 )
             break
+    # ---- The end: export the backbone and the report, or say where a stopped run stands ----
     stop.deferring, stop.outside = False, AFTER_THE_LOOP
     progress.close()
     if stop_reason:  # no export, no final report yet

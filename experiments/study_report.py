@@ -1,7 +1,11 @@
-"""Report of the GPU study (``configs/experiments/gpu_study.yaml``): tables, one verdict per claim, plots, JSON.
+"""Report of a pretraining study (``configs/experiments/{cpu_study,gpu_study}.yaml``): one verdict per
+claim, the recipe (or weight) chosen on a validation split, one table per dataset, plots, JSON.
 
-Reads the study's records (runs of kind ``pretrain_eval``, the raw-pixel ``evaluate_pixels``) and
-renders them; nothing here trains or evaluates. The verdicts test the targets of the study:
+Reads the study's records (runs of kind ``pretrain_eval`` with axes dataset, method, num_prototypes
+and seed; the raw-pixel ``evaluate_pixels``) and renders them; nothing here trains or evaluates.
+The stage named ``recipe`` holds the candidates scored on a validation split. The spec's
+``outputs`` name the files (``markdown``, ``json``, ``figures`` prefix; default the spec's name).
+The verdicts test the paper's claims against these targets:
 
 * features beat raw pixels: kNN@20 top-1 >= 90 on the Fashion-MNIST test split;
 * the baseline partially collapses: teacher unique@0.025 <= 75 % of K at some K >= 16384;
@@ -16,7 +20,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .markdown import markdown_table, mean_std, sample_sd
+from .markdown import markdown_table, mean_std, sample_sd, verdict_table
 
 HEADLINE_EPS = "0.025"
 TABLE_EPS = ("0.01", "0.025", "0.05", "0.1")  # the eps the study logs every epoch
@@ -53,13 +57,15 @@ def load_results(records: list[dict[str, Any]], left_out: dict[str, str] | None 
 
 
 def write_report(spec, records: list[dict[str, Any]], left_out: dict[str, str], report_dir: Path) -> list[Path]:
-    """``results_gpu.md``, ``results.json`` and ``figures/gpu_study_*.png`` in ``report_dir``."""
+    """The markdown, the headline JSON and the figures the spec's ``outputs`` name, in ``report_dir``."""
     results = load_results(records, left_out, spec)
+    outputs = {"markdown": f"{spec.name}.md", "json": f"{spec.name}.json", "figures": spec.name}
+    outputs.update(spec.settings.get("outputs") or {})
     report_dir.mkdir(parents=True, exist_ok=True)
-    markdown, headline = report_dir / "results_gpu.md", report_dir / "results.json"
-    markdown.write_text(render_markdown(results))
+    markdown, headline = report_dir / outputs["markdown"], report_dir / outputs["json"]
+    markdown.write_text(render_markdown(results, spec.settings.get("title", "the study")))
     headline.write_text(json.dumps(results_json(results), indent=1) + "\n")
-    return [markdown, headline, *plot_results(results, report_dir / "figures")]
+    return [markdown, headline, *plot_results(results, report_dir / "figures", outputs["figures"])]
 
 
 def teacher_curve(run: dict[str, Any]) -> dict[str, int]:
@@ -195,17 +201,26 @@ def claims(results: dict[str, Any]) -> list[dict[str, str]]:
     return verdicts
 
 
+def validation_score(run: dict[str, Any]) -> float:
+    """A recipe candidate's score: kNN@20 top-1 on its validation split (a dataset whose test split is
+    held out of training), or kNN balanced accuracy on 20 % held out (``protocol: validation``)."""
+    evaluation = run["evaluation"]
+    return evaluation["knn_top1"] if "knn_top1" in evaluation else evaluation["validation_knn_balanced"]
+
+
+def _length(settings: dict[str, Any]) -> str:
+    return f"{settings['max_steps']:,} steps" if settings.get("max_steps") else f"{settings.get('epochs', '-')} epochs"
+
+
 def recipe_rows(results: dict[str, Any]) -> list[list[str]]:
-    """The recipe candidates scored on the validation split, best first."""
-    runs = sorted(
-        (run for run in results["runs"] if run["stage"] == "recipe"), key=lambda run: -run["evaluation"]["knn_top1"]
-    )
+    """The recipe candidates scored on a validation split, best first."""
+    runs = sorted((run for run in results["runs"] if run["stage"] == "recipe"), key=lambda run: -validation_score(run))
     return [
         [
             run["method"],
-            f"{run['settings'].get('epochs', '-')}",
-            f"{run['evaluation']['knn_top1']:.1f}",
-            f"{run['evaluation']['linear_top1']:.1f}",
+            _length(run["settings"]),
+            f"{validation_score(run):.1f}",
+            f"{run['evaluation']['linear_top1']:.1f}" if "linear_top1" in run["evaluation"] else "-",
             f"{teacher_curve(run)[HEADLINE_EPS]:,} / {run['num_prototypes']:,}",
             f"{run['pretraining']['seconds']:.0f}",
         ]
@@ -213,10 +228,15 @@ def recipe_rows(results: dict[str, Any]) -> list[list[str]]:
     ]
 
 
-def render_markdown(results: dict[str, Any]) -> str:
+def _teacher(run: dict[str, Any], key: str) -> float:
+    teacher = run["final_prototypes"]["teacher/cls"]
+    return teacher["utilisation"]["used"] if key == "used" else teacher["nn_distance_quantiles"]["q0.5"]
+
+
+def render_markdown(results: dict[str, Any], title: str = "the study") -> str:
     runs = results["runs"]
     if not runs:
-        return "No run of the GPU study has finished yet.\n"
+        return f"No run of {title} has finished yet.\n"
     devices = sorted({run["device"] for run in runs})
     minutes = sum(run["pretraining"]["seconds"] for run in runs) / 60
     lines = [
@@ -226,13 +246,13 @@ def render_markdown(results: dict[str, Any]) -> str:
         "### Claims",
         "",
     ]
-    lines += markdown_table(["claim", "verdict", "evidence"], [list(c.values()) for c in claims(results)])
+    lines += verdict_table(claims(results))
     if results.get("left_out"):
         lines += ["", "Left out: " + "; ".join(f"{name} ({why})" for name, why in results["left_out"].items()) + "."]
     if recipe_rows(results):
-        lines += ["", "### Recipe (scored on fashion_mnist:val, held out from the training split)", ""]
+        lines += ["", "### Recipe (candidates scored on a validation split, never on the test split)", ""]
         lines += markdown_table(
-            ["candidate", "epochs", "val kNN@20", "val linear", f"unique@{HEADLINE_EPS}", "pretraining s"],
+            ["candidate", "length", "val kNN@20", "val linear", f"unique@{HEADLINE_EPS}", "pretraining s"],
             recipe_rows(results),
         )
     for dataset in sorted({run["dataset"] for run in runs if run["stage"] != "recipe"}):
@@ -242,16 +262,19 @@ def render_markdown(results: dict[str, Any]) -> str:
             if name != dataset:
                 continue
             curve_cells = [mean_std([teacher_curve(run)[eps] for run in group], 0) for eps in TABLE_EPS]
+            prototype_cells = [mean_std([_teacher(run, "used") for run in group], 0)]
+            prototype_cells.append(mean_std([_teacher(run, "nn") for run in group], 3))
             rows.append(
-                [f"{k:,}", method, str(len(group)), *curve_cells]
+                [f"{k:,}", method, str(len(group)), *curve_cells, *prototype_cells]
                 + [mean_std(_values(group, key)) for key, _ in METRICS]
             )
         pixels = results["pixels"].get(dataset)
         if pixels:
             cells = [f"{pixels[key]:.1f}" if key in pixels else "-" for key, _ in METRICS]
-            rows.append(["-", "raw pixels", "-", *["-"] * len(TABLE_EPS), *cells])
+            rows.append(["-", "raw pixels", "-", *["-"] * (len(TABLE_EPS) + 2), *cells])
         eps_header = [f"unique@{eps}" for eps in TABLE_EPS]
-        lines += markdown_table(["K", "method", "seeds", *eps_header, *[label for _, label in METRICS]], rows)
+        header = ["K", "method", "seeds", *eps_header, "used (arg-max)", "NN median"]
+        lines += markdown_table([*header, *[label for _, label in METRICS]], rows)
     return "\n".join(lines) + "\n"
 
 
@@ -266,10 +289,11 @@ def results_json(results: dict[str, Any]) -> dict[str, Any]:
                 "num_prototypes": run["num_prototypes"],
                 "seed": run["seed"],
                 "epochs": run["settings"].get("epochs"),
+                "max_steps": run["settings"].get("max_steps"),
                 "device": run["device"],
                 "pretraining_seconds": run["pretraining"]["seconds"],
                 "unique_prototypes": teacher_curve(run),
-                **{key: run["evaluation"][key] for key, _ in METRICS},
+                **run["evaluation"],
             }
             for run in results["runs"]
         ],
@@ -278,7 +302,7 @@ def results_json(results: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def plot_results(results: dict[str, Any], figures_dir: str | Path, prefix: str = "gpu_study") -> list[Path]:
+def plot_results(results: dict[str, Any], figures_dir: str | Path, prefix: str = "study") -> list[Path]:
     """Unique prototypes vs epoch, eps curves at the end, kNN / balanced accuracy vs K; the PNG paths."""
     import matplotlib
 
