@@ -298,19 +298,21 @@ class KoLeoDinoForPreTraining(KoLeoDinoPreTrainedModel):
     def _teacher_probs(
         self,
         teacher_logits: torch.Tensor,
-        centre_name: str,
+        centre: torch.Tensor,
         teacher_temperature: float,
         valid: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Centred, sharpened teacher distributions; ``valid`` ``(n,)`` marks the rows that count."""
+        """Centred, sharpened teacher distributions; ``valid`` ``(n,)`` marks the rows that count.
+
+        ``centre`` is the head's EMA centre buffer; in training it is updated in place (the same
+        tensor every step: a compiled graph or a CUDA graph keeps reading the live buffer).
+        """
         if self.config.centring == "sinkhorn_knopp":
             return sinkhorn_knopp(teacher_logits, teacher_temperature, self.config.sinkhorn_iterations, valid)
-        centre = getattr(self, centre_name)
         probs = centred_teacher_probs(teacher_logits, centre, teacher_temperature)
         if self.training:
             mean, count = batch_centre(teacher_logits, valid)
-            new_centre = ema_centre(centre, mean, self.config.centre_momentum, count)
-            setattr(self, centre_name, new_centre.to(centre.dtype))
+            centre.copy_(ema_centre(centre, mean, self.config.centre_momentum, count))
         return probs
 
     def patch_head(self, branch: str = "teacher") -> DINOHead:
@@ -375,11 +377,11 @@ class KoLeoDinoForPreTraining(KoLeoDinoPreTrainedModel):
         with torch.no_grad():
             teacher_tokens = self.teacher(global_views).last_hidden_state
             teacher_cls_logits = self.teacher_head(teacher_tokens[:, 0])
-            teacher_cls_probs = self._teacher_probs(teacher_cls_logits, "cls_centre", teacher_temperature)
+            teacher_cls_probs = self._teacher_probs(teacher_cls_logits, self.cls_centre, teacher_temperature)
             if use_ibot:
                 teacher_patch_logits = self.patch_head("teacher")(_gather_slots(teacher_tokens, slot_index))
                 teacher_patch_probs = self._teacher_probs(
-                    teacher_patch_logits, "patch_centre", teacher_temperature, slot_valid
+                    teacher_patch_logits, self.patch_centre, teacher_temperature, slot_valid
                 )
 
         student_globals = self.student(global_views, bool_masked_pos=view_masks if use_ibot else None)

@@ -77,7 +77,9 @@ def test_ema_centre_moves_towards_batch_mean_only_in_training():
     global_crops, local_crops = crops()
     model.eval()(global_crops, local_crops)
     assert model.cls_centre.abs().sum() == 0
+    buffer = model.cls_centre
     model.train()(global_crops, local_crops)
+    assert model.cls_centre is buffer  # updated in place: a compiled or CUDA graph keeps reading the live buffer
     with torch.no_grad():
         teacher_logits = model.teacher_head(model.teacher(global_crops.transpose(0, 1).flatten(0, 1)).pooler_output)
     assert torch.allclose(model.cls_centre, 0.1 * teacher_logits.mean(dim=0, keepdim=True), atol=1e-6)
