@@ -41,6 +41,7 @@ from hf_koleo.data.augment import CROP_ATTEMPTS, crop_and_resize, random_resized
 from hf_koleo.data.counter_rng import sample_keys, uniforms
 from hf_koleo.data.decoded import load_decoded
 from hf_koleo.data.sources import cache_dir
+from hf_koleo.koleo_neighbours import NeighbourCandidates, koleo_proto_with_candidates
 from hf_koleo.losses import batch_centre, centred_teacher_probs, dino_loss, ema_centre
 from hf_koleo.modeling_koleo_dino import ema_update_
 from hf_koleo.prototypes import (
@@ -260,6 +261,9 @@ class FrozenHeadConfig:
     eval_every: int = 100
     eval_images: int = 4096
     koleo_proto_weight: float = 0.0
+    koleo_proto_search: str = "exact"  # or "candidates" (KoLeoDinoConfig's meaning)
+    koleo_proto_candidates: int = 8
+    koleo_proto_refresh_every: int = 50
     seed: int = 0
     init_std: float = 0.02  # KoLeoDinoConfig.initializer_range
 
@@ -279,6 +283,7 @@ class HeadState:
     teacher: DINOHead
     optimizer: torch.optim.Optimizer
     centre: torch.Tensor  # (1, K)
+    neighbours: NeighbourCandidates | None = None  # KoLeo-proto's candidate lists
 
 
 def init_state(in_features: int, config: FrozenHeadConfig) -> HeadState:
@@ -287,15 +292,21 @@ def init_state(in_features: int, config: FrozenHeadConfig) -> HeadState:
     student = build_head(in_features, config)
     teacher = copy.deepcopy(student).requires_grad_(False)
     optimizer = torch.optim.AdamW(student.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
-    return HeadState(student, teacher, optimizer, torch.zeros(1, config.num_prototypes))
+    neighbours = None
+    if config.koleo_proto_search == "candidates":
+        neighbours = NeighbourCandidates(config.num_prototypes, config.bottleneck_size, config.koleo_proto_candidates)
+    return HeadState(student, teacher, optimizer, torch.zeros(1, config.num_prototypes), neighbours)
 
 
-def head_step(state: HeadState, views: torch.Tensor, config: FrozenHeadConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def head_step(
+    state: HeadState, views: torch.Tensor, config: FrozenHeadConfig, step: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One DINO step on the head alone: teacher targets, student loss (+ KoLeo-proto), AdamW, EMA, centre.
 
     Args:
         views: ``(batch, 2, dim)`` two views of each image; the teacher sees both, the student
             predicts each from the other.
+        step: the step's number (the candidate search refreshes every ``koleo_proto_refresh_every``).
 
     Returns:
         ``(dino_loss, koleo_proto_loss)`` detached scalars (KoLeo-proto is computed only when
@@ -309,7 +320,10 @@ def head_step(state: HeadState, views: torch.Tensor, config: FrozenHeadConfig) -
     student_logits = state.student(flat).reshape(batch, n_views, -1)
     loss = dino_loss(student_logits, teacher_probs.reshape(batch, n_views, -1), config.student_temperature)
     koleo = torch.zeros(())
-    if config.koleo_proto_weight > 0:
+    if config.koleo_proto_weight > 0 and state.neighbours is not None:
+        refresh = step % config.koleo_proto_refresh_every == 0
+        koleo, _ = koleo_proto_with_candidates(state.student.prototypes, state.neighbours, refresh)
+    elif config.koleo_proto_weight > 0:
         koleo = koleo_proto_loss(state.student.prototypes)
     state.optimizer.zero_grad(set_to_none=True)
     (loss + config.koleo_proto_weight * koleo).backward()
@@ -381,7 +395,7 @@ def run_frozen_head(
         if step == config.steps:
             break
         indices = torch.randint(views.n_images, (config.batch_size,), generator=generator)
-        loss, koleo = head_step(state, views.views(indices, sample_keys(config.seed, step, indices)), config)
+        loss, koleo = head_step(state, views.views(indices, sample_keys(config.seed, step, indices)), config, step)
         loss_sum, koleo_sum, since = loss_sum + loss, koleo_sum + koleo, since + 1
     curve = unique_prototype_curve(state.teacher.prototypes, DEFAULT_EPS_VALUES)
     return {

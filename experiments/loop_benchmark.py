@@ -30,7 +30,7 @@ import torch
 from accelerate import Accelerator
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from experiments.markdown import markdown_table
+from experiments.markdown import markdown_table, write_generated
 from hf_koleo import koleo_proto_loss
 from hf_koleo.training.arguments import parse_pretraining_args
 from hf_koleo.training.checkpoint import TrainerState
@@ -115,8 +115,27 @@ def host_syncs(loop: Loop, steps: int = 2) -> list[str]:
     return [f"{name} at {where}" for name, where in recorder.syncs]
 
 
+def matmul_gflops(device: torch.device, size: int = 1024, repeats: int = 10) -> float:
+    """This machine's own float32 matrix-multiply rate (GFLOP/s) on a ``size``-square product: the
+    yardstick of the step's achieved rate (an MFU for machines without a datasheet figure)."""
+    left, right = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
+    left @ right  # warm-up
+    return 2 * size**3 / _timed(device, lambda: left @ right, repeats) / 1e9
+
+
+def step_flops(loop: Loop, batch: dict[str, Any]) -> int:
+    """Floating-point operations of one training step (forward and backward) in matrix multiplies,
+    convolutions and attention, as ``torch.utils.flop_counter`` counts them."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        loop.step(batch)
+    return counter.get_total_flops()
+
+
 def measure_batch(argv: list[str], batch_size: int, steps: int, warmup: int = 3) -> dict[str, Any]:
-    """Data alone, step alone and end to end for one per-device batch size."""
+    """Data alone, step alone and end to end for one per-device batch size; the step's matmul rate
+    against the machine's own (``mfu``)."""
     loop = Loop.build(argv, batch_size)
     for _ in range(warmup):
         loop.step(loop.next_batch())
@@ -125,6 +144,8 @@ def measure_batch(argv: list[str], batch_size: int, steps: int, warmup: int = 3)
     step_seconds = _timed(loop.device, lambda: loop.step(fixed), steps)
     end_to_end_seconds = _timed(loop.device, lambda: loop.step(loop.next_batch()), steps)
     syncs = host_syncs(loop)
+    flops = step_flops(loop, fixed)
+    achieved, machine = flops / step_seconds / 1e9, matmul_gflops(loop.device)
     return {
         "batch_size": batch_size,
         "resident": loop.data.resident,
@@ -135,6 +156,10 @@ def measure_batch(argv: list[str], batch_size: int, steps: int, warmup: int = 3)
         "data_over_step": step_seconds / data_seconds,
         "end_to_end_over_step": step_seconds / end_to_end_seconds,
         "host_syncs": syncs,
+        "step_gflop": flops / 1e9,
+        "achieved_gflops": achieved,
+        "machine_matmul_gflops": machine,
+        "mfu": achieved / machine,
     }
 
 
@@ -224,7 +249,7 @@ def render_loop_markdown(name: str, results: dict[str, Any]) -> list[str]:
         "",
     ]
     header = ["batch", "data img/s", "step ms", "step img/s", "end-to-end img/s", "data ÷ step", "end-to-end ÷ step"]
-    header += ["step time vs previous batch", "host syncs"]
+    header += ["step time vs previous batch", "matmul GFLOP/s (MFU)", "host syncs"]
     rows = []
     for row in results["rows"]:
         if "error" in row:
@@ -243,6 +268,9 @@ def render_loop_markdown(name: str, results: dict[str, Any]) -> list[str]:
                 f"{row['data_over_step']:.2f}",
                 f"{row['end_to_end_over_step']:.2f}",
                 scaling_cell,
+                f"{row['achieved_gflops']:.0f} of {row['machine_matmul_gflops']:.0f} ({100 * row['mfu']:.0f} %)"
+                if "mfu" in row
+                else "–",
                 syncs,
             ]
         )
@@ -283,11 +311,20 @@ def load_results(records: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def write_report(spec, records: list[dict[str, Any]], left_out: dict[str, str], report_dir: Path) -> list[Path]:
-    """``benchmarks_gpu.md`` in ``report_dir``: one table per config, then the single measurements."""
-    path = report_dir / "benchmarks_gpu.md"
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """One table per config, then the single measurements: the whole ``outputs.markdown`` (default
+    ``<spec name>.md``), or with ``outputs.region`` only that generated region of it."""
+    outputs = {"markdown": f"{spec.name}.md", **(spec.settings.get("outputs") or {})}
+    path = report_dir / outputs["markdown"]
     commands = "; ".join(dict.fromkeys(record["environment"].get("command", "?") for record in records))
-    path.write_text(render_loop_suite_markdown(load_results(records), commands or "-"))
+    loads = sorted({tuple(record["environment"].get("load_average") or ()) for record in records})
+    text = render_loop_suite_markdown(load_results(records), commands or "-", spec.settings.get("title"))
+    if loads:
+        text += "\nLoad average (1, 5, 15 min) when each run ended: " + "; ".join(map(str, loads)) + ".\n"
+    if outputs.get("region"):
+        write_generated(path, {outputs["region"]: text.splitlines()})
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
     return [path]
 
 
@@ -325,9 +362,9 @@ _SENTENCES = (
 )
 
 
-def render_loop_suite_markdown(results: dict[str, Any], command: str) -> str:
+def render_loop_suite_markdown(results: dict[str, Any], command: str, title: str | None = None) -> str:
     lines = [
-        "## Training loop on the accelerator",
+        f"## {title or 'Training loop on the accelerator'}",
         "",
         f"Measured on {results['device']} with `{command}`.",
         "",

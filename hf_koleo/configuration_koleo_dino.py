@@ -11,6 +11,7 @@ from transformers.configuration_utils import SubConfigSpec
 SUPPORTED_BACKBONES = ("dinov2", "vit")
 CENTRING_METHODS = ("ema", "sinkhorn_knopp")
 KOLEO_PROTO_TARGETS = ("cls", "patch", "both")
+KOLEO_PROTO_SEARCHES = ("exact", "candidates")
 
 
 class KoLeoDinoConfig(PreTrainedConfig):
@@ -58,6 +59,15 @@ class KoLeoDinoConfig(PreTrainedConfig):
             Which prototypes KoLeo-proto spreads: `"cls"`, `"patch"` (the separate patch head,
             or the shared head) or `"both"` (mean of the two; the same as `"cls"` with a shared
             head).
+        koleo_proto_search (`str`, *optional*, defaults to `"exact"`):
+            How KoLeo-proto finds each prototype's nearest neighbour: `"exact"` (a blocked search
+            over all K² pairs every step) or `"candidates"` (that search every
+            `koleo_proto_refresh_every` steps, keeping each prototype's `koleo_proto_candidates`
+            nearest; the steps between rank only those; see `hf_koleo.koleo_neighbours`).
+        koleo_proto_candidates (`int`, *optional*, defaults to 8):
+            Candidates kept per prototype by the `"candidates"` search.
+        koleo_proto_refresh_every (`int`, *optional*, defaults to 50):
+            Steps between two exact searches of the `"candidates"` search.
         koleo_weight (`float`, *optional*, defaults to 0.0):
             Weight of DINOv2's KoLeo regulariser on the student CLS features within a batch.
         initializer_range (`float`, *optional*, defaults to 0.02):
@@ -99,6 +109,9 @@ class KoLeoDinoConfig(PreTrainedConfig):
     mask_probability: float = 0.5
     koleo_proto_weight: float = 0.0
     koleo_proto_on: str = "cls"
+    koleo_proto_search: str = "exact"
+    koleo_proto_candidates: int = 8
+    koleo_proto_refresh_every: int = 50
     koleo_weight: float = 0.0
     initializer_range: float = 0.02
 
@@ -154,6 +167,9 @@ class KoLeoDinoConfig(PreTrainedConfig):
             "initializer_range": (_is_non_negative, "a number >= 0"),
             "mask_probability": (lambda value: _is_number(value) and 0 <= value <= 1, "a number in [0, 1]"),
             "koleo_proto_on": (lambda value: value in KOLEO_PROTO_TARGETS, f"one of {KOLEO_PROTO_TARGETS}"),
+            "koleo_proto_search": (lambda value: value in KOLEO_PROTO_SEARCHES, f"one of {KOLEO_PROTO_SEARCHES}"),
+            "koleo_proto_candidates": (_is_int_at_least(1), "an integer >= 1"),
+            "koleo_proto_refresh_every": (_is_int_at_least(1), "an integer >= 1"),
         }
         for name, (is_valid, allowed) in rules.items():
             _require(name, getattr(self, name), is_valid(getattr(self, name)), allowed)

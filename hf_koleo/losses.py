@@ -244,7 +244,9 @@ def nearest_neighbours(unit_vectors: torch.Tensor, block_size: int | None = None
     return indices, distances
 
 
-def koleo_loss(vectors: torch.Tensor, block_size: int | None = None) -> torch.Tensor:
+def koleo_loss(
+    vectors: torch.Tensor, block_size: int | None = None, neighbour_index: torch.Tensor | None = None
+) -> torch.Tensor:
     """Kozachenko-Leonenko entropy regulariser of a set of vectors (to be minimised).
 
     ``-(1/K) * sum_i log(min_{j != i} ||v_i - v_j||_2 + 1e-8)`` with ``v_i`` the L2-normalised
@@ -255,6 +257,8 @@ def koleo_loss(vectors: torch.Tensor, block_size: int | None = None) -> torch.Te
     Args:
         vectors: ``(K, d)``, any scale (rows are normalised here).
         block_size: rows per search block; automatic if None.
+        neighbour_index: ``(K,)`` each row's neighbour, found elsewhere (e.g. by
+            :class:`hf_koleo.koleo_neighbours.NeighbourCandidates`); the search is skipped.
 
     Returns:
         Scalar in the dtype of ``vectors``.
@@ -262,7 +266,8 @@ def koleo_loss(vectors: torch.Tensor, block_size: int | None = None) -> torch.Te
     if vectors.dim() != 2:
         raise ValueError(f"koleo_loss expects a (K, d) matrix, got shape {tuple(vectors.shape)}")
     unit_vectors = F.normalize(vectors, p=2, dim=-1)
-    neighbour_index, _ = nearest_neighbours(unit_vectors, block_size)
+    if neighbour_index is None:
+        neighbour_index, _ = nearest_neighbours(unit_vectors, block_size)
     distances = torch.linalg.vector_norm(unit_vectors - unit_vectors[neighbour_index], dim=-1)
     return -torch.log(distances + KOLEO_EPSILON).mean()
 

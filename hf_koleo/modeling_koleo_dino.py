@@ -13,6 +13,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import ModelOutput
 
 from .configuration_koleo_dino import KoLeoDinoConfig
+from .koleo_neighbours import NeighbourCandidates, koleo_proto_with_candidates
 from .losses import (
     batch_centre,
     centred_teacher_probs,
@@ -124,7 +125,12 @@ class KoLeoDinoModel(KoLeoDinoPreTrainedModel):
     """
 
     # A pretraining checkpoint also holds the student, the heads and the centres: expected, not reported.
-    _keys_to_ignore_on_load_unexpected = [r"^student\.", r"^(student|teacher)_(patch_)?head\.", r"_centre$"]
+    _keys_to_ignore_on_load_unexpected = [
+        r"^student\.",
+        r"^(student|teacher)_(patch_)?head\.",
+        r"_centre$",
+        r"^koleo_neighbours\.",
+    ]
 
     def __init__(self, config: KoLeoDinoConfig) -> None:
         super().__init__(config)
@@ -168,6 +174,8 @@ class KoLeoDinoPreTrainingOutput(ModelOutput):
         ibot_loss: masked-patch cross-entropy (unweighted).
         koleo_proto_loss: KoLeo-proto on the student prototypes (unweighted).
         koleo_loss: DINOv2 KoLeo on student CLS features (unweighted).
+        koleo_proto_exact: fraction of prototypes whose KoLeo-proto neighbour is certified the exact
+            nearest (1 for the exact search; see :mod:`hf_koleo.koleo_neighbours`).
         teacher_cls_assignments: ``(batch, n_global)`` arg-max prototype of each teacher view.
         teacher_entropy: mean entropy (nats) of the teacher CLS distributions.
     """
@@ -177,6 +185,7 @@ class KoLeoDinoPreTrainingOutput(ModelOutput):
     ibot_loss: torch.FloatTensor | None = None
     koleo_proto_loss: torch.FloatTensor | None = None
     koleo_loss: torch.FloatTensor | None = None
+    koleo_proto_exact: torch.FloatTensor | None = None
     teacher_cls_assignments: torch.LongTensor | None = None
     teacher_entropy: torch.FloatTensor | None = None
 
@@ -224,6 +233,12 @@ class KoLeoDinoForPreTraining(KoLeoDinoPreTrainedModel):
         self.teacher_patch_head = None if config.shared_head else self._build_head(config.num_patch_prototypes)
         self.register_buffer("cls_centre", torch.zeros(1, config.num_prototypes))
         self.register_buffer("patch_centre", torch.zeros(1, config.num_patch_prototypes))
+        self.koleo_neighbours = None
+        if config.koleo_proto_weight > 0 and config.koleo_proto_search == "candidates":
+            self.koleo_neighbours = nn.ModuleList(
+                NeighbourCandidates(head.prototypes.shape[0], head.prototypes.shape[1], config.koleo_proto_candidates)
+                for head in self._koleo_proto_heads()
+            )
         for parameter in self._branch_modules("teacher").parameters():
             parameter.requires_grad_(False)
         self._freeze_unused_student_parameters()
@@ -345,6 +360,7 @@ class KoLeoDinoForPreTraining(KoLeoDinoPreTrainedModel):
         masks: torch.Tensor | None = None,
         teacher_temperature: float = 0.04,
         mask_slots: int | None = None,
+        refresh_neighbours: bool = True,
     ) -> KoLeoDinoPreTrainingOutput:
         """One DINO / iBOT / KoLeo-proto loss evaluation.
 
@@ -358,6 +374,8 @@ class KoLeoDinoForPreTraining(KoLeoDinoPreTrainedModel):
             mask_slots: masked patch tokens the iBOT heads process for the whole batch (a static
                 shape); default: every crop's maximum, ``ceil(mask_ratio_min_max[1] * n_patches)``.
                 The data pipeline passes a tighter bound (``MaskSettings.slot_budget``).
+            refresh_neighbours: with ``koleo_proto_search="candidates"``, redo the exact neighbour
+                search this step (the trainer asks every ``koleo_proto_refresh_every`` steps).
         """
         self._check_inputs(global_crops, local_crops, masks)
         config = self.config
@@ -405,11 +423,14 @@ class KoLeoDinoForPreTraining(KoLeoDinoPreTrainedModel):
                 student_patch_logits, teacher_patch_probs, slot_weights, config.student_temperature
             )
 
-        loss_koleo_proto = zero
+        loss_koleo_proto, koleo_proto_exact = zero, zero + 1.0
         if config.koleo_proto_weight > 0:
-            loss_koleo_proto = torch.stack(
-                [koleo_proto_loss(head.prototypes) for head in self._koleo_proto_heads()]
-            ).mean()
+            losses, exact = [], []
+            for index, head in enumerate(self._koleo_proto_heads()):
+                loss, certified = self._koleo_proto(head, index, refresh_neighbours)
+                losses.append(loss)
+                exact.append(certified)
+            loss_koleo_proto, koleo_proto_exact = torch.stack(losses).mean(), torch.stack(exact).mean()
 
         loss_koleo = zero
         if config.koleo_weight > 0:
@@ -429,9 +450,16 @@ class KoLeoDinoForPreTraining(KoLeoDinoPreTrainedModel):
             ibot_loss=loss_ibot,
             koleo_proto_loss=loss_koleo_proto,
             koleo_loss=loss_koleo,
+            koleo_proto_exact=koleo_proto_exact,
             teacher_cls_assignments=teacher_cls_logits.argmax(dim=-1).reshape(n_global, -1).t(),
             teacher_entropy=teacher_entropy,
         )
+
+    def _koleo_proto(self, head: DINOHead, index: int, refresh: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """KoLeo-proto on one head's prototypes, and the fraction of certified-exact neighbours."""
+        if self.koleo_neighbours is None:
+            return koleo_proto_loss(head.prototypes), head.prototypes.new_ones((), dtype=torch.float32)
+        return koleo_proto_with_candidates(head.prototypes, self.koleo_neighbours[index], refresh)
 
     def _koleo_proto_heads(self) -> list[DINOHead]:
         patch_head = self.patch_head("student")

@@ -15,6 +15,7 @@ LAYERS = {
     "hf_koleo.configuration_koleo_dino": 0,  # model: configuration, model, losses, stock backbone export
     "hf_koleo.modeling_koleo_dino": 0,
     "hf_koleo.losses": 0,
+    "hf_koleo.koleo_neighbours": 0,
     "hf_koleo.backbone_export": 0,
     "hf_koleo.prototypes": 1,  # collapse diagnostics
     "hf_koleo": 1,  # the public names: model + diagnostics

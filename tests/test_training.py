@@ -149,7 +149,12 @@ def test_run_ends_with_checkpoint_backbone_and_report(data_path, tmp_path):
 
 @pytest.mark.parametrize(
     ("path", "extra", "position"),
-    [("resident", (), [0, 4]), ("streamed", ("--in_memory", "no", "--num_workers", "2"), [0, 4])],
+    [
+        ("resident", (), [0, 4]),
+        ("streamed", ("--in_memory", "no", "--num_workers", "2"), [0, 4]),
+        # KoLeo-proto's candidate lists are saved: the resumed run ranks the lists the killed run had
+        ("candidates", ("--model.koleo_proto_search", "candidates", "--model.koleo_proto_refresh_every", "3"), [0, 4]),
+    ],
 )
 def test_resume_gives_the_same_parameters_as_a_straight_run(data_path, tmp_path, monkeypatch, path, extra, position):
     run(data_path, tmp_path / "straight", *extra)

@@ -34,7 +34,15 @@ from .run_setup import build_run, make_accelerator
 from .summary import prototype_line
 
 logger = logging.getLogger(__name__)
-LOSS_TERMS = ("loss", "dino_loss", "ibot_loss", "koleo_proto_loss", "koleo_loss", "teacher_entropy")
+LOSS_TERMS = (
+    "loss",
+    "dino_loss",
+    "ibot_loss",
+    "koleo_proto_loss",
+    "koleo_loss",
+    "koleo_proto_exact",
+    "teacher_entropy",
+)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -248,6 +256,7 @@ def train_step(
     A NaN/inf gradient makes the fused optimiser skip the update on the device; ``guard`` counts
     it and keeps the batch, for the check every ``log_every`` steps.
     """
+    refresh_every = accelerator.unwrap_model(model).config.koleo_proto_refresh_every
     with accelerator.accumulate(model):
         output = model(
             batch["global_crops"],
@@ -255,6 +264,7 @@ def train_step(
             batch.get("masks"),
             teacher_temperature=values.teacher_temperature,
             mask_slots=batch.get("mask_slots"),
+            refresh_neighbours=step % refresh_every == 0,  # host arithmetic: no sync
         )
         accelerator.backward(output.loss)
         gradient_norm = None

@@ -1,0 +1,88 @@
+"""KoLeo-proto's candidate search (hf_koleo/koleo_neighbours.py): exact where it says so, cheap between refreshes."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import tiny_config
+
+from hf_koleo import KoLeoDinoForPreTraining
+from hf_koleo.koleo_neighbours import NeighbourCandidates, koleo_proto_with_candidates, nearest_candidates
+from hf_koleo.losses import koleo_proto_loss, nearest_neighbours
+
+
+def unit(rows: int = 300, dim: int = 8, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(rows, dim, generator=generator, dtype=torch.float64), dim=1).float()
+
+
+def dense_distances(vectors: torch.Tensor) -> torch.Tensor:
+    distances = torch.cdist(vectors.double(), vectors.double())
+    distances.fill_diagonal_(float("inf"))
+    return distances
+
+
+def test_the_candidates_are_each_rows_nearest_others_and_the_boundary_the_next_distance():
+    vectors = unit()
+    candidates, boundary = nearest_candidates(vectors, m=5, block_size=64)
+    ranked = dense_distances(vectors).sort(dim=1)
+    assert torch.equal(candidates, ranked.indices[:, :5])
+    assert torch.allclose(boundary.double(), ranked.values[:, 5], atol=1e-5)
+    everyone, no_boundary = nearest_candidates(vectors[:4], m=8)  # fewer rows than candidates: all of them
+    assert everyone.shape == (4, 3) and torch.isinf(no_boundary).all()
+
+
+def test_right_after_a_refresh_the_choice_is_the_exact_search_and_certified():
+    vectors = unit()
+    cache = NeighbourCandidates(300, 8, candidates=4)
+    cache.refresh(vectors)
+    index, certified = cache.choose(vectors)
+    assert torch.equal(index, nearest_neighbours(vectors)[0]) and certified.all()
+
+
+@pytest.mark.parametrize("drift", [0.0, 0.01, 0.05, 0.2, 1.0])
+def test_wherever_a_choice_is_certified_it_is_the_exact_nearest_neighbour(drift):
+    vectors = unit(seed=1)
+    cache = NeighbourCandidates(300, 8, candidates=6)
+    cache.refresh(vectors)
+    generator = torch.Generator().manual_seed(2)
+    moved = F.normalize(vectors + drift * torch.randn(vectors.shape, generator=generator) / 8**0.5, dim=1)
+    index, certified = cache.choose(moved)
+    exact = dense_distances(moved).argmin(dim=1)
+    assert torch.equal(index[certified], exact[certified])
+    if drift <= 0.01:
+        assert certified.float().mean() > 0.5  # small moves keep most rows certified
+    if drift >= 1.0:
+        assert not certified.all()  # a large move is never certified blindly
+    # the chosen neighbour is always the nearest of the row's candidates, certified or not
+    chosen = dense_distances(moved).gather(1, index[:, None]).squeeze(1)
+    best_candidate = dense_distances(moved).gather(1, cache.candidates).min(dim=1).values
+    assert torch.allclose(chosen, best_candidate)
+
+
+def test_the_loss_and_its_gradient_after_a_refresh_equal_the_exact_search():
+    prototypes = torch.randn(200, 8, requires_grad=True)
+    exact = koleo_proto_loss(prototypes)
+    (exact_gradient,) = torch.autograd.grad(exact, prototypes)
+    cache = NeighbourCandidates(200, 8, candidates=4)
+    loss, fraction = koleo_proto_with_candidates(prototypes, cache, refresh=True)
+    (gradient,) = torch.autograd.grad(loss, prototypes)
+    assert torch.allclose(loss, exact) and torch.allclose(gradient, exact_gradient) and fraction == 1.0
+
+
+def test_the_model_refreshes_when_asked_reuses_the_candidates_between_and_reports_the_certified_fraction():
+    config = tiny_config(koleo_proto_weight=0.1, koleo_proto_search="candidates", koleo_proto_candidates=4)
+    model = KoLeoDinoForPreTraining(config).train()
+    exact_model = KoLeoDinoForPreTraining(tiny_config(koleo_proto_weight=0.1)).train()
+    exact_model.load_state_dict(model.state_dict(), strict=False)
+    crops = torch.randn(4, 2, 3, 16, 16)
+    output = model(crops, refresh_neighbours=True)
+    assert torch.allclose(output.koleo_proto_loss, exact_model(crops).koleo_proto_loss)
+    assert output.koleo_proto_exact == 1.0 and exact_model(crops).koleo_proto_exact == 1.0
+    cache = model.koleo_neighbours[0]
+    candidates = cache.candidates.clone()
+    with torch.no_grad():
+        model.student_head.prototypes.add_(0.5 * torch.randn_like(model.student_head.prototypes))
+    moved = model(crops, refresh_neighbours=False)
+    assert torch.equal(cache.candidates, candidates)  # no search between refreshes
+    assert 0.0 <= moved.koleo_proto_exact <= 1.0
+    assert "koleo_neighbours.0.candidates" in model.state_dict()  # saved: a resumed run ranks the same lists
