@@ -42,7 +42,7 @@ from hf_koleo.data.counter_rng import sample_keys, uniforms
 from hf_koleo.data.decoded import load_decoded
 from hf_koleo.data.sources import cache_dir
 from hf_koleo.koleo_neighbours import NeighbourCandidates, koleo_proto_with_candidates
-from hf_koleo.losses import batch_centre, centred_teacher_probs, dino_loss, ema_centre
+from hf_koleo.losses import batch_centre, centred_teacher_probs, dino_loss, ema_centre, nearest_neighbours
 from hf_koleo.modeling_koleo_dino import ema_update_
 from hf_koleo.prototypes import (
     DEFAULT_EPS_VALUES,
@@ -262,8 +262,9 @@ class FrozenHeadConfig:
     eval_images: int = 4096
     koleo_proto_weight: float = 0.0
     koleo_proto_search: str = "exact"  # or "candidates" (KoLeoDinoConfig's meaning)
-    koleo_proto_candidates: int = 8
-    koleo_proto_refresh_every: int = 50
+    koleo_proto_candidates: int = 16
+    koleo_proto_refresh_every: int = 10
+    koleo_proto_refresh_dtype: str = "float32"
     seed: int = 0
     init_std: float = 0.02  # KoLeoDinoConfig.initializer_range
 
@@ -294,7 +295,12 @@ def init_state(in_features: int, config: FrozenHeadConfig) -> HeadState:
     optimizer = torch.optim.AdamW(student.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     neighbours = None
     if config.koleo_proto_search == "candidates":
-        neighbours = NeighbourCandidates(config.num_prototypes, config.bottleneck_size, config.koleo_proto_candidates)
+        neighbours = NeighbourCandidates(
+            config.num_prototypes,
+            config.bottleneck_size,
+            config.koleo_proto_candidates,
+            getattr(torch, config.koleo_proto_refresh_dtype),
+        )
     return HeadState(student, teacher, optimizer, torch.zeros(1, config.num_prototypes), neighbours)
 
 
@@ -344,13 +350,15 @@ def head_metrics(state: HeadState, clean_inputs: torch.Tensor, config: FrozenHea
         ``nn_distance`` quantiles, ``used`` (prototypes that are the teacher's arg-max for at
         least one input), ``assignment_perplexity`` and ``marginal_perplexity`` (``exp`` of the
         entropy of the mean centred, sharpened teacher distribution: the marginal latent class
-        distribution the loss matches).
+        distribution the loss matches). With KoLeo-proto's candidate search, ``koleo_certified``
+        (the fraction of the student's prototypes whose neighbour is certified exact now) and
+        ``koleo_agreement`` (the fraction whose candidate choice is the exact search's neighbour).
     """
     prototypes = state.teacher.prototypes
     logits = state.teacher(clean_inputs)
     use = utilisation(logits.argmax(dim=1), config.num_prototypes)
     probs = centred_teacher_probs(logits, state.centre, config.teacher_temperature)
-    return {
+    metrics = {
         "unique": {f"{eps:g}": count for eps, count in unique_prototype_curve(prototypes, TRACKED_EPS).items()},
         "student_unique@0.025": unique_prototype_curve(state.student.prototypes, [0.025])[0.025],
         "nn_distance": distance_quantiles(nearest_neighbour_distances(prototypes), TRACKED_QUANTILES),
@@ -358,6 +366,13 @@ def head_metrics(state: HeadState, clean_inputs: torch.Tensor, config: FrozenHea
         "assignment_perplexity": use["assignment_perplexity"],
         "marginal_perplexity": math.exp(marginal_entropy(probs)),
     }
+    if state.neighbours is not None and bool(state.neighbours.boundary.any()):  # searched at least once
+        unit_vectors = F.normalize(state.student.prototypes, p=2, dim=-1)
+        chosen, certified = state.neighbours.choose(unit_vectors)
+        exact, _ = nearest_neighbours(unit_vectors)
+        metrics["koleo_certified"] = float(certified.float().mean())
+        metrics["koleo_agreement"] = float((chosen == exact).float().mean())
+    return metrics
 
 
 def run_frozen_head(
@@ -372,16 +387,17 @@ def run_frozen_head(
 
     Returns:
         ``{"config", "history": [{"step", "dino_loss", "koleo_proto_loss", **head_metrics}],
-        "final_eps_curve": {eps: unique} over DEFAULT_EPS_VALUES, "seconds"}``; the losses are
+        "final_eps_curve": {eps: unique} over DEFAULT_EPS_VALUES, "seconds", "train_seconds"}``; the losses are
         means over the steps since the previous row (None at step 0).
     """
     state = init_state(views.dim, config)
     generator = torch.Generator().manual_seed(config.seed)
     clean_inputs = views.clean(torch.arange(min(config.eval_images, views.n_images)))
     history, loss_sum, koleo_sum, since = [], torch.zeros(()), torch.zeros(()), 0
-    start = time.perf_counter()
+    start, eval_seconds = time.perf_counter(), 0.0
     for step in range(config.steps + 1):
         if step % config.eval_every == 0 or step == config.steps:
+            eval_start = time.perf_counter()
             row = {
                 "step": step,
                 "dino_loss": float(loss_sum) / since if since else None,
@@ -390,6 +406,7 @@ def run_frozen_head(
             }
             history.append(row)
             loss_sum, koleo_sum, since = torch.zeros(()), torch.zeros(()), 0
+            eval_seconds += time.perf_counter() - eval_start
             if log is not None:
                 log(row)
         if step == config.steps:
@@ -403,6 +420,7 @@ def run_frozen_head(
         "history": history,
         "final_eps_curve": {f"{eps:g}": count for eps, count in curve.items()},
         "seconds": time.perf_counter() - start,
+        "train_seconds": time.perf_counter() - start - eval_seconds,  # the steps alone, metrics excluded
     }
 
 

@@ -307,7 +307,23 @@ def load_results(records: list[dict[str, Any]]) -> dict[str, Any]:
         if record["kind"] in single:
             done = record["status"] == "done"
             results[single[record["kind"]]] = record["result"] if done else {"error": record["error"]}
+        elif record["kind"] == "neighbour_churn" and record["status"] == "done":
+            results.setdefault("churn", {})[record["name"]] = record["result"]["final"]
     return results
+
+
+def churn_table(churn: dict[str, dict[str, Any]]) -> list[str]:
+    """KoLeo-proto's neighbour churn: per run and lag, the nearest neighbour kept, and found among the
+    m nearest of that many steps before."""
+    rows = []
+    for name, final in churn.items():
+        lags = sorted({int(key.split("@")[1]) for key in final if key.startswith("same_nn@")})
+        ms = sorted({int(key[len("in_top") :].split("@")[0]) for key in final if key.startswith("in_top")})
+        for lag in lags:
+            cells = [f"{100 * final[f'in_top{m}@{lag}']:.2f} %" for m in ms]
+            rows.append([name, f"{final['step']}", f"{lag}", f"{100 * final[f'same_nn@{lag}']:.1f} %", *cells])
+    header = ["run", "at step", "lag (steps)", "same nearest neighbour"]
+    return markdown_table([*header, *[f"nearest among the {m} nearest then" for m in ms]], rows)
 
 
 def write_report(spec, records: list[dict[str, Any]], left_out: dict[str, str], report_dir: Path) -> list[Path]:
@@ -375,4 +391,11 @@ def render_loop_suite_markdown(results: dict[str, Any], command: str, title: str
         result = results.get(key)
         if result:
             lines += [f"{label} **failed**: {result['error']}" if "error" in result else sentence(result), ""]
+    if results.get("churn"):
+        lines += [
+            "KoLeo-proto's nearest neighbours over a real run (exact search):",
+            "",
+            *churn_table(results["churn"]),
+            "",
+        ]
     return "\n".join(lines)

@@ -22,6 +22,7 @@ RUN_KINDS: dict[str, str] = {
     "loop_batch": "experiments.loop_benchmark:loop_batch",
     "host_overhead": "experiments.loop_benchmark:host_overhead",
     "koleo_on_device": "experiments.loop_benchmark:koleo_on_device",
+    "neighbour_churn": "experiments.neighbour_churn:neighbour_churn",
 }
 
 # Optional: a line ``plan`` prints beside a run of that kind (``function(params) -> str``).

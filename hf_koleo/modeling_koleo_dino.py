@@ -236,7 +236,12 @@ class KoLeoDinoForPreTraining(KoLeoDinoPreTrainedModel):
         self.koleo_neighbours = None
         if config.koleo_proto_weight > 0 and config.koleo_proto_search == "candidates":
             self.koleo_neighbours = nn.ModuleList(
-                NeighbourCandidates(head.prototypes.shape[0], head.prototypes.shape[1], config.koleo_proto_candidates)
+                NeighbourCandidates(
+                    head.prototypes.shape[0],
+                    head.prototypes.shape[1],
+                    config.koleo_proto_candidates,
+                    getattr(torch, config.koleo_proto_refresh_dtype),
+                )
                 for head in self._koleo_proto_heads()
             )
         for parameter in self._branch_modules("teacher").parameters():

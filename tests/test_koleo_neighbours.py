@@ -86,3 +86,16 @@ def test_the_model_refreshes_when_asked_reuses_the_candidates_between_and_report
     assert torch.equal(cache.candidates, candidates)  # no search between refreshes
     assert 0.0 <= moved.koleo_proto_exact <= 1.0
     assert "koleo_neighbours.0.candidates" in model.state_dict()  # saved: a resumed run ranks the same lists
+
+
+def test_a_bfloat16_search_keeps_its_boundary_a_lower_bound_so_certified_choices_stay_exact():
+    vectors = unit(rows=400, dim=16, seed=3)
+    candidates, boundary = nearest_candidates(vectors, m=6, dtype=torch.bfloat16)
+    distances = dense_distances(vectors)
+    outside = distances.clone()
+    outside.scatter_(1, candidates, float("inf"))  # every row that is not a candidate
+    assert (outside.min(dim=1).values >= boundary.double() - 1e-6).all()
+    cache = NeighbourCandidates(400, 16, candidates=6, dtype=torch.bfloat16)
+    cache.refresh(vectors)
+    index, certified = cache.choose(vectors)
+    assert certified.float().mean() > 0.5 and torch.equal(index[certified], distances.argmin(dim=1)[certified])

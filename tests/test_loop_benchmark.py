@@ -93,3 +93,22 @@ def test_every_gpu_suite_entry_parses_as_a_pretraining_run_at_one_precision():
             assert arguments.mixed_precision == "bf16"
     stages = [run.stage for run in spec.runs]
     assert stages.index("extra") > stages.index("peer")  # the targets come first in a budgeted call
+
+
+def test_the_cpu_speed_suite_compares_the_searches_side_by_side_and_measures_the_neighbour_churn(tmp_path, one_thread):
+    spec = load_spec(ROOT / "configs" / "experiments" / "cpu_speed.yaml", quick=True)
+    store = Store(tmp_path / "records")
+    outcome = run_pending(spec, store, tmp_path / "work")
+    assert outcome.finished == [run.name for run in spec.runs] and not outcome.failed
+    records, _ = store.records(spec.runs)
+    results = load_results(records)
+    assert len(results["loops"]) == 3  # no KoLeo-proto, exact search, candidate lists
+    churn = results["churn"]["churn"]
+    assert churn["step"] == 6 and 0.0 <= churn["same_nn@1"] <= churn["in_top2@1"] <= churn["in_top4@1"] <= 1.0
+    doc = tmp_path / "docs" / "benchmarks.md"
+    doc.parent.mkdir()
+    doc.write_text("# Benchmarks\n\nhand-written\n")
+    write_report(spec, records, {}, doc.parent)
+    text = doc.read_text()
+    assert text.startswith("# Benchmarks\n\nhand-written\n") and "<!-- generated: cpu_speed -->" in text
+    assert "same nearest neighbour" in text and "MFU" in text
