@@ -59,9 +59,12 @@ def dino_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor, student
             f"the student needs every teacher view plus at least one more, got {n_student} student "
             f"views for {n_global} teacher views"
         )
-    student_log_probs = F.log_softmax(student_logits.float() / student_temperature, dim=-1)
+    # View-major (view, batch, K): contiguous when the views were stacked view-major, as the model
+    # stacks them, so the pair losses are one matrix product and no (batch, views, K) copy is made.
+    student_log_probs = F.log_softmax(student_logits.transpose(0, 1).float() / student_temperature, dim=-1)
+    teacher_views = teacher_probs.transpose(0, 1).float()
     # (n_global, n_student) matrix of batch-averaged cross-entropies, one per view pair.
-    pair_losses = -torch.einsum("btk,bsk->ts", teacher_probs.float(), student_log_probs) / batch
+    pair_losses = -(teacher_views.reshape(n_global, -1) @ student_log_probs.reshape(n_student, -1).t()) / batch
     same_view = torch.eye(n_global, n_student, dtype=torch.bool, device=pair_losses.device)
     return pair_losses.masked_fill(same_view, 0.0).sum() / (n_global * n_student - n_global)
 
