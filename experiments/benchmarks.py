@@ -164,6 +164,36 @@ def step_vs_peer(params: dict[str, Any], context=None) -> dict[str, Any]:
     )
 
 
+def step_profile(params: dict[str, Any], context=None) -> dict[str, Any]:
+    """Run kind: where ours and the lightly-based step spend their time (``torch.profiler``, CPU).
+
+    ``params``: ``argv`` (a pretraining config), ``batch``, ``steps`` (3) profiled after 2 warm-up
+    steps. Returns each step's self CPU milliseconds per operator (the ``top`` 20) and its total.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    arguments, model_config = _dino_only(params["argv"])
+    device = torch.device("cpu")
+    torch.manual_seed(0)
+    batch, n_steps = params["batch"], params.get("steps", 3)
+    size, local = arguments.global_crops_size, arguments.local_crops_size
+    global_crops = torch.randn(batch, 2, 3, size, size)
+    local_crops = torch.randn(batch, arguments.local_crops_number, 3, local, local)
+    result = {}
+    for name, step in (("ours", _make_ours(model_config, device)), ("lightly", _make_lightly(model_config, device))):
+        for _ in range(2):
+            step(global_crops, local_crops)
+        with profile(activities=[ProfilerActivity.CPU]) as profiler:
+            for _ in range(n_steps):
+                step(global_crops, local_crops)
+        events = sorted(profiler.key_averages(), key=lambda event: -event.self_cpu_time_total)
+        result[name] = {
+            "ms_per_step": sum(event.self_cpu_time_total for event in events) / 1000 / n_steps,
+            "top": {event.key: event.self_cpu_time_total / 1000 / n_steps for event in events[: params.get("top", 20)]},
+        }
+    return result
+
+
 def data_rate(params: dict[str, Any], context=None) -> dict[str, Any]:
     """Run kind: :func:`measure_data_pipeline` for a pretraining config (``argv``), ``batches`` (20)."""
     return measure_data_pipeline(params["argv"], params.get("batches", 20))

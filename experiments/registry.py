@@ -17,6 +17,7 @@ RUN_KINDS: dict[str, str] = {
     "koleo_timing": "experiments.benchmarks:koleo_timing",
     "dino_ibot_timing": "experiments.benchmarks:dino_ibot_timing",
     "step_vs_peer": "experiments.benchmarks:step_vs_peer",
+    "step_profile": "experiments.benchmarks:step_profile",
     "data_rate": "experiments.benchmarks:data_rate",
     "feature_extraction": "experiments.benchmarks:feature_extraction",
     "loop_batch": "experiments.loop_benchmark:loop_batch",
