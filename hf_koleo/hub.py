@@ -22,7 +22,7 @@ from .training.checkpoint import list_checkpoints
 
 logger = logging.getLogger(__name__)
 
-REMOTE_CODE_FILES = ("configuration_koleo_dino.py", "modeling_koleo_dino.py", "losses.py")
+REMOTE_CODE_FILES = ("configuration_koleo_dino.py", "modeling_koleo_dino.py", "losses.py", "koleo_neighbours.py")
 RUN_ARGUMENTS_FILE = "run_arguments.json"
 REPORT_FILE = "prototype_report.json"
 # What an export folder holds: a previous export may be replaced, any other content is refused.
