@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .frozen_head import TRACKED_EPS
-from .markdown import mean_std
+from .markdown import left_out_line, mean_std
 
 
 def load_results(records: list[dict[str, Any]], spec) -> dict[str, Any]:
@@ -52,7 +52,7 @@ def write_report(spec, records: list[dict[str, Any]], left_out: dict[str, str], 
     markdown = report_dir / "frozen_head.md"
     text = render_markdown(results)
     if left_out:
-        text += "\nLeft out: " + "; ".join(f"{name} ({why})" for name, why in left_out.items()) + ".\n"
+        text += "\n" + left_out_line(left_out) + "\n"
     markdown.write_text(text)
     return [markdown, *plot_study(results, report_dir / "figures" / "frozen_head")]
 

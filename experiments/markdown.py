@@ -31,6 +31,11 @@ def mean_std(values: Sequence[float], digits: int = 1) -> str:
     return f"{mean:,.{digits}f} ± {sample_sd(values):,.{digits}f}"
 
 
+def left_out_line(left_out: dict[str, str]) -> str:
+    """``Left out: name (why); ...`` for the records a report does not use."""
+    return "Left out: " + "; ".join(f"{name} ({why})" for name, why in left_out.items()) + "."
+
+
 def verdict_list(verdicts: Sequence[dict[str, str]]) -> list[str]:
     """Verdicts (``claim``, ``verdict``, ``evidence``, as every report makes them) as a bullet list."""
     return [f"- {item['claim']}: {item['evidence']}: {item['verdict']}." for item in verdicts]

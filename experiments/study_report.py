@@ -20,7 +20,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .markdown import markdown_table, mean_std, sample_sd, verdict_table
+from .markdown import left_out_line, markdown_table, mean_std, sample_sd, verdict_table
 
 HEADLINE_EPS = "0.025"
 TABLE_EPS = ("0.01", "0.025", "0.05", "0.1")  # the eps the study logs every epoch
@@ -248,7 +248,7 @@ def render_markdown(results: dict[str, Any], title: str = "the study") -> str:
     ]
     lines += verdict_table(claims(results))
     if results.get("left_out"):
-        lines += ["", "Left out: " + "; ".join(f"{name} ({why})" for name, why in results["left_out"].items()) + "."]
+        lines += ["", left_out_line(results["left_out"])]
     if recipe_rows(results):
         lines += ["", "### Recipe (candidates scored on a validation split, never on the test split)", ""]
         lines += markdown_table(

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .losses import koleo_loss, search_block_size, without_autocast
+from .losses import koleo_from_neighbours, similarity_blocks, without_autocast
 
 # Error bound of a similarity of unit vectors computed in bfloat16 (inputs rounded to 8 significant
 # bits, 2 x 2**-9, and the result rounded once more, 2**-8): 2**-7, used to keep the boundary a bound.
@@ -53,18 +53,13 @@ def nearest_candidates(
     slack = BFLOAT16_SIMILARITY_ERROR if dtype == torch.bfloat16 else 0.0
     m = min(m, n_rows - 1)
     keep = min(m + 1, n_rows - 1)
-    block_size = block_size or search_block_size(n_rows, n_rows, search.device)
     candidates = torch.empty(n_rows, m, dtype=torch.long, device=search.device)
     boundary = torch.full((n_rows,), float("inf"), device=search.device)  # float32
-    with without_autocast(search.device):
-        for start in range(0, n_rows, block_size):
-            stop = min(start + block_size, n_rows)
-            block = search[start:stop] @ search.t()
-            block.diagonal(offset=start).fill_(-float("inf"))  # a row is not its own neighbour
-            similarities, indices = block.topk(keep, dim=1)
-            candidates[start:stop] = indices[:, :m]
-            if keep > m:
-                boundary[start:stop] = (2.0 - 2.0 * (similarities[:, m].float() + slack)).clamp(min=0.0).sqrt()
+    for start, stop, block in similarity_blocks(search, block_size):
+        similarities, indices = block.topk(keep, dim=1)
+        candidates[start:stop] = indices[:, :m]
+        if keep > m:
+            boundary[start:stop] = (2.0 - 2.0 * (similarities[:, m].float() + slack)).clamp(min=0.0).sqrt()
     return candidates, boundary
 
 
@@ -114,7 +109,7 @@ def koleo_proto_with_candidates(
     if refresh:
         cache.refresh(unit_vectors)
     neighbour_index, certified = cache.choose(unit_vectors)
-    return koleo_loss(prototypes, neighbour_index=neighbour_index), certified.float().mean()
+    return koleo_from_neighbours(unit_vectors, neighbour_index), certified.float().mean()
 
 
 __all__ = ["NeighbourCandidates", "koleo_proto_with_candidates", "nearest_candidates"]

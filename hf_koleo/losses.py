@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
@@ -216,6 +217,19 @@ def search_block_size(n_rows: int, n_columns: int, device: torch.device | str = 
     return max(1, min(n_rows, budget // max(1, n_columns)))
 
 
+def similarity_blocks(search: torch.Tensor, block_size: int | None = None) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """``(start, stop, rows[start:stop] @ rows.T)`` for consecutive row blocks of ``(K, d)`` rows, in
+    full precision, each row's similarity to itself set to -inf (extra memory ``block_size * K``)."""
+    n_rows = search.shape[0]
+    block_size = block_size or search_block_size(n_rows, n_rows, search.device)
+    with without_autocast(search.device):
+        for start in range(0, n_rows, block_size):
+            stop = min(start + block_size, n_rows)
+            block = search[start:stop] @ search.t()  # (block, K)
+            block.diagonal(offset=start).fill_(-float("inf"))  # a row is not its own neighbour
+            yield start, stop, block
+
+
 @torch.no_grad()
 def nearest_neighbours(unit_vectors: torch.Tensor, block_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Index of and distance to each row's nearest other row, without the ``K x K`` matrix.
@@ -234,15 +248,10 @@ def nearest_neighbours(unit_vectors: torch.Tensor, block_size: int | None = None
     search = unit_vectors.detach()
     if search.dtype in (torch.float16, torch.bfloat16):
         search = search.float()
-    block_size = block_size or search_block_size(n_rows, n_rows, search.device)
     indices = torch.empty(n_rows, dtype=torch.long, device=search.device)
     similarities = torch.empty(n_rows, dtype=search.dtype, device=search.device)
-    with without_autocast(search.device):
-        for start in range(0, n_rows, block_size):
-            stop = min(start + block_size, n_rows)
-            block = search[start:stop] @ search.t()  # (block, K)
-            block.diagonal(offset=start).fill_(-float("inf"))  # a row is not its own neighbour
-            similarities[start:stop], indices[start:stop] = block.max(dim=1)
+    for start, stop, block in similarity_blocks(search, block_size):
+        similarities[start:stop], indices[start:stop] = block.max(dim=1)
     distances = (2.0 - 2.0 * similarities).clamp(min=0.0).sqrt()
     return indices, distances
 
@@ -271,6 +280,12 @@ def koleo_loss(
     unit_vectors = F.normalize(vectors, p=2, dim=-1)
     if neighbour_index is None:
         neighbour_index, _ = nearest_neighbours(unit_vectors, block_size)
+    return koleo_from_neighbours(unit_vectors, neighbour_index)
+
+
+def koleo_from_neighbours(unit_vectors: torch.Tensor, neighbour_index: torch.Tensor) -> torch.Tensor:
+    """``-mean log(||u_i - u_neighbour(i)|| + 1e-8)`` of ``(K, d)`` unit rows: the KoLeo loss once
+    each row's neighbour is known (only these K distances are differentiated)."""
     distances = torch.linalg.vector_norm(unit_vectors - unit_vectors[neighbour_index], dim=-1)
     return -torch.log(distances + KOLEO_EPSILON).mean()
 

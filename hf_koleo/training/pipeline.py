@@ -36,6 +36,11 @@ def _patch_size(model_config: KoLeoDinoConfig) -> int:
     return patch[0] if isinstance(patch, (list, tuple)) else patch
 
 
+def canvas_size(arguments: PretrainingArguments) -> int:
+    """The side images are decoded to: ``canvas_size``, or the global crops' side."""
+    return arguments.canvas_size or arguments.global_crops_size
+
+
 def fits_in_memory(arguments: PretrainingArguments, canvas_size: int) -> bool:
     """Whether ``arguments.data`` takes the resident path (see ``in_memory``)."""
     if arguments.in_memory != "auto":
@@ -64,7 +69,7 @@ class Pipeline:
         self.arguments = arguments
         self.device = accelerator.device
         self.augmentation = MultiCropAugmentation(arguments)
-        self.canvas_size = arguments.canvas_size or arguments.global_crops_size
+        self.canvas_size = canvas_size(arguments)
         self.masking = None
         if model_config.ibot_loss_weight > 0:
             self.masking = MaskSettings(
@@ -231,8 +236,7 @@ def build_pipeline(
     position: tuple[int, ...] = (0, 0),
 ) -> Pipeline:
     """The data path ``arguments`` call for (see :func:`fits_in_memory`), positioned at ``position``."""
-    canvas_size = arguments.canvas_size or arguments.global_crops_size
-    kind = ResidentPipeline if fits_in_memory(arguments, canvas_size) else StreamedPipeline
+    kind = ResidentPipeline if fits_in_memory(arguments, canvas_size(arguments)) else StreamedPipeline
     return kind(arguments, model_config, accelerator, position)
 
 
