@@ -4,7 +4,8 @@
 
     pretrain: {...}          # a pretraining config (run keys, model keys under model:), as a YAML config
     dataset: {train: SOURCE, test: SOURCE}
-    evaluation: {device: cpu|auto, batch_size, limit_train, limit_test, limit_linear, linear_epochs, fewshot_draws}
+    evaluation: {device: cpu|auto, batch_size, limit_train, limit_test, limit_linear, linear_epochs, fewshot_draws,
+                 protocols: [knn] (kNN only; default all three)}
     keep_backbone: false     # also export a release folder (backbone + model card) into the run's folder
     # evaluation.protocol: validation -> kNN balanced accuracy on 20 % held out from the training data
 
@@ -28,13 +29,14 @@ from typing import Any
 import torch
 
 from hf_koleo.data.sources import count_records
+from hf_koleo.evaluation.clusters import cluster_metrics, teacher_assignments
 from hf_koleo.evaluation.features import PIXELS, FeatureSet, default_device, extract_features
 from hf_koleo.evaluation.knn import weighted_knn_predict
 from hf_koleo.evaluation.linear import stratified_split
 from hf_koleo.evaluation.metrics import classification_metrics
 from hf_koleo.evaluation.protocols import few_shot_protocol, knn_protocol, linear_protocol
 from hf_koleo.evaluation.run import evaluate_backbone, extract_train_test, write_result
-from hf_koleo.hub import prepare_upload_folder
+from hf_koleo.hub import export_checkpoint, load_pretraining_model, prepare_upload_folder
 from hf_koleo.training.arguments import arguments_from_settings
 from hf_koleo.training.checkpoint import list_checkpoints
 from hf_koleo.training.trainer import pretrain
@@ -70,14 +72,26 @@ def evaluate_run(model_dir: str, dataset: dict, settings: dict) -> dict[str, Any
         progress=False,
     )
     knn = knn_protocol(train, test, k_values=(20,))["by_k"]["20"]
+    counts = torch.bincount(train.labels[train.labels >= 0])
+    rarest = [int(label) for label in counts.argsort()[:3]]  # by training images (Fashion-MNIST-LT: 9, 8, 7)
+    result = {
+        "knn_top1": knn["accuracy"],
+        "knn_balanced": knn["balanced_accuracy"],
+        "knn_per_class": knn["per_class_accuracy"],
+        "rarest_classes": {str(label): int(counts[label]) for label in rarest},
+    }
+    if model_dir != PIXELS and settings.get("checkpoint"):
+        assignments = teacher_assignments(settings["checkpoint"], test.cls)
+        result["clusters"] = cluster_metrics(assignments, test.labels)
+    if "linear" not in settings.get("protocols", ("knn", "linear", "few_shot")):
+        return result  # a recipe search scores kNN only
     probe_index = torch.arange(len(train.labels))[: settings.get("limit_linear") or len(train.labels)]
     linear = linear_protocol(_subset(train, probe_index), test, epochs=settings["linear_epochs"])["test"]
     few = few_shot_protocol(
         train, test, shots=(1, 5), n_draws=settings["fewshot_draws"], epochs=settings["linear_epochs"]
     )["by_shots"]
     return {
-        "knn_top1": knn["accuracy"],
-        "knn_balanced": knn["balanced_accuracy"],
+        **result,
         "linear_top1": linear["accuracy"],
         "linear_balanced": linear["balanced_accuracy"],
         "shot1": few["1"]["accuracy_mean"],
@@ -104,7 +118,67 @@ def evaluate_backbone_of(run_dir: Path, params: dict[str, Any]) -> dict[str, Any
             str(run_dir / "backbone"), params["dataset"]["train"], settings.get("validation_limit")
         )
         return {"validation_knn_balanced": balanced}
+    checkpoints = list_checkpoints(run_dir)
+    settings["checkpoint"] = str(checkpoints[-1]) if checkpoints else None  # the teacher's clusters
     return evaluate_run(str(run_dir / "backbone"), params["dataset"], settings)
+
+
+def checkpoint_curve(run_dir: Path, params: dict[str, Any]) -> list[dict[str, Any]]:
+    """kNN@20 of every kept checkpoint's teacher against the pretraining seconds it took to reach it.
+
+    ``evaluation.curve: true`` with ``pretrain.save_every`` (say one epoch) and a ``keep_last`` that keeps
+    them all; ``evaluation.curve_limit_train`` images of the training data are the kNN bank (default
+    all). The seconds are the logged windows' (images / img/s) up to the checkpoint's step: training
+    only, no evaluation and no checkpoint writing.
+    """
+    settings = evaluation_settings(params)
+    pretraining = params["pretrain"]
+    images_per_step = pretraining["per_device_batch_size"] * pretraining.get("gradient_accumulation_steps", 1)
+    seconds_at = _training_seconds(run_dir, images_per_step)
+    curve = []
+    for checkpoint in list_checkpoints(run_dir):
+        model = load_pretraining_model(checkpoint)
+        backbone = export_checkpoint(checkpoint, run_dir / "curve" / checkpoint.name, model=model)
+        train, test = extract_train_test(
+            str(backbone),
+            params["dataset"]["train"],
+            params["dataset"]["test"],
+            limit_train=settings.get("curve_limit_train"),
+            limit_test=settings.get("limit_test"),
+            batch_size=settings.get("batch_size", 64),
+            device=settings.get("device", "cpu"),
+            progress=False,
+        )
+        knn = knn_protocol(train, test, k_values=(20,))["by_k"]["20"]
+        step = json.loads((checkpoint / "trainer_state.json").read_text())["step"]
+        clusters = cluster_metrics(teacher_assignments(model, test.cls), test.labels)
+        curve.append(
+            {
+                "step": step,
+                "seconds": seconds_at(step),
+                "knn_top1": knn["accuracy"],
+                "knn_balanced": knn["balanced_accuracy"],
+                **{key: clusters[key] for key in ("clusters_used", "nmi", "ari", "purity")},
+            }
+        )
+        shutil.rmtree(backbone)
+    return curve
+
+
+def _training_seconds(run_dir: Path, images_per_step: int):
+    """``step -> seconds`` of training up to ``step``, from the logged windows of ``metrics.jsonl``."""
+    windows, previous = [], 0
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if "images_per_second" in row and "loss" in row:
+            images = (row["step"] - previous) * images_per_step
+            windows.append((row["step"], images / max(row["images_per_second"], 1e-9)))
+            previous = row["step"]
+
+    def seconds_at(step: int) -> float:
+        return sum(seconds for end, seconds in windows if end <= step)
+
+    return seconds_at
 
 
 def run_settings(params: dict[str, Any], output_dir: Path) -> dict[str, Any]:
@@ -133,6 +207,8 @@ def pretrain_and_evaluate(params: dict[str, Any], context: RunContext) -> dict[s
     if summary.get("stopped"):
         raise Unfinished(f"stopped at step {summary['steps']} of {summary['total_steps']} (budget)")
     evaluation = evaluate_backbone_of(run_dir, params)
+    if evaluation_settings(params).get("curve"):
+        evaluation["curve"] = checkpoint_curve(run_dir, params)
     prototype_history, losses = _history(run_dir)
     result = {
         "settings": settings,

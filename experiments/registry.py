@@ -36,6 +36,7 @@ REPORTS: dict[str, str] = {
     "frozen_head": "experiments.frozen_head_report:write_report",
     "benchmarks": "experiments.benchmarks:write_report",
     "loop_benchmark": "experiments.loop_benchmark:write_report",
+    "recipe": "experiments.recipe_report:write_report",
 }
 
 

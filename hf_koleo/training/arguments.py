@@ -84,6 +84,18 @@ class PretrainingArguments(MultiCropConfig):
         default=0.0, metadata={"help": "Prototype statistics every this many epochs; > 0 overrides proto_every."}
     )
     proto_eps: list[float] = field(default_factory=lambda: [0.01, 0.025, 0.05, 0.1])
+    collapse_alarm_used: float = field(
+        default=0.001,
+        metadata={"help": "Warn when the teacher's arg-max uses fewer than this share of the prototypes; 0 = off."},
+    )
+    collapse_alarm_unique_drop: float = field(
+        default=0.1,
+        metadata={"help": "Warn when unique prototypes fall by more than this share between statistics steps."},
+    )
+    collapse_alarm_loss_margin: float = field(
+        default=0.01,
+        metadata={"help": "Warn when the DINO loss is within this many nats of ln K after the warm-up; 0 = off."},
+    )
     save_every: int = 500
     keep_last: int = 2
     resume: str = field(default="", metadata={"help": "'latest' or a checkpoint folder; empty starts fresh."})
@@ -141,11 +153,15 @@ class PretrainingArguments(MultiCropConfig):
             "report_images",
             "proto_every_epochs",
             "max_time",
+            "collapse_alarm_loss_margin",
         )
         for name in non_negative:
             value = getattr(self, name)
             if not value >= 0:
                 raise ValueError(f"{name} must be >= 0, got {value}")
+        for name in ("collapse_alarm_used", "collapse_alarm_unique_drop"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be a share in [0, 1], got {getattr(self, name)}")
         if self.max_steps == 0 and self.epochs == 0:
             raise ValueError("set max_steps or epochs (both are 0)")
         for name in ("teacher_momentum", "teacher_momentum_end"):

@@ -99,6 +99,18 @@ def append_metrics(output_dir: str | os.PathLike, step: int, metrics: dict[str, 
         handle.write(json.dumps({"step": step, **metrics}) + "\n")
 
 
+def read_metrics(output_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """The rows of ``metrics.jsonl`` (none when it is missing); a line cut short by a kill is skipped."""
+    path = Path(output_dir) / METRICS_FILE
+    rows = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
 def cut_metrics(output_dir: str | os.PathLike, step: int) -> int:
     """Keep only the rows of ``metrics.jsonl`` up to ``step`` (a resume goes on from there); returns
     how many rows were dropped.
@@ -127,4 +139,11 @@ def cut_metrics(output_dir: str | os.PathLike, step: int) -> int:
     return dropped
 
 
-__all__ = ["OutputDirInUseError", "append_metrics", "claim_output_dir", "cut_metrics", "earlier_outputs"]
+__all__ = [
+    "OutputDirInUseError",
+    "append_metrics",
+    "claim_output_dir",
+    "cut_metrics",
+    "earlier_outputs",
+    "read_metrics",
+]

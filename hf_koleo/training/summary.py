@@ -81,4 +81,6 @@ def format_summary(summary: dict[str, Any]) -> str:
             f"unique prototypes of {config.get('num_prototypes', '?')} (at least eps apart; * the headline eps):"
         )
         lines.append(table)
+    for alarm in summary.get("collapse_alarms") or []:
+        lines.append(f"collapse alarm, {alarm['message']}")
     return "\n".join(lines)

@@ -20,6 +20,7 @@ from ..configuration_koleo_dino import KoLeoDinoConfig
 from ..prototypes import prototype_metrics, prototype_report
 from .arguments import PretrainingArguments
 from .checkpoint import TrainerState, list_checkpoints, save_checkpoint
+from .collapse_alarm import CollapseAlarm
 from .interrupt import AFTER_THE_LOOP, StopRequest, exit_code, stop_on_signals
 from .lock import locks_output_dir
 from .optimization import (
@@ -29,7 +30,7 @@ from .optimization import (
     skip_update_if,
 )
 from .pipeline import Pipeline
-from .run_outputs import append_metrics, claim_output_dir, cut_metrics
+from .run_outputs import append_metrics, claim_output_dir, cut_metrics, read_metrics
 from .run_setup import build_run, make_accelerator
 from .summary import prototype_line
 
@@ -147,6 +148,10 @@ def _train(
     )
     assignment_counts = torch.zeros(model_config.num_prototypes, device=accelerator.device, dtype=torch.long)
     guard = NonFiniteGuard()
+    alarm = CollapseAlarm.from_arguments(arguments, model_config.num_prototypes)
+    if arguments.resume and accelerator.is_main_process:
+        alarm.restore(read_metrics(output_dir))  # earlier alarms, and the unique count to compare with
+    warmup_steps = arguments.warmup_epochs * steps_per_epoch
     window_start, window_images = time.perf_counter(), 0
     run_start = (window_start, state.images_seen)  # the summary's img/s: this session's steps only
     output = None
@@ -183,6 +188,8 @@ def _train(
                 epoch=_epoch(state, data),
             )
             _log(accelerator, output_dir, metrics, state.step)
+            if accelerator.is_main_process:
+                _raise(output_dir, alarm.check_loss(state.step, metrics["dino_loss"], state.step > warmup_steps))
             progress.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{metrics['images_per_second']:.1f}")
             window_start, window_images = time.perf_counter(), 0
         if state.step % proto_interval == 0 or state.step == total_steps:
@@ -191,6 +198,7 @@ def _train(
                 metrics = {**prototype_metrics(unwrapped, counts, arguments.proto_eps), "epoch": _epoch(state, data)}
                 _log(accelerator, output_dir, metrics, state.step)
                 logger.info(prototype_line(state.step, metrics, model_config.num_prototypes, arguments.proto_eps))
+                _raise(output_dir, alarm.check_prototypes(state.step, metrics))
                 logger.debug("step %d prototypes: %s", state.step, json.dumps(metrics))
             assignment_counts.zero_()
         if state.step < total_steps:
@@ -221,6 +229,8 @@ def _train(
         summary = _stopped_summary(accelerator, output_dir, state, run_start, total_steps, stop_reason)
     else:
         summary = _finish(accelerator, unwrapped, arguments, data, state, run_start)
+    if accelerator.is_main_process:
+        summary["collapse_alarms"] = alarm.alarms
     _end(accelerator)
     return summary
 
@@ -275,6 +285,13 @@ def train_step(
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return output
+
+
+def _raise(output_dir: Path, alarms: list[dict[str, Any]]) -> None:
+    """Collapse alarms: one warning line each, and a row in ``metrics.jsonl`` (main process)."""
+    for alarm in alarms:
+        logger.warning("collapse alarm, %s", alarm["message"])
+        append_metrics(output_dir, alarm["step"], {f"collapse_alarm/{key}": value for key, value in alarm.items()})
 
 
 def _log(accelerator: Accelerator, output_dir: Path, metrics: dict[str, Any], step: int) -> None:

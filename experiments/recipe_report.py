@@ -1,0 +1,115 @@
+"""Report of a recipe search (``configs/experiments/cpu_recipe.yaml``): candidates scored on a validation split.
+
+Reads ``pretrain_eval`` records whose axis ``candidate`` names one change from the reference recipe,
+and writes one table (validation kNN@20, pretraining minutes, img/s, prototypes used at the end) best
+first, a JSON of the same rows, and the figure of validation kNN@20 against pretraining minutes
+(every kept checkpoint of a run with ``evaluation.curve``; the end point of the others).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .markdown import left_out_line, markdown_table
+
+
+def recipe_runs(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Finished runs as flat rows, best validation kNN@20 first."""
+    rows = []
+    for record in records:
+        if record.get("status") == "failed" or record["kind"] != "pretrain_eval":
+            continue
+        result, settings = record["result"], record["result"]["settings"]
+        teacher = result["final_prototypes"]["teacher/cls"]
+        end = {"minutes": result["pretraining"]["seconds"] / 60, "knn_top1": result["evaluation"]["knn_top1"]}
+        curve = [
+            {"minutes": point["seconds"] / 60, "knn_top1": point["knn_top1"]}
+            for point in result["evaluation"].get("curve", [])
+        ]
+        rows.append(
+            {
+                "name": record["name"],
+                "candidate": record["axes"]["candidate"],
+                "seed": record["axes"].get("seed"),
+                "epochs": settings.get("epochs"),
+                "batch": settings["per_device_batch_size"],
+                "minutes": end["minutes"],
+                "images_per_second": result["pretraining"]["images_per_second"],
+                "knn_top1": result["evaluation"]["knn_top1"],
+                "knn_balanced": result["evaluation"]["knn_balanced"],
+                "used": teacher["utilisation"]["used"],
+                "perplexity": teacher["utilisation"]["assignment_perplexity"],
+                "unique@0.025": teacher["unique_curve"]["0.025"],
+                "num_prototypes": settings["model"]["num_prototypes"],
+                "curve": curve or [end],
+                "device": result["device"],
+            }
+        )
+    return sorted(rows, key=lambda row: -row["knn_top1"])
+
+
+def render_markdown(runs: list[dict[str, Any]], title: str, left_out: dict[str, str]) -> str:
+    if not runs:
+        return f"No run of {title} has finished yet.\n"
+    header = ["candidate", "epochs", "batch", "minutes", "img/s", "val kNN@20", "val balanced", "used", "perplexity"]
+    table = [
+        [
+            run["candidate"],
+            f"{run['epochs']:g}",
+            str(run["batch"]),
+            f"{run['minutes']:.1f}",
+            f"{run['images_per_second']:.0f}",
+            f"{run['knn_top1']:.1f}",
+            f"{run['knn_balanced']:.1f}",
+            f"{run['used']:,} / {run['num_prototypes']:,}",
+            f"{run['perplexity']:.1f}",
+        ]
+        for run in runs
+    ]
+    devices = ", ".join(sorted({run["device"] for run in runs}))
+    lines = [f"{len(runs)} runs on {devices}, best first; minutes of pretraining (evaluation not included).", ""]
+    lines += markdown_table(header, table)
+    if left_out:
+        lines += ["", left_out_line(left_out)]
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(runs: list[dict[str, Any]], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6.5, 4))
+    for run in sorted(runs, key=lambda run: run["candidate"]):
+        points = run["curve"]
+        axis.plot([p["minutes"] for p in points], [p["knn_top1"] for p in points], marker="o", label=run["candidate"])
+    axis.set_xlabel("pretraining minutes (2 CPU cores)")
+    axis.set_ylabel("kNN@20 top-1 on fashion_mnist:val")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def write_report(spec, records: list[dict[str, Any]], left_out: dict[str, str], report_dir: Path) -> list[Path]:
+    """The markdown table, its JSON and the curve figure the spec's ``outputs`` name, in ``report_dir``."""
+    outputs = {"markdown": f"{spec.name}.md", "json": f"{spec.name}.json", "figures": spec.name}
+    outputs.update(spec.settings.get("outputs") or {})
+    runs = recipe_runs(records)
+    report_dir.mkdir(parents=True, exist_ok=True)
+    markdown, headline = report_dir / outputs["markdown"], report_dir / outputs["json"]
+    markdown.write_text(render_markdown(runs, spec.settings.get("title", spec.name), left_out))
+    headline.write_text(json.dumps({"runs": runs, "left_out": left_out}, indent=1) + "\n")
+    written = [markdown, headline]
+    if runs:
+        written.append(plot_curves(runs, report_dir / "figures" / f"{outputs['figures']}_knn_vs_minutes.png"))
+    return written
+
+
+__all__ = ["recipe_runs", "render_markdown", "write_report"]
