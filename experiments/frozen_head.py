@@ -41,6 +41,7 @@ from hf_koleo.data.augment import CROP_ATTEMPTS, crop_and_resize, random_resized
 from hf_koleo.data.counter_rng import sample_keys, uniforms
 from hf_koleo.data.decoded import load_decoded
 from hf_koleo.data.sources import cache_dir
+from hf_koleo.evaluation.clusters import cluster_metrics
 from hf_koleo.koleo_neighbours import NeighbourCandidates, koleo_proto_with_candidates
 from hf_koleo.losses import batch_centre, centred_teacher_probs, dino_loss, ema_centre, nearest_neighbours
 from hf_koleo.modeling_koleo_dino import ema_update_
@@ -57,6 +58,7 @@ logger = logging.getLogger(__name__)
 
 TRACKED_EPS = (0.01, 0.025, 0.05, 0.1)
 TRACKED_QUANTILES = (0.0, 0.1, 0.5, 0.9)
+CLUSTER_KEYS = ("clusters_used", "nmi", "ari", "purity", "clusters_for_coverage_mean")
 # Fashion-MNIST pixel statistics (those of configs/fashion_mnist.yaml), to centre the raw pixels.
 PIXEL_MEAN, PIXEL_STD = 0.286, 0.353
 # Uniforms per view: the crop box attempts, a flip coin and a brightness factor.
@@ -104,6 +106,7 @@ class Views(Protocol):
 
     n_images: int
     dim: int
+    labels: torch.Tensor | None  # (n_images,) class ids, for the cluster metrics (None: unlabelled)
 
     def views(self, indices: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         """``(batch, 2, dim)``: two augmented views of each indexed image."""
@@ -118,6 +121,7 @@ class PixelViews:
 
     images: torch.Tensor  # (N, 1, S, S) uint8
     extents: torch.Tensor  # (N, 2)
+    labels: torch.Tensor | None = None
     augmentation: ViewAugmentation = field(default_factory=ViewAugmentation)
 
     @property
@@ -142,6 +146,7 @@ class FeatureBankViews:
 
     bank: torch.Tensor  # (N, V, D)
     clean_features: torch.Tensor  # (N, D)
+    labels: torch.Tensor | None = None
 
     @property
     def n_images(self) -> int:
@@ -166,7 +171,7 @@ def load_pixel_views(source: str, limit: int | None = None, image_size: int = 28
     """The first ``limit`` images of a data source (e.g. ``fashion_mnist:train``) as :class:`PixelViews`."""
     decoded = load_decoded(source, image_size)
     stop = len(decoded) if limit is None else min(limit, len(decoded))
-    return PixelViews(decoded.images[:stop, :1].contiguous(), decoded.extents[:stop])
+    return PixelViews(decoded.images[:stop, :1].contiguous(), decoded.extents[:stop], decoded.labels[:stop])
 
 
 def _model_fingerprint(model_dir: Path) -> list:
@@ -212,7 +217,8 @@ def build_backbone_views(
     cache_path = cache_dir() / "frozen_head" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.safetensors"
     if use_cache and cache_path.exists():
         tensors = load_file(str(cache_path))
-        return FeatureBankViews(tensors["bank"], tensors["clean"])
+        n_cached = tensors["bank"].shape[0]
+        return FeatureBankViews(tensors["bank"], tensors["clean"], load_decoded(source, 28).labels[:n_cached])
     backbone = AutoModel.from_pretrained(model_dir, use_safetensors=True).eval()
     size, mean, std = _processor_geometry(AutoImageProcessor.from_pretrained(model_dir))
     mean_t, std_t = torch.tensor(mean).view(3, 1, 1), torch.tensor(std).view(3, 1, 1)
@@ -234,7 +240,7 @@ def build_backbone_views(
         )
         cleans.append(embed(whole[:, 0]))
         logger.info("backbone views: %d / %d images", indices[-1] + 1, n_images)
-    bank_views = FeatureBankViews(torch.cat(banks), torch.cat(cleans))
+    bank_views = FeatureBankViews(torch.cat(banks), torch.cat(cleans), decoded.labels[:n_images])
     if use_cache:
         cache_path.parent.mkdir(parents=True, exist_ok=True)
         staging = cache_path.with_name(cache_path.name + ".tmp")
@@ -342,7 +348,9 @@ def head_step(
 
 
 @torch.no_grad()
-def head_metrics(state: HeadState, clean_inputs: torch.Tensor, config: FrozenHeadConfig) -> dict[str, Any]:
+def head_metrics(
+    state: HeadState, clean_inputs: torch.Tensor, config: FrozenHeadConfig, labels: torch.Tensor | None = None
+) -> dict[str, Any]:
     """Collapse metrics of the teacher head (the one DINO keeps) on a fixed set of clean inputs.
 
     Returns:
@@ -353,6 +361,8 @@ def head_metrics(state: HeadState, clean_inputs: torch.Tensor, config: FrozenHea
         distribution the loss matches). With KoLeo-proto's candidate search, ``koleo_certified``
         (the fraction of the student's prototypes whose neighbour is certified exact now) and
         ``koleo_agreement`` (the fraction whose candidate choice is the exact search's neighbour).
+        With the inputs' ``labels``, ``clusters``: the teacher's arg-max scored as a clustering
+        (NMI, ARI, purity, clusters covering 90 % of a class, see ``hf_koleo.evaluation.clusters``).
     """
     prototypes = state.teacher.prototypes
     logits = state.teacher(clean_inputs)
@@ -366,6 +376,9 @@ def head_metrics(state: HeadState, clean_inputs: torch.Tensor, config: FrozenHea
         "assignment_perplexity": use["assignment_perplexity"],
         "marginal_perplexity": math.exp(marginal_entropy(probs)),
     }
+    if labels is not None:
+        scores = cluster_metrics(logits.argmax(dim=1), labels)
+        metrics["clusters"] = {key: scores[key] for key in CLUSTER_KEYS}
     if state.neighbours is not None and bool(state.neighbours.boundary.any()):  # searched at least once
         unit_vectors = F.normalize(state.student.prototypes, p=2, dim=-1)
         chosen, certified = state.neighbours.choose(unit_vectors)
@@ -393,6 +406,8 @@ def run_frozen_head(
     state = init_state(views.dim, config)
     generator = torch.Generator().manual_seed(config.seed)
     clean_inputs = views.clean(torch.arange(min(config.eval_images, views.n_images)))
+    labels = None if views.labels is None else views.labels[: len(clean_inputs)]
+    labels = labels if labels is not None and bool((labels >= 0).all()) else None
     history, loss_sum, koleo_sum, since = [], torch.zeros(()), torch.zeros(()), 0
     start, eval_seconds = time.perf_counter(), 0.0
     for step in range(config.steps + 1):
@@ -402,7 +417,7 @@ def run_frozen_head(
                 "step": step,
                 "dino_loss": float(loss_sum) / since if since else None,
                 "koleo_proto_loss": float(koleo_sum) / since if since else None,
-                **head_metrics(state, clean_inputs, config),
+                **head_metrics(state, clean_inputs, config, labels),
             }
             history.append(row)
             loss_sum, koleo_sum, since = torch.zeros(()), torch.zeros(()), 0

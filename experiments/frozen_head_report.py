@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .frozen_head import TRACKED_EPS
-from .markdown import left_out_line, mean_std
+from .markdown import left_out_line, markdown_table, mean_std, save_figure
 
 
 def load_results(records: list[dict[str, Any]], spec) -> dict[str, Any]:
@@ -55,6 +55,96 @@ def write_report(spec, records: list[dict[str, Any]], left_out: dict[str, str], 
         text += "\n" + left_out_line(left_out) + "\n"
     markdown.write_text(text)
     return [markdown, *plot_study(results, report_dir / "figures" / "frozen_head")]
+
+
+def k_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per finished run of a K sweep: K, variant, seed and its end-of-run metrics."""
+    rows = []
+    for record in records:
+        if record.get("status") != "done":
+            continue
+        result, final = record["result"], record["result"]["history"][-1]
+        clusters = final.get("clusters") or {}
+        rows.append(
+            {
+                "num_prototypes": result["config"]["num_prototypes"],
+                "variant": record["axes"]["variant"],
+                "seed": record["axes"]["seed"],
+                "steps": result["config"]["steps"],
+                "unique": final["unique"],
+                "used": final["used"],
+                "assignment_perplexity": final["assignment_perplexity"],
+                "nn_distance_median": final["nn_distance"]["q0.5"],
+                **{key: clusters.get(key) for key in ("nmi", "ari", "purity", "clusters_for_coverage_mean")},
+                "train_seconds": result["train_seconds"],
+            }
+        )
+    return sorted(rows, key=lambda row: (row["num_prototypes"], row["variant"], row["seed"]))
+
+
+def write_k_report(spec, records: list[dict[str, Any]], left_out: dict[str, str], report_dir: Path) -> list[Path]:
+    """A K sweep (``configs/experiments/frozen_head_k.yaml``): ``frozen_head_k.md``, ``.json`` and one figure."""
+    import json
+
+    rows = k_rows(records)
+    failed = {record["name"]: f"failed: {record['error']}" for record in records if record.get("status") == "failed"}
+    left_out = {**left_out, **failed}
+    environments = [record["environment"] for record in records if record.get("status") == "done"]
+    header = ["K", "variant", "unique@0.025", "unique@0.1", "used", "NMI", "ARI", "purity", "clusters/class (90 %)"]
+    header.append("train s")
+
+    def cell(value, digits=3):
+        return "-" if value is None else f"{value:.{digits}f}"
+
+    table = [
+        [
+            f"{row['num_prototypes']:,}",
+            row["variant"],
+            f"{row['unique']['0.025'] / row['num_prototypes']:.1%}",
+            f"{row['unique']['0.1'] / row['num_prototypes']:.1%}",
+            f"{row['used']:,}",
+            cell(row["nmi"]),
+            cell(row["ari"]),
+            cell(row["purity"]),
+            cell(row["clusters_for_coverage_mean"], 1),
+            f"{row['train_seconds']:.0f}",
+        ]
+        for row in rows
+    ]
+    machines = "; ".join(dict.fromkeys(environment["machine"] for environment in environments)) or "-"
+    lines = [f"# {spec.settings.get('title', spec.name)}", "", f"Machine: {machines}.", ""]
+    lines += markdown_table(header, table)
+    if left_out:
+        lines += ["", left_out_line(left_out)]
+    report_dir.mkdir(parents=True, exist_ok=True)
+    markdown, data = report_dir / f"{spec.name}.md", report_dir / f"{spec.name}.json"
+    markdown.write_text("\n".join(lines) + "\n")
+    data.write_text(json.dumps({"runs": rows, "left_out": left_out}, indent=1) + "\n")
+    return [markdown, data, *([plot_k(rows, report_dir / "figures" / f"{spec.name}.png")] if rows else [])]
+
+
+def plot_k(rows: list[dict[str, Any]], path: Path) -> Path:
+    """Unique share, prototypes used and NMI against K, one line per variant."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    panels = (
+        ("unique@0.025 / K", lambda row: row["unique"]["0.025"] / row["num_prototypes"]),
+        ("prototypes used (teacher arg-max)", lambda row: row["used"]),
+        ("NMI of the arg-max clusters", lambda row: row["nmi"]),
+    )
+    for axis, (label, value) in zip(axes, panels):
+        for variant in sorted({row["variant"] for row in rows}):
+            points = [(row["num_prototypes"], value(row)) for row in rows if row["variant"] == variant]
+            points = [(k, v) for k, v in points if v is not None]
+            axis.plot([k for k, _ in points], [v for _, v in points], "o-", label=variant)
+        axis.set(xscale="log", xlabel="K", title=label)
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    return save_figure(figure, path, dpi=100)
 
 
 def _grouped(results: dict[str, Any]) -> dict[tuple[str, str], list[dict[str, Any]]]:
@@ -314,8 +404,4 @@ def plot_study(results: dict[str, Any], figure_prefix: str | Path) -> list[Path]
         for axis in (*axes[:, column], eps_axes[0, column]):
             axis.legend(fontsize=8)
             axis.grid(alpha=0.3)
-    for fig, path in ((figure, paths[0]), (eps_figure, paths[1])):
-        fig.tight_layout()
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-    return paths
+    return [save_figure(fig, path, dpi=100) for fig, path in ((figure, paths[0]), (eps_figure, paths[1]))]

@@ -1,4 +1,4 @@
-"""The reports' toolkit: markdown tables, mean ± sd cells, generated regions inside hand-written docs."""
+"""The reports' toolkit: markdown tables, mean ± sd cells, generated regions inside hand-written docs, figures."""
 
 from __future__ import annotations
 
@@ -73,3 +73,15 @@ def write_generated(
             text = text.rstrip("\n") + "\n\n" + title + block + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
+
+
+def save_figure(figure, path: str | Path, dpi: int = 110) -> Path:
+    """Lay out, write (creating the folder) and close a matplotlib figure; its path."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=dpi)
+    plt.close(figure)
+    return path

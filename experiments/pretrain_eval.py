@@ -5,7 +5,9 @@
     pretrain: {...}          # a pretraining config (run keys, model keys under model:), as a YAML config
     dataset: {train: SOURCE, test: SOURCE}
     evaluation: {device: cpu|auto, batch_size, limit_train, limit_test, limit_linear, linear_epochs, fewshot_draws,
-                 protocols: [knn] (kNN only; default all three)}
+                 protocols: [knn] (kNN only; default all three),
+                 test_dataset: {train, test} (also every protocol there: dataset is then a validation split),
+                 curve: true, curve_limit_train (kNN of every kept checkpoint, see checkpoint_curve)}
     keep_backbone: false     # also export a release folder (backbone + model card) into the run's folder
     # evaluation.protocol: validation -> kNN balanced accuracy on 20 % held out from the training data
 
@@ -45,6 +47,7 @@ from .runner import RunContext, Unfinished
 
 logger = logging.getLogger(__name__)
 PROTOTYPE_PREFIX = "prototypes/"
+FULL_PROTOCOLS = ("knn", "linear", "few_shot")
 
 
 def evaluation_settings(params: dict[str, Any]) -> dict[str, Any]:
@@ -59,18 +62,23 @@ def _subset(features: FeatureSet, index: torch.Tensor) -> FeatureSet:
     return FeatureSet(features.cls[index], patch, features.labels[index])
 
 
-def evaluate_run(model_dir: str, dataset: dict, settings: dict) -> dict[str, Any]:
-    """kNN@20, linear probe and 1/5-shot (top-1 and balanced) of ``model_dir`` (or ``"pixels"``)."""
-    train, test = extract_train_test(
+def _features(model_dir: str, dataset: dict, settings: dict, limit_train: int | None):
+    """Training and test features of ``dataset`` under the evaluation ``settings``."""
+    return extract_train_test(
         model_dir,
         dataset["train"],
         dataset["test"],
-        limit_train=settings.get("limit_train"),
+        limit_train=limit_train,
         limit_test=settings.get("limit_test"),
         batch_size=settings.get("batch_size", 64),
         device=settings.get("device", "cpu"),
         progress=False,
     )
+
+
+def evaluate_run(model_dir: str, dataset: dict, settings: dict) -> dict[str, Any]:
+    """kNN@20, linear probe and 1/5-shot (top-1 and balanced) of ``model_dir`` (or ``"pixels"``)."""
+    train, test = _features(model_dir, dataset, settings, settings.get("limit_train"))
     knn = knn_protocol(train, test, k_values=(20,))["by_k"]["20"]
     counts = torch.bincount(train.labels[train.labels >= 0])
     rarest = [int(label) for label in counts.argsort()[:3]]  # by training images (Fashion-MNIST-LT: 9, 8, 7)
@@ -83,7 +91,7 @@ def evaluate_run(model_dir: str, dataset: dict, settings: dict) -> dict[str, Any
     if model_dir != PIXELS and settings.get("checkpoint"):
         assignments = teacher_assignments(settings["checkpoint"], test.cls)
         result["clusters"] = cluster_metrics(assignments, test.labels)
-    if "linear" not in settings.get("protocols", ("knn", "linear", "few_shot")):
+    if "linear" not in settings.get("protocols", FULL_PROTOCOLS):
         return result  # a recipe search scores kNN only
     probe_index = torch.arange(len(train.labels))[: settings.get("limit_linear") or len(train.labels)]
     linear = linear_protocol(_subset(train, probe_index), test, epochs=settings["linear_epochs"])["test"]
@@ -120,7 +128,12 @@ def evaluate_backbone_of(run_dir: Path, params: dict[str, Any]) -> dict[str, Any
         return {"validation_knn_balanced": balanced}
     checkpoints = list_checkpoints(run_dir)
     settings["checkpoint"] = str(checkpoints[-1]) if checkpoints else None  # the teacher's clusters
-    return evaluate_run(str(run_dir / "backbone"), params["dataset"], settings)
+    evaluation = evaluate_run(str(run_dir / "backbone"), params["dataset"], settings)
+    if settings.get("test_dataset"):  # chosen on a validation split, then tested once with every protocol
+        evaluation["test"] = evaluate_run(
+            str(run_dir / "backbone"), settings["test_dataset"], {**settings, "protocols": FULL_PROTOCOLS}
+        )
+    return evaluation
 
 
 def checkpoint_curve(run_dir: Path, params: dict[str, Any]) -> list[dict[str, Any]]:
@@ -139,16 +152,7 @@ def checkpoint_curve(run_dir: Path, params: dict[str, Any]) -> list[dict[str, An
     for checkpoint in list_checkpoints(run_dir):
         model = load_pretraining_model(checkpoint)
         backbone = export_checkpoint(checkpoint, run_dir / "curve" / checkpoint.name, model=model)
-        train, test = extract_train_test(
-            str(backbone),
-            params["dataset"]["train"],
-            params["dataset"]["test"],
-            limit_train=settings.get("curve_limit_train"),
-            limit_test=settings.get("limit_test"),
-            batch_size=settings.get("batch_size", 64),
-            device=settings.get("device", "cpu"),
-            progress=False,
-        )
+        train, test = _features(str(backbone), params["dataset"], settings, settings.get("curve_limit_train"))
         knn = knn_protocol(train, test, k_values=(20,))["by_k"]["20"]
         step = json.loads((checkpoint / "trainer_state.json").read_text())["step"]
         clusters = cluster_metrics(teacher_assignments(model, test.cls), test.labels)
@@ -239,7 +243,8 @@ def export_with_card(params: dict[str, Any], context: RunContext) -> Path:
     Done on the machine that trained it: the checkpoint (heads, K prototypes) is too large to bring
     back. The pixel results are computed once per dataset, beside the run folders (``evaluation/``).
     """
-    dataset, settings, run_dir = params["dataset"], evaluation_settings(params), context.work_dir
+    settings, run_dir = evaluation_settings(params), context.work_dir
+    dataset = settings.get("test_dataset") or params["dataset"]
     pixels = run_dir.parent / "evaluation" / f"pixels-{_slug(dataset['train'])}.json"
     evaluation_files = []
     for model, path in ((str(run_dir / "backbone"), run_dir / "evaluation" / "backbone.json"), (PIXELS, pixels)):

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .markdown import left_out_line, markdown_table
+from .markdown import left_out_line, markdown_table, save_figure
 
 
 def recipe_runs(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -90,11 +90,7 @@ def plot_curves(runs: list[dict[str, Any]], path: Path) -> Path:
     axis.set_ylabel("kNN@20 top-1 on fashion_mnist:val")
     axis.grid(alpha=0.3)
     axis.legend(fontsize=7)
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return save_figure(figure, path)
 
 
 def write_report(spec, records: list[dict[str, Any]], left_out: dict[str, str], report_dir: Path) -> list[Path]:

@@ -20,7 +20,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .markdown import left_out_line, markdown_table, mean_std, sample_sd, verdict_table
+from .markdown import left_out_line, markdown_table, mean_std, sample_sd, save_figure, verdict_table
 
 HEADLINE_EPS = "0.025"
 TABLE_EPS = ("0.01", "0.025", "0.05", "0.1")  # the eps the study logs every epoch
@@ -337,10 +337,7 @@ def plot_results(results: dict[str, Any], figures_dir: str | Path, prefix: str =
                     )
             axis.set(title=f"{dataset}, K = {k:,}", xlabel="epoch", ylabel=f"unique@{HEADLINE_EPS} / K", ylim=(0, 1.05))
             axis.legend(fontsize=7)
-    figure.tight_layout()
-    written.append(figures_dir / f"{prefix}_unique_vs_epoch.png")
-    figure.savefig(written[-1], dpi=110)
-    plt.close(figure)
+    written.append(save_figure(figure, figures_dir / figures_dir / f"{prefix}_unique_vs_epoch.png"))
 
     figure, axes = plt.subplots(1, len(datasets), figsize=(5 * len(datasets), 3.8), squeeze=False)
     for column, dataset in enumerate(datasets):
@@ -360,10 +357,7 @@ def plot_results(results: dict[str, Any], figures_dir: str | Path, prefix: str =
             )
         axis.set(xscale="log", xlabel="eps", ylabel="unique / K", title=f"{dataset}: end of training", ylim=(0, 1.05))
         axis.legend(fontsize=7)
-    figure.tight_layout()
-    written.append(figures_dir / f"{prefix}_eps_curves.png")
-    figure.savefig(written[-1], dpi=110)
-    plt.close(figure)
+    written.append(save_figure(figure, figures_dir / figures_dir / f"{prefix}_eps_curves.png"))
 
     figure, axes = plt.subplots(1, 2, figsize=(10, 3.8), squeeze=False)
     for column, (metric, label) in enumerate((("knn_top1", "kNN@20 top-1"), ("knn_balanced", "kNN@20 balanced acc."))):
@@ -386,10 +380,7 @@ def plot_results(results: dict[str, Any], figures_dir: str | Path, prefix: str =
                     )
         axis.set(xscale="log", xlabel="K (prototypes)", ylabel=label, title=f"{label} vs K")
         axis.legend(fontsize=7)
-    figure.tight_layout()
-    written.append(figures_dir / f"{prefix}_accuracy_vs_k.png")
-    figure.savefig(written[-1], dpi=110)
-    plt.close(figure)
+    written.append(save_figure(figure, figures_dir / figures_dir / f"{prefix}_accuracy_vs_k.png"))
     return written
 
 

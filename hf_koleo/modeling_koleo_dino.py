@@ -286,6 +286,9 @@ class KoLeoDinoForPreTraining(KoLeoDinoPreTrainedModel):
         super().post_init()
         if not any(parameter.is_meta for parameter in self.parameters()):
             self.copy_student_to_teacher()
+        # A module starts in train mode: without this a fresh model's teacher would run drop path and
+        # dropout until someone called train() or eval() (the trainer never does).
+        self.train(self.training)
 
     @torch.no_grad()
     def copy_student_to_teacher(self) -> None:

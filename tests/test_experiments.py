@@ -211,3 +211,26 @@ def test_the_committed_frozen_head_study_re_renders_from_its_records(tmp_path):
     records, left_out = Store(ROOT / "docs" / "frozen_head" / "runs").records(spec.runs)
     assert len(records) == len(spec.runs) == 10 and not left_out  # every run planned, none stale
     assert render_markdown(load_results(records, spec)) == (ROOT / "docs" / "frozen_head.md").read_text()
+
+
+def test_the_k_sweep_scores_the_teachers_clusters_and_reports_them_against_k(tmp_path, one_thread):
+    from experiments.registry import report
+    from experiments.runner import run_pending
+
+    spec = load_spec(SPECS / "frozen_head_k.yaml", quick=True)
+    store = Store(tmp_path / "records")
+    assert sorted(run_pending(spec, store, tmp_path / "work", fresh_process=False).finished) == sorted(
+        run.name for run in spec.runs
+    )
+    records, left_out = store.records(spec.runs)
+    markdown, data, figure = report(spec.report)(spec, records, left_out, tmp_path / "docs")
+    rows = json.loads(data.read_text())["runs"]
+    assert [(row["num_prototypes"], row["variant"]) for row in rows] == [
+        (16, "baseline"), (16, "koleo_proto"), (64, "baseline"), (64, "koleo_proto")
+    ]  # fmt: skip
+    for row, record in zip(rows, sorted(records, key=lambda r: (r["axes"]["num_prototypes"], r["axes"]["variant"]))):
+        final = record["result"]["history"][-1]
+        assert row["nmi"] == final["clusters"]["nmi"] and 0 <= row["nmi"] <= 1
+        assert row["used"] == final["used"] == final["clusters"]["clusters_used"]  # one arg-max, the same images
+        assert f"| {row['num_prototypes']:,} | {row['variant']} |" in markdown.read_text()
+    assert figure.stat().st_size > 10_000

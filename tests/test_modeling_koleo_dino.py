@@ -57,6 +57,31 @@ def test_teacher_stays_in_eval_mode_so_it_never_drops_paths():
     assert model.student.training and not model.teacher.training and not model.teacher_head.training
 
 
+def test_the_teacher_is_deterministic_in_every_state_the_model_is_built_or_loaded_in(tmp_path):
+    # drop path 0.5 and dropout 0.3: any teacher module left in train mode makes two calls differ.
+    backbone = {**tiny_config().backbone_config.to_dict(), "drop_path_rate": 0.5, "hidden_dropout_prob": 0.3}
+    fresh = KoLeoDinoForPreTraining(tiny_config(backbone_config=backbone))  # the trainer never calls train()
+    fresh.save_pretrained(tmp_path / "model")
+    pixels = torch.randn(4, 3, 16, 16)
+
+    def teacher_logits(model):
+        with torch.no_grad():
+            return model.teacher_head(model.teacher(pixels).pooler_output)
+
+    states = {
+        "fresh": fresh,
+        "train()": KoLeoDinoForPreTraining(tiny_config(backbone_config=backbone)).train(),
+        "eval().train()": KoLeoDinoForPreTraining(tiny_config(backbone_config=backbone)).eval().train(),
+        "from_pretrained": KoLeoDinoForPreTraining.from_pretrained(tmp_path / "model"),
+        "from_pretrained().train()": KoLeoDinoForPreTraining.from_pretrained(tmp_path / "model").train(),
+    }
+    for name, model in states.items():
+        assert torch.equal(teacher_logits(model), teacher_logits(model)), name
+    assert fresh.student.training  # the student does train with drop path
+    with torch.no_grad():
+        assert not torch.equal(fresh.student(pixels).pooler_output, fresh.student(pixels).pooler_output)
+
+
 def test_ema_update_is_exact():
     model = KoLeoDinoForPreTraining(tiny_config())
     with torch.no_grad():
