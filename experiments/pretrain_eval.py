@@ -257,7 +257,7 @@ def export_with_card(params: dict[str, Any], context: RunContext) -> Path:
                 settings.get("batch_size", 64),
                 settings.get("limit_train"),
                 settings.get("limit_test"),
-                settings["device"],
+                settings.get("device", "cpu"),
             )
             write_result(result, path)
         evaluation_files.append(path)

@@ -9,6 +9,7 @@ Every study and benchmark of this project is a spec in ``configs/experiments/``,
     work_dir: outputs/study_gpu                     # run folders and checkpoints (never committed)
     report_dir: docs                                # where the report writes
     outputs: {markdown: results_gpu.md}             # the report's file names (optional)
+    targets: {knn: 84.6}                            # the report's verdict thresholds (optional)
     base_files: {pretrain: ../fashion_mnist_gpu.yaml}   # parameters read from a file (beside the spec)
     base: {...}                                     # every run's parameters
     choices:                                        # axes whose values name parameter overlays
@@ -61,6 +62,7 @@ KNOWN = {
     "stages",
     "quick",
     "notes",
+    "targets",
 }
 
 

@@ -392,6 +392,10 @@ class KoLeoDinoForPreTraining(KoLeoDinoPreTrainedModel):
         view_masks = None if masks is None else _views_first(masks).bool()
         zero = global_crops.new_zeros((), dtype=torch.float32)
         use_ibot = config.ibot_loss_weight > 0
+        # The losses, the centres and the arg-max run in fp32 even under bf16 autocast: the heads' logits
+        # are cast up and autocast is off around everything computed from them (a bf16 matrix product
+        # would quantise a loss near ln K to steps of 0.0625 and break arg-max ties by index).
+        fp32 = torch.autocast(global_crops.device.type, enabled=False)
 
         if use_ibot:
             # A fixed number of patch slots (static shapes, no host sync); empty slots weigh 0.
@@ -402,34 +406,38 @@ class KoLeoDinoForPreTraining(KoLeoDinoPreTrainedModel):
 
         with torch.no_grad():
             teacher_tokens = self.teacher(global_views).last_hidden_state
-            teacher_cls_logits = self.teacher_head(teacher_tokens[:, 0])
-            teacher_cls_probs = self._teacher_probs(teacher_cls_logits, self.cls_centre, teacher_temperature)
+            teacher_cls_logits = self.teacher_head(teacher_tokens[:, 0]).float()
+            with fp32:
+                teacher_cls_probs = self._teacher_probs(teacher_cls_logits, self.cls_centre, teacher_temperature)
             if use_ibot:
-                teacher_patch_logits = self.patch_head("teacher")(_gather_slots(teacher_tokens, slot_index))
-                teacher_patch_probs = self._teacher_probs(
-                    teacher_patch_logits, self.patch_centre, teacher_temperature, slot_valid
-                )
+                teacher_patch_logits = self.patch_head("teacher")(_gather_slots(teacher_tokens, slot_index)).float()
+                with fp32:
+                    teacher_patch_probs = self._teacher_probs(
+                        teacher_patch_logits, self.patch_centre, teacher_temperature, slot_valid
+                    )
 
         student_globals = self.student(global_views, bool_masked_pos=view_masks if use_ibot else None)
         student_cls = student_globals.pooler_output
         if local_crops is not None and local_crops.shape[1] > 0:
             student_cls = torch.cat([student_cls, self.student(_views_first(local_crops)).pooler_output])
         n_student = student_cls.shape[0] // global_crops.shape[0]
-        student_cls_logits = self.student_head(student_cls)
-        loss_dino = dino_loss(
-            _batch_first(student_cls_logits, n_student),
-            _batch_first(teacher_cls_probs, n_global),
-            config.student_temperature,
-        )
+        student_cls_logits = self.student_head(student_cls).float()
+        with fp32:
+            loss_dino = dino_loss(
+                _batch_first(student_cls_logits, n_student),
+                _batch_first(teacher_cls_probs, n_global),
+                config.student_temperature,
+            )
 
         loss_ibot = zero
         if use_ibot:
             student_patch_logits = self.patch_head("student")(
                 _gather_slots(student_globals.last_hidden_state, slot_index)
-            )
-            loss_ibot = ibot_patch_loss(
-                student_patch_logits, teacher_patch_probs, slot_weights, config.student_temperature
-            )
+            ).float()
+            with fp32:
+                loss_ibot = ibot_patch_loss(
+                    student_patch_logits, teacher_patch_probs, slot_weights, config.student_temperature
+                )
 
         loss_koleo_proto, koleo_proto_exact = zero, zero + 1.0
         if config.koleo_proto_weight > 0:

@@ -241,3 +241,28 @@ def test_a_standalone_dino_head_is_initialised_like_the_model_heads():
     assert torch.isfinite(head.prototypes).all() and 0.015 < head.prototypes.std().item() < 0.025
     assert all(layer.bias.abs().sum() == 0 for layer in head.mlp if isinstance(layer, torch.nn.Linear))
     assert torch.isfinite(head(torch.randn(4, 16))).all()
+
+
+def test_losses_and_centres_run_in_fp32_under_bf16_autocast(monkeypatch):
+    import hf_koleo.modeling_koleo_dino as modeling
+
+    seen = []
+
+    def spy(name, function):
+        def wrapped(*tensors, **kwargs):
+            floats = [t.dtype for t in tensors if isinstance(t, torch.Tensor) and t.is_floating_point()]
+            seen.append((name, floats, torch.is_autocast_enabled("cpu")))
+            return function(*tensors, **kwargs)
+
+        monkeypatch.setattr(modeling, name, wrapped)
+
+    for name in ("dino_loss", "ibot_patch_loss", "centred_teacher_probs", "batch_centre"):
+        spy(name, getattr(modeling, name))
+    model = KoLeoDinoForPreTraining(tiny_config(ibot_loss_weight=1.0)).train()
+    global_crops, local_crops = crops()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        output = model(global_crops, local_crops, random_masks())
+    assert {name for name, _, _ in seen} == {"dino_loss", "ibot_patch_loss", "centred_teacher_probs", "batch_centre"}
+    for name, dtypes, autocast_on in seen:
+        assert dtypes and set(dtypes) == {torch.float32} and not autocast_on, name
+    assert output.loss.dtype == output.dino_loss.dtype == torch.float32
