@@ -3,6 +3,7 @@
 python -m experiments plan configs/experiments/gpu_study.yaml                      # the runs in order, their status
 python -m experiments run configs/experiments/gpu_study.yaml --budget_seconds 480  # pending runs within 8 minutes
 python -m experiments report configs/experiments/gpu_study.yaml                    # docs from the records alone
+python -m experiments results                                                      # docs/results.json + claims
 python -m experiments run configs/experiments/frozen_head.yaml --quick --records /tmp/r --work_dir /tmp/w
 
 ``--quick`` merges the spec's ``quick:`` section (tiny runs for tests and CI). ``run`` is resumable:
@@ -23,17 +24,20 @@ from hf_koleo.cli import run_main
 from hf_koleo.console import configure_logging
 
 from .registry import plan_note, report
+from .results import write_results
 from .runner import run_pending
 from .spec import load_spec
 from .store import PROGRAM, Store
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog=PROGRAM, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("command", choices=("plan", "run", "report"))
-    parser.add_argument("spec", help="an experiment spec (configs/experiments/*.yaml)")
+    parser.add_argument("command", choices=("plan", "run", "report", "results"))
+    parser.add_argument("spec", nargs="?", help="an experiment spec (configs/experiments/*.yaml); not for results")
     parser.add_argument("--quick", action="store_true", help="merge the spec's quick: section (tiny runs)")
     parser.add_argument("--records", help="the records folder (default: the spec's records)")
     parser.add_argument("--work_dir", help="run folders and checkpoints (default: the spec's work_dir)")
@@ -55,6 +59,12 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("experiments").setLevel(logging.INFO)
     if arguments.threads:
         torch.set_num_threads(arguments.threads)
+    if arguments.command == "results":  # every study's committed records, not one spec's
+        for path in write_results(ROOT, Path(arguments.report_dir or ROOT / "docs")):
+            print(path)
+        return
+    if not arguments.spec:
+        raise ValueError(f"{arguments.command} needs a spec: python -m experiments {arguments.command} SPEC.yaml")
     spec = load_spec(arguments.spec, arguments.quick)
     store = Store(arguments.records or spec.folder("records", f"outputs/experiments/{spec.name}/records"))
     if arguments.command == "plan":

@@ -86,3 +86,9 @@ def test_a_healthy_run_raises_no_alarm_at_the_default_thresholds(data_path, tmp_
         [*TINY_RUN, "--data", str(data_path), "--output_dir", str(tmp_path / "run")]
     )
     assert pretrain(arguments, model_config)["collapse_alarms"] == []
+
+
+def test_one_prototype_for_every_image_is_collapse_at_any_k():
+    alarm = CollapseAlarm(256, used=0.0001, unique_drop=0.0, loss_margin=0.0)  # 0.0001 x 256 < 1: share alone never
+    assert alarm.check_prototypes(100, row(used=2)) == []
+    assert [a["sign"] for a in alarm.check_prototypes(200, row(used=1))] == [USED]

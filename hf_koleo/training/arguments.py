@@ -85,8 +85,11 @@ class PretrainingArguments(MultiCropConfig):
     )
     proto_eps: list[float] = field(default_factory=lambda: [0.01, 0.025, 0.05, 0.1])
     collapse_alarm_used: float = field(
-        default=0.001,
-        metadata={"help": "Warn when the teacher's arg-max uses fewer than this share of the prototypes; 0 = off."},
+        default=0.0001,
+        metadata={
+            "help": "Warn when the teacher's arg-max uses fewer than this share of the prototypes (or only one); "
+            "0 = off. Healthy CPU runs used as few as 3 of 16,384 (0.018 %)."
+        },
     )
     collapse_alarm_unique_drop: float = field(
         default=0.1,

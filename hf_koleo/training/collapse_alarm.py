@@ -3,7 +3,7 @@
 Three signs, each with a threshold in the run's arguments (0 turns a sign off):
 
 - ``collapse_alarm_used``: the teacher's arg-max used fewer than this share of the K prototypes
-  since the last statistics step (assignments concentrating on a few prototypes);
+  since the last statistics step, or a single one (assignments concentrating on a few prototypes);
 - ``collapse_alarm_unique_drop``: unique prototypes at the headline eps fell by more than this share
   since the last statistics step (prototypes merging);
 - ``collapse_alarm_loss_margin``: after the warm-up the DINO loss is within this many nats of ln K
@@ -67,7 +67,7 @@ class CollapseAlarm:
             raised += self._sign(
                 USED,
                 step,
-                share < self.used,
+                share < self.used or used <= 1,  # one prototype for every image: collapse at any K
                 share,
                 self.used,
                 f"the teacher's arg-max used {used:,} of {self.num_prototypes:,} prototypes "

@@ -1,0 +1,176 @@
+"""``python -m experiments results``: every study's committed records -> docs/results.json and the claims table.
+
+The project's answers to the paper live in several specs (the CPU recipe search, the CPU study, the
+frozen-head studies). This module reads their committed records (through each spec's plan, so a
+stale record is left out) and writes one machine-readable file, ``docs/results.json``: a headline row
+per run (dataset, method, K, seed, length, device, seconds, unique prototypes per eps, prototypes
+used, NMI / ARI of the teacher's arg-max, kNN top-1 and balanced, linear, few-shot) and one verdict
+per claim, with its evidence and the setting it holds in. The claims table is also written into the
+generated region ``claims`` of ``docs/results.md`` (the reading around it is written by hand).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .markdown import verdict_table, write_generated
+from .spec import load_spec
+from .store import Store
+from .study_report import claims as study_claims
+from .study_report import load_results
+
+SPECS = Path(__file__).resolve().parents[1] / "configs" / "experiments"
+SOURCES = ("cpu_recipe", "cpu_study", "frozen_head", "frozen_head_k")
+RECIPE_TARGET = {"knn": 84.6, "minutes": 60.0}  # the CPU recipe against raw pixels, on 2 cores
+
+
+def load_sources(root: Path) -> dict[str, tuple[Any, list[dict[str, Any]]]]:
+    """``{spec name: (spec, records of its current plan)}`` for every source with a spec file."""
+    sources = {}
+    for name in SOURCES:
+        path = SPECS / f"{name}.yaml"
+        if path.exists():
+            spec = load_spec(path)
+            records, _ = Store(root / spec.settings["records"]).records(spec.runs)
+            sources[name] = (spec, records)
+    return sources
+
+
+def _evaluation_row(evaluation: dict[str, Any]) -> dict[str, Any]:
+    clusters = evaluation.get("clusters") or {}
+    keys = ("knn_top1", "knn_balanced", "linear_top1", "linear_balanced", "shot1", "shot5")
+    return {**{key: evaluation.get(key) for key in keys}, "nmi": clusters.get("nmi"), "ari": clusters.get("ari")}
+
+
+def pretrain_row(source: str, record: dict[str, Any]) -> dict[str, Any]:
+    """The headline figures of a ``pretrain_eval`` record (its test-split evaluation when it has one)."""
+    result, settings = record["result"], record["result"]["settings"]
+    teacher = result["final_prototypes"]["teacher/cls"]
+    evaluation = result["evaluation"]
+    scored_on = "test" if "test" in evaluation or source != "cpu_recipe" else "val"
+    return {
+        "source": source,
+        "name": record["name"],
+        "dataset": settings["data"],
+        "method": "koleo_proto" if settings["model"].get("koleo_proto_weight", 0) > 0 else "baseline",
+        "num_prototypes": settings["model"]["num_prototypes"],
+        "seed": settings.get("seed", 0),
+        "epochs": settings.get("epochs"),
+        "steps": result["pretraining"]["steps"],
+        "device": result["device"],
+        "cpu_seconds": result["pretraining"]["seconds"],
+        "unique": teacher["unique_curve"],
+        "used": teacher["utilisation"]["used"],
+        "scored_on": scored_on,
+        **_evaluation_row(evaluation.get("test", evaluation)),
+        "validation_knn_top1": evaluation["knn_top1"] if source == "cpu_recipe" else None,
+    }
+
+
+def frozen_head_row(source: str, record: dict[str, Any]) -> dict[str, Any]:
+    """The headline figures of a ``frozen_head`` record (the end of its history)."""
+    result, final = record["result"], record["result"]["history"][-1]
+    clusters = final.get("clusters") or {}
+    return {
+        "source": source,
+        "name": record["name"],
+        "dataset": f"{result['backbone']['description']} (frozen; head only)",
+        "method": record["axes"]["variant"],
+        "num_prototypes": result["config"]["num_prototypes"],
+        "seed": record["axes"]["seed"],
+        "steps": result["config"]["steps"],
+        "device": "CPU",
+        "cpu_seconds": result.get("train_seconds", result.get("seconds")),
+        "unique": final["unique"],
+        "used": final["used"],
+        "nmi": clusters.get("nmi"),
+        "ari": clusters.get("ari"),
+    }
+
+
+def headline_runs(sources) -> list[dict[str, Any]]:
+    rows = []
+    for source, (_, records) in sources.items():
+        for record in records:
+            if record.get("status") != "done":
+                continue
+            if record["kind"] == "pretrain_eval":
+                rows.append(pretrain_row(source, record))
+            elif record["kind"] == "frozen_head":
+                rows.append(frozen_head_row(source, record))
+    return rows
+
+
+def recipe_claim(sources) -> dict[str, str]:
+    """The CPU recipe's test kNN@20 within 60 minutes of 2 cores, against raw pixels."""
+    claim = {"claim": "features beat raw pixels (the CPU recipe, <= 60 min of 2 CPU cores)"}
+    _, records = sources.get("cpu_recipe", (None, []))
+    winners = [r for r in records if r.get("status") == "done" and r["stage"] == "recipe"]
+    pixels = [r for r in records if r.get("status") == "done" and r["kind"] == "evaluate_pixels"]
+    if not winners or not pixels:
+        return {**claim, "verdict": "not measured", "evidence": "no recipe run or no pixel baseline yet"}
+    run, pixel_knn = winners[0]["result"], pixels[0]["result"]["evaluation"]["knn_top1"]
+    knn, minutes = run["evaluation"]["test"]["knn_top1"], run["pretraining"]["seconds"] / 60
+    met = knn >= RECIPE_TARGET["knn"] and minutes <= RECIPE_TARGET["minutes"]
+    return {
+        **claim,
+        "verdict": "confirmed" if met and knn > pixel_knn else "not confirmed",
+        "evidence": f"kNN@20 {knn:.1f} on fashion_mnist:test after {minutes:.0f} min of pretraining "
+        f"({winners[0]['name']}) against raw pixels {pixel_knn:.1f}; target >= {RECIPE_TARGET['knn']:g} "
+        f"within {RECIPE_TARGET['minutes']:.0f} min",
+    }
+
+
+def clusters_claim(rows: list[dict[str, Any]]) -> dict[str, str]:
+    """KoLeo-proto's NMI against the baseline's at every (source, K) where both were measured."""
+    claim = {"claim": "KoLeo-proto gives finer clusters (NMI of the teacher's arg-max)"}
+    pairs = {}
+    for row in rows:
+        if row.get("nmi") is None:
+            continue
+        method = "koleo_proto" if row["method"].startswith("koleo_proto") else row["method"]
+        pairs.setdefault((row["source"], row["dataset"], row["num_prototypes"]), {}).setdefault(method, []).append(
+            row["nmi"]
+        )
+    gaps = [
+        (source, k, sum(m["koleo_proto"]) / len(m["koleo_proto"]) - sum(m["baseline"]) / len(m["baseline"]))
+        for (source, _, k), m in sorted(pairs.items(), key=lambda item: (item[0][0], item[0][2]))
+        if "koleo_proto" in m and "baseline" in m
+    ]
+    if not gaps:
+        return {**claim, "verdict": "not measured", "evidence": "no baseline / KoLeo-proto pair with clusters yet"}
+    if all(gap > 0.01 for _, _, gap in gaps):
+        verdict = "confirmed"
+    elif all(gap < -0.01 for _, _, gap in gaps):
+        verdict = "contradicted"
+    else:
+        verdict = "not confirmed"
+    evidence = "; ".join(f"{source} K = {k:,}: {gap:+.3f}" for source, k, gap in gaps)
+    return {**claim, "verdict": verdict, "evidence": f"NMI KoLeo-proto minus baseline: {evidence}"}
+
+
+def all_claims(sources, rows: list[dict[str, Any]]) -> list[dict[str, str]]:
+    verdicts = [recipe_claim(sources)]
+    if "cpu_study" in sources:
+        spec, records = sources["cpu_study"]
+        verdicts += study_claims(load_results(records, {}, spec))[1:]  # its own "beats pixels" is the recipe's
+    verdicts.append(clusters_claim(rows))
+    return verdicts
+
+
+def write_results(root: Path, docs: Path) -> list[Path]:
+    """``docs/results.json`` and the ``claims`` region of ``docs/results.md``."""
+    sources = load_sources(root)
+    rows = headline_runs(sources)
+    verdicts = all_claims(sources, rows)
+    data = docs / "results.json"
+    results = {"command": "python -m experiments results", "runs": rows, "claims": verdicts}
+    data.write_text(json.dumps(results, indent=1) + "\n")
+    markdown = docs / "results.md"
+    write_generated(markdown, {"claims": verdict_table(verdicts)}, titles={"claims": "Claims"})
+    return [data, markdown]
+
+
+__all__ = ["all_claims", "headline_runs", "load_sources", "write_results"]

@@ -1,0 +1,48 @@
+"""docs/results.json and the claims table: every study's committed records, one row each, one verdict per claim."""
+
+import json
+import shutil
+
+from conftest import ROOT
+
+from experiments.results import clusters_claim, recipe_claim
+from experiments.spec import load_spec
+from experiments.store import Store
+
+
+def test_results_gather_every_committed_record_and_write_the_claims_region(tmp_path):
+    from experiments.__main__ import main
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    shutil.copy(ROOT / "docs" / "results.md", docs / "results.md")
+    main(["results", "--report_dir", str(docs)])
+    results = json.loads((docs / "results.json").read_text())
+    spec = load_spec(ROOT / "configs" / "experiments" / "frozen_head.yaml")
+    records, _ = Store(ROOT / spec.settings["records"]).records(spec.runs)
+    rows = {row["name"]: row for row in results["runs"] if row["source"] == "frozen_head"}
+    assert len(rows) == len(records) == 10
+    for record in records:
+        assert rows[record["name"]]["unique"] == record["result"]["history"][-1]["unique"]
+    claims = {claim["claim"]: claim for claim in results["claims"]}
+    assert all(claim["verdict"] and claim["evidence"] for claim in claims.values())
+    text = (docs / "results.md").read_text()
+    assert text.count("<!-- generated: claims -->") == 1
+    assert all(f"| {claim} |" in text for claim in claims)
+
+
+def test_cluster_verdicts_need_both_methods_and_say_which_way():
+    def row(method, k, nmi, source="frozen_head_k"):
+        return {"source": source, "dataset": "d", "method": method, "num_prototypes": k, "nmi": nmi}
+
+    assert clusters_claim([row("baseline", 256, 0.5)])["verdict"] == "not measured"
+    finer = clusters_claim([row("baseline", 256, 0.5), row("koleo_proto", 256, 0.6), row("baseline", 1024, 0.4),
+                            row("koleo_proto_candidates", 1024, 0.45)])  # fmt: skip
+    assert finer["verdict"] == "confirmed" and "K = 1,024: +0.050" in finer["evidence"]
+    mixed = clusters_claim([row("baseline", 256, 0.5), row("koleo_proto", 256, 0.6), row("baseline", 1024, 0.5),
+                            row("koleo_proto", 1024, 0.4)])  # fmt: skip
+    assert mixed["verdict"] == "not confirmed"
+
+
+def test_the_recipe_claim_is_not_measured_without_its_run_and_the_pixels():
+    assert recipe_claim({})["verdict"] == "not measured"
