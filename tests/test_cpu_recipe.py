@@ -36,3 +36,18 @@ def test_quick_recipe_runs_curve_test_split_clusters_and_report(tmp_path, one_th
     for run in recipe_runs(records):
         assert f"| {run['candidate']} |" in table and f"| {run['knn_top1']:.1f} |" in table
     assert written[-1].suffix == ".png" and written[-1].stat().st_size > 5_000
+
+
+def test_the_recipe_config_is_the_recipe_run_of_the_search(tmp_path):
+    # configs/fashion_mnist_cpu.yaml must train what the search's recipe stage trained (and scored),
+    # except where it says so: the whole training split, its own output folder, no resume.
+    import yaml
+
+    from experiments.pretrain_eval import run_settings
+
+    run = next(run for run in load_spec(SPEC).runs if run.stage == "recipe")
+    searched = run_settings(run.params, tmp_path)
+    shipped = yaml.safe_load((SPEC.parents[1] / "fashion_mnist_cpu.yaml").read_text())
+    differences = {key for key in {*searched, *shipped} if searched.get(key) != shipped.get(key)}
+    assert differences == {"data", "output_dir", "resume", "keep_last", "report_to", "proto_every", "seed"}
+    assert (searched["data"], shipped["data"]) == ("fashion_mnist:fit", "fashion_mnist:train")

@@ -95,7 +95,17 @@ def test_yaml_config_with_cli_overrides_and_unknown_keys(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "name", ["demo", "fashion_mnist", "fashion_mnist_gpu", "fashion_mnist_lt", "vits16_in1k", "vitb16_inat18"]
+    "name",
+    [
+        "demo",
+        "fashion_mnist",
+        "fashion_mnist_cpu",
+        "fashion_mnist_fast",
+        "fashion_mnist_gpu",
+        "fashion_mnist_lt",
+        "vits16_in1k",
+        "vitb16_inat18",
+    ],
 )
 def test_shipped_configs_parse(name):
     arguments, model_config = parse_pretraining_args(["--config", str(ROOT / "configs" / f"{name}.yaml")])
