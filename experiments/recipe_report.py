@@ -19,7 +19,7 @@ def recipe_runs(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Finished runs as flat rows, best validation kNN@20 first."""
     rows = []
     for record in records:
-        if record.get("status") == "failed" or record["kind"] != "pretrain_eval":
+        if record.get("status") != "done" or record["kind"] != "pretrain_eval":
             continue
         result, settings = record["result"], record["result"]["settings"]
         teacher = result["final_prototypes"]["teacher/cls"]
@@ -31,7 +31,8 @@ def recipe_runs(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         rows.append(
             {
                 "name": record["name"],
-                "candidate": record["axes"]["candidate"],
+                "candidate": record["axes"]["candidate"]
+                + (" + KoLeo-proto" if settings["model"].get("koleo_proto_weight") else ""),
                 "seed": record["axes"].get("seed"),
                 "epochs": settings.get("epochs"),
                 "batch": settings["per_device_batch_size"],
@@ -53,7 +54,8 @@ def recipe_runs(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def render_markdown(runs: list[dict[str, Any]], title: str, left_out: dict[str, str]) -> str:
     if not runs:
         return f"No run of {title} has finished yet.\n"
-    header = ["candidate", "epochs", "batch", "minutes", "img/s", "val kNN@20", "val balanced", "used", "perplexity"]
+    header = ["candidate", "epochs", "batch", "minutes", "img/s", "val kNN@20", "val balanced", "unique@0.025"]
+    header += ["used", "perplexity"]
     table = [
         [
             run["candidate"],
@@ -63,6 +65,7 @@ def render_markdown(runs: list[dict[str, Any]], title: str, left_out: dict[str, 
             f"{run['images_per_second']:.0f}",
             f"{run['knn_top1']:.1f}",
             f"{run['knn_balanced']:.1f}",
+            f"{run['unique@0.025']:,}",
             f"{run['used']:,} / {run['num_prototypes']:,}",
             f"{run['perplexity']:.1f}",
         ]
@@ -85,7 +88,12 @@ def plot_curves(runs: list[dict[str, Any]], path: Path) -> Path:
     figure, axis = plt.subplots(figsize=(6.5, 4))
     for run in sorted(runs, key=lambda run: run["candidate"]):
         points = run["curve"]
-        axis.plot([p["minutes"] for p in points], [p["knn_top1"] for p in points], marker="o", label=run["candidate"])
+        axis.plot(
+            [p["minutes"] for p in points],
+            [p["knn_top1"] for p in points],
+            marker="o",
+            label=f"{run['candidate']} ({run['epochs']:g} epochs)",
+        )
     axis.set_xlabel("pretraining minutes (2 CPU cores)")
     axis.set_ylabel("kNN@20 top-1 on fashion_mnist:val")
     axis.grid(alpha=0.3)

@@ -107,7 +107,13 @@ def recipe_claim(sources) -> dict[str, str]:
     """The CPU recipe's test kNN@20 within 60 minutes of 2 cores, against raw pixels."""
     claim = {"claim": "features beat raw pixels (the CPU recipe, <= 60 min of 2 CPU cores)"}
     _, records = sources.get("cpu_recipe", (None, []))
-    winners = [r for r in records if r.get("status") == "done" and r["stage"] == "recipe"]
+    winners = [
+        r
+        for r in records
+        if r.get("status") == "done"
+        and r["stage"] == "recipe"
+        and not r["result"]["settings"]["model"].get("koleo_proto_weight")  # the recipe itself, no KoLeo-proto
+    ]
     pixels = [r for r in records if r.get("status") == "done" and r["kind"] == "evaluate_pixels"]
     if not winners or not pixels:
         return {**claim, "verdict": "not measured", "evidence": "no recipe run or no pixel baseline yet"}
@@ -151,11 +157,33 @@ def clusters_claim(rows: list[dict[str, Any]]) -> dict[str, str]:
     return {**claim, "verdict": verdict, "evidence": f"NMI KoLeo-proto minus baseline: {evidence}"}
 
 
+def recipe_collapse(rows: list[dict[str, Any]], verdict: dict[str, str]) -> dict[str, str]:
+    """The collapse claim, with the CPU recipe's own long run as evidence beside the study's (any K)."""
+    runs = [row for row in rows if row["source"] == "cpu_recipe" and row["method"] == "baseline"]
+    runs = [row for row in runs if (row["epochs"] or 0) > 4]  # the recipe's long run, not the 4-epoch search
+    if not runs:
+        return verdict
+    shares = [(row["unique"]["0.025"] / row["num_prototypes"], row) for row in runs]
+    evidence = "; ".join(
+        f"the CPU recipe ({row['epochs']} epochs, K = {row['num_prototypes']:,}): {row['unique']['0.025']:,} unique "
+        f"at eps 0.025 ({share:.1%})"
+        for share, row in shares
+    )
+    collapsed = any(share <= 0.9 for share, _ in shares)
+    if verdict["verdict"] == "not measured":
+        return {**verdict, "verdict": "confirmed" if collapsed else "not confirmed", "evidence": evidence}
+    return {**verdict, "evidence": f"{verdict['evidence']}; {evidence}"}
+
+
 def all_claims(sources, rows: list[dict[str, Any]]) -> list[dict[str, str]]:
     verdicts = [recipe_claim(sources)]
     if "cpu_study" in sources:
         spec, records = sources["cpu_study"]
         verdicts += study_claims(load_results(records, {}, spec))[1:]  # its own "beats pixels" is the recipe's
+        verdicts = [
+            recipe_collapse(rows, verdict) if verdict["claim"] == "the baseline partially collapses" else verdict
+            for verdict in verdicts
+        ]
     verdicts.append(clusters_claim(rows))
     return verdicts
 
