@@ -41,6 +41,7 @@ from hf_koleo.evaluation.run import evaluate_backbone, extract_train_test, write
 from hf_koleo.hub import export_checkpoint, load_pretraining_model, prepare_upload_folder
 from hf_koleo.training.arguments import arguments_from_settings
 from hf_koleo.training.checkpoint import list_checkpoints
+from hf_koleo.training.run_outputs import read_metrics
 from hf_koleo.training.trainer import pretrain
 
 from .runner import RunContext, Unfinished
@@ -172,8 +173,7 @@ def checkpoint_curve(run_dir: Path, params: dict[str, Any]) -> list[dict[str, An
 def _training_seconds(run_dir: Path, images_per_step: int):
     """``step -> seconds`` of training up to ``step``, from the logged windows of ``metrics.jsonl``."""
     windows, previous = [], 0
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
+    for row in read_metrics(run_dir):
         if "images_per_second" in row and "loss" in row:
             images = (row["step"] - previous) * images_per_step
             windows.append((row["step"], images / max(row["images_per_second"], 1e-9)))
