@@ -10,8 +10,9 @@ measures in one process:
 * **end to end**: data + step + EMA, as the trainer runs them;
 * the ratios the speed targets are set on: step time at 4x the batch / at the batch,
   data img/s / step img/s, end-to-end / step;
-* **host syncs** inside data + step: ``torch.cuda.set_sync_debug_mode("error")`` on a GPU, the
-  :class:`HostSyncRecorder` on a CPU;
+* **host syncs** in the first data + training steps (after the warm-up when compiled): every one
+  the :class:`HostSyncRecorder` sees, and on a GPU every warning of
+  ``torch.cuda.set_sync_debug_mode("warn")``;
 * KoLeo-proto forward + backward at a given K on the device.
 
 Every timing waits for the device (``torch.cuda.synchronize``) before reading the clock.
@@ -22,6 +23,7 @@ from __future__ import annotations
 import logging
 import statistics
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,16 +62,30 @@ class Loop:
     batch_size: int
     state: TrainerState
     guard: NonFiniteGuard
+    compiled: bool = False
     step_index: int = 0
 
     @classmethod
     def build(cls, argv: list[str], batch_size: int) -> Loop:
         arguments, model_config = parse_pretraining_args([*argv, "--per_device_batch_size", str(batch_size)])
+        # A fresh compiler for each loop: otherwise automatic dynamic shapes make the next batch size
+        # measure a dynamic-shape graph (the previous one saw another batch dimension).
+        torch._dynamo.reset()
         run = build_run(arguments, model_config, resume=False)
         values = schedule_values(arguments, 0, 1000, 100.0, arguments.peak_lr(1))
         values.last_layer_lr = values.lr  # measured past the freeze: every parameter updates
         apply_schedules(run.optimizer, values)
-        return cls(run.accelerator, run.model, run.optimizer, run.data, values, batch_size, run.state, NonFiniteGuard())
+        return cls(
+            run.accelerator,
+            run.model,
+            run.optimizer,
+            run.data,
+            values,
+            batch_size,
+            run.state,
+            NonFiniteGuard(),
+            compiled=arguments.compile,
+        )
 
     @property
     def device(self) -> torch.device:
@@ -94,25 +110,30 @@ def _timed(device: torch.device, function, repeats: int) -> float:
     return (time.perf_counter() - start) / repeats
 
 
-def host_syncs(loop: Loop, steps: int = 2) -> list[str]:
-    """Synchronising operations in ``steps`` data + training steps (after a warm-up step); [] is the goal."""
-    loop.step(loop.next_batch())
+def host_syncs(loop: Loop, steps: int = 3) -> list[str]:
+    """Every synchronising operation in ``steps`` data + training steps, [] being the goal: on a fresh
+    loop the first step is among them (nothing may be copied lazily). :class:`HostSyncRecorder` on any
+    device (host reads, blocking copies, host tensors in device operations) and, on a GPU, each
+    warning of ``torch.cuda.set_sync_debug_mode("warn")`` besides."""
     _wait(loop.device)
-    if loop.device.type == "cuda":
-        found: list[str] = []
-        torch.cuda.set_sync_debug_mode("error")
+    cuda = loop.device.type == "cuda"
+    with warnings.catch_warnings(record=True) as caught, HostSyncRecorder() as recorder:
+        warnings.simplefilter("always")
+        if cuda:
+            torch.cuda.set_sync_debug_mode("warn")
         try:
             for _ in range(steps):
                 loop.step(loop.next_batch())
-        except RuntimeError as error:  # the first synchronising call
-            found.append(str(error).splitlines()[0])
         finally:
-            torch.cuda.set_sync_debug_mode("default")
-        return found
-    with HostSyncRecorder() as recorder:
-        for _ in range(steps):
-            loop.step(loop.next_batch())
-    return [f"{name} at {where}" for name, where in recorder.syncs]
+            if cuda:
+                torch.cuda.set_sync_debug_mode("default")
+    found = [f"{name} at {where}" for name, where in recorder.syncs]
+    found += [
+        f"{str(warning.message).splitlines()[0]} at {warning.filename}:{warning.lineno}"
+        for warning in caught
+        if "synchroniz" in str(warning.message).lower()
+    ]
+    return found
 
 
 def matmul_gflops(device: torch.device, size: int = 1024, repeats: int = 10) -> float:
@@ -137,13 +158,16 @@ def measure_batch(argv: list[str], batch_size: int, steps: int, warmup: int = 3)
     """Data alone, step alone and end to end for one per-device batch size; the step's matmul rate
     against the machine's own (``mfu``)."""
     loop = Loop.build(argv, batch_size)
+    # The first steps of an eager loop are checked for syncs before the warm-up; a compiled one
+    # after it (its first steps trace and compile, with host work of their own).
+    syncs = None if loop.compiled else host_syncs(loop)
     for _ in range(warmup):
         loop.step(loop.next_batch())
     data_seconds = _timed(loop.device, loop.next_batch, steps)
     fixed = loop.next_batch()
     step_seconds = _timed(loop.device, lambda: loop.step(fixed), steps)
     end_to_end_seconds = _timed(loop.device, lambda: loop.step(loop.next_batch()), steps)
-    syncs = host_syncs(loop)
+    syncs = host_syncs(loop) if syncs is None else syncs
     flops = step_flops(loop, fixed)
     achieved, machine = flops / step_seconds / 1e9, matmul_gflops(loop.device)
     return {

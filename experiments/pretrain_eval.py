@@ -213,14 +213,14 @@ def pretrain_and_evaluate(params: dict[str, Any], context: RunContext) -> dict[s
     evaluation = evaluate_backbone_of(run_dir, params)
     if evaluation_settings(params).get("curve"):
         evaluation["curve"] = checkpoint_curve(run_dir, params)
-    prototype_history, losses = _history(run_dir)
+    prototype_history, losses = run_history(run_dir)
     result = {
         "settings": settings,
         "device": timing["device"],
         "pretraining": timing,
         "prototype_history": prototype_history,
         "losses": losses,
-        "final_prototypes": _final_prototypes(json.loads((run_dir / "prototype_report.json").read_text())),
+        "final_prototypes": final_prototypes(json.loads((run_dir / "prototype_report.json").read_text())),
         "evaluation": evaluation,
     }
     if params.get("keep_backbone"):
@@ -269,7 +269,7 @@ def _slug(source: str) -> str:
     return "".join(character if character.isalnum() else "_" for character in source)
 
 
-def _history(run_dir: Path) -> tuple[list[dict[str, Any]], list[list[float]]]:
+def run_history(run_dir: Path) -> tuple[list[dict[str, Any]], list[list[float]]]:
     """Per-epoch prototype statistics and ``[epoch, loss]`` pairs from the run's ``metrics.jsonl``."""
     prototype_rows: dict[int, dict[str, Any]] = {}
     losses: dict[int, list[float]] = {}
@@ -284,7 +284,7 @@ def _history(run_dir: Path) -> tuple[list[dict[str, Any]], list[list[float]]]:
     return [prototype_rows[step] for step in sorted(prototype_rows)], [losses[step] for step in sorted(losses)]
 
 
-def _final_prototypes(report: dict[str, Any]) -> dict[str, Any]:
+def final_prototypes(report: dict[str, Any]) -> dict[str, Any]:
     """The headline entries of ``prototype_report.json`` for each head (teacher and student)."""
     keep = ("unique_prototypes", "unique_curve", "nn_distance_quantiles", "utilisation", "marginal_entropy")
     return {

@@ -24,6 +24,7 @@ RUN_KINDS: dict[str, str] = {
     "host_overhead": "experiments.loop_benchmark:host_overhead",
     "koleo_on_device": "experiments.loop_benchmark:koleo_on_device",
     "neighbour_churn": "experiments.neighbour_churn:neighbour_churn",
+    "side_by_side": "experiments.side_by_side:side_by_side",
 }
 
 # Optional: a line ``plan`` prints beside a run of that kind (``function(params) -> str``).
@@ -38,6 +39,7 @@ REPORTS: dict[str, str] = {
     "benchmarks": "experiments.benchmarks:write_report",
     "loop_benchmark": "experiments.loop_benchmark:write_report",
     "recipe": "experiments.recipe_report:write_report",
+    "gpu_window": "experiments.side_by_side:write_report",
 }
 
 

@@ -157,22 +157,62 @@ def clusters_claim(rows: list[dict[str, Any]]) -> dict[str, str]:
     return {**claim, "verdict": verdict, "evidence": f"NMI KoLeo-proto minus baseline: {evidence}"}
 
 
+def _recipe_long_runs(rows: list[dict[str, Any]], method: str) -> list[dict[str, Any]]:
+    """The CPU recipe's long runs of ``method`` (not the 4-epoch search)."""
+    return [
+        row for row in rows if row["source"] == "cpu_recipe" and row["method"] == method and (row["epochs"] or 0) > 4
+    ]
+
+
+def _share(row: dict[str, Any]) -> float:
+    return row["unique"]["0.025"] / row["num_prototypes"]
+
+
+def _recipe_evidence(row: dict[str, Any], label: str) -> str:
+    return (
+        f"the CPU recipe{label} ({row['epochs']} epochs, K = {row['num_prototypes']:,}): {row['unique']['0.025']:,} "
+        f"unique at eps 0.025 ({_share(row):.1%})"
+    )
+
+
+def _with_recipe(verdict: dict[str, str], holds: bool, evidence: str) -> dict[str, str]:
+    """The study's verdict with the recipe's long runs as evidence beside it (alone when the study has none)."""
+    if verdict["verdict"] == "not measured":
+        return {**verdict, "verdict": "confirmed" if holds else "not confirmed", "evidence": evidence}
+    joined = verdict["verdict"] if holds or verdict["verdict"] != "confirmed" else "not confirmed"
+    return {**verdict, "verdict": joined, "evidence": f"{verdict['evidence']}; {evidence}"}
+
+
 def recipe_collapse(rows: list[dict[str, Any]], verdict: dict[str, str]) -> dict[str, str]:
     """The collapse claim, with the CPU recipe's own long run as evidence beside the study's (any K)."""
-    runs = [row for row in rows if row["source"] == "cpu_recipe" and row["method"] == "baseline"]
-    runs = [row for row in runs if (row["epochs"] or 0) > 4]  # the recipe's long run, not the 4-epoch search
+    runs = _recipe_long_runs(rows, "baseline")
     if not runs:
         return verdict
-    shares = [(row["unique"]["0.025"] / row["num_prototypes"], row) for row in runs]
-    evidence = "; ".join(
-        f"the CPU recipe ({row['epochs']} epochs, K = {row['num_prototypes']:,}): {row['unique']['0.025']:,} unique "
-        f"at eps 0.025 ({share:.1%})"
-        for share, row in shares
-    )
-    collapsed = any(share <= 0.9 for share, _ in shares)
+    evidence = "; ".join(_recipe_evidence(row, "") for row in runs)
     if verdict["verdict"] == "not measured":
-        return {**verdict, "verdict": "confirmed" if collapsed else "not confirmed", "evidence": evidence}
+        return _with_recipe(verdict, any(_share(row) <= 0.9 for row in runs), evidence)
     return {**verdict, "evidence": f"{verdict['evidence']}; {evidence}"}
+
+
+def recipe_prevention(rows: list[dict[str, Any]], verdict: dict[str, str], target: float = 0.99) -> dict[str, str]:
+    """The prevention claim, with the CPU recipe's KoLeo-proto twin of a baseline that merged (same K
+    and epochs) as evidence beside the study's."""
+    pairs = [
+        (base, twin)
+        for base in _recipe_long_runs(rows, "baseline")
+        if _share(base) <= 0.9
+        for twin in _recipe_long_runs(rows, "koleo_proto")
+        if (twin["num_prototypes"], twin["epochs"]) == (base["num_prototypes"], base["epochs"])
+    ]
+    if not pairs:
+        return verdict
+    evidence = "; ".join(
+        f"{_recipe_evidence(twin, ' with KoLeo-proto 0.1')} where its baseline kept {_share(base):.1%}"
+        for base, twin in pairs
+    )
+    return _with_recipe(
+        verdict, all(_share(twin) >= target for _, twin in pairs), f"{evidence} (target >= {target:.0%})"
+    )
 
 
 def all_claims(sources, rows: list[dict[str, Any]]) -> list[dict[str, str]]:
@@ -180,8 +220,12 @@ def all_claims(sources, rows: list[dict[str, Any]]) -> list[dict[str, str]]:
     if "cpu_study" in sources:
         spec, records = sources["cpu_study"]
         verdicts += study_claims(load_results(records, {}, spec))[1:]  # its own "beats pixels" is the recipe's
+        from_recipe = {
+            "the baseline partially collapses": recipe_collapse,
+            "KoLeo-proto prevents it": recipe_prevention,
+        }
         verdicts = [
-            recipe_collapse(rows, verdict) if verdict["claim"] == "the baseline partially collapses" else verdict
+            from_recipe[verdict["claim"]](rows, verdict) if verdict["claim"] in from_recipe else verdict
             for verdict in verdicts
         ]
     verdicts.append(clusters_claim(rows))

@@ -30,6 +30,7 @@ from .losses import koleo_from_neighbours, similarity_blocks, without_autocast
 BFLOAT16_SIMILARITY_ERROR = 2.0**-7
 
 
+@torch.compiler.disable  # eager even in a compiled forward, so that full_precision holds
 @torch.no_grad()
 def nearest_candidates(
     unit_vectors: torch.Tensor, m: int, block_size: int | None = None, dtype: torch.dtype = torch.float32
@@ -92,7 +93,8 @@ class NeighbourCandidates(nn.Module):
         whether it is provably the nearest of all rows."""
         search = unit_vectors.detach().float()
         with without_autocast(search.device):
-            similarities = torch.einsum("kd,kmd->km", search, search[self.candidates])
+            # Products and a sum, not a batched matmul: IEEE fp32 whatever the matmul precision (TF32).
+            similarities = (search[:, None, :] * search[self.candidates]).sum(dim=-1)
             best_similarity, best = similarities.max(dim=1)
             index = self.candidates.gather(1, best[:, None]).squeeze(1)
             distance = (2.0 - 2.0 * best_similarity).clamp(min=0.0).sqrt()

@@ -132,7 +132,7 @@ def ibot_patch_loss(
 
 
 def centred_teacher_probs(
-    teacher_logits: torch.Tensor, centre: torch.Tensor, teacher_temperature: float
+    teacher_logits: torch.Tensor, centre: torch.Tensor, teacher_temperature: float | torch.Tensor
 ) -> torch.Tensor:
     """DINO centring and sharpening: ``softmax((logits - centre) / T)`` over the last axis."""
     return F.softmax((teacher_logits.float() - centre) / teacher_temperature, dim=-1)
@@ -166,7 +166,7 @@ def ema_centre(
 @torch.no_grad()
 def sinkhorn_knopp(
     teacher_logits: torch.Tensor,
-    teacher_temperature: float,
+    teacher_temperature: float | torch.Tensor,
     n_iterations: int = 3,
     valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -174,7 +174,7 @@ def sinkhorn_knopp(
 
     Args:
         teacher_logits: ``(n_samples, K)`` local teacher logits.
-        teacher_temperature: sharpening temperature.
+        teacher_temperature: sharpening temperature (a float or a 0-d tensor).
         n_iterations: alternating normalisations.
         valid: optional ``(n_samples,)`` bool; other rows (empty iBOT slots) take no part and get
             all-zero rows. Every process runs the same collectives whatever its count.
@@ -211,6 +211,25 @@ def without_autocast(device: torch.device) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
+@contextlib.contextmanager
+def full_precision(device: torch.device) -> Iterator[None]:
+    """IEEE fp32 for the nearest-neighbour searches: autocast off (:func:`without_autocast`), and fp32
+    matrix products at ``"highest"`` precision even where the user allows TF32 or bf16 passes
+    (``torch.set_float32_matmul_precision("high")``): TF32 keeps 10 mantissa bits, enough to flip
+    which of two prototypes is nearer, or whether two are within eps of each other. Eager code only
+    (the searches are excluded from compiled graphs).
+    """
+    previous = torch.get_float32_matmul_precision()
+    with without_autocast(device):
+        if previous != "highest":
+            torch.set_float32_matmul_precision("highest")
+        try:
+            yield
+        finally:
+            if previous != "highest":
+                torch.set_float32_matmul_precision(previous)
+
+
 def search_block_size(n_rows: int, n_columns: int, device: torch.device | str = "cpu") -> int:
     """Rows per block of a nearest-neighbour search over ``n_columns`` candidates."""
     budget = _SEARCH_BLOCK_ELEMENTS_GPU if torch.device(device).type == "cuda" else _SEARCH_BLOCK_ELEMENTS
@@ -222,7 +241,7 @@ def similarity_blocks(search: torch.Tensor, block_size: int | None = None) -> It
     full precision, each row's similarity to itself set to -inf (extra memory ``block_size * K``)."""
     n_rows = search.shape[0]
     block_size = block_size or search_block_size(n_rows, n_rows, search.device)
-    with without_autocast(search.device):
+    with full_precision(search.device):
         for start in range(0, n_rows, block_size):
             stop = min(start + block_size, n_rows)
             block = search[start:stop] @ search.t()  # (block, K)
@@ -230,6 +249,7 @@ def similarity_blocks(search: torch.Tensor, block_size: int | None = None) -> It
             yield start, stop, block
 
 
+@torch.compiler.disable  # eager even in a compiled forward, so that full_precision holds (see there)
 @torch.no_grad()
 def nearest_neighbours(unit_vectors: torch.Tensor, block_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Index of and distance to each row's nearest other row, without the ``K x K`` matrix.

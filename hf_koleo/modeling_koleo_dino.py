@@ -25,6 +25,7 @@ from .losses import (
     masked_patch_slots,
     max_masked_patches,
     sinkhorn_knopp,
+    without_autocast,
 )
 
 
@@ -209,11 +210,11 @@ def _batch_first(rows: torch.Tensor, n_views: int) -> torch.Tensor:
 @torch.no_grad()
 def ema_update_(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
     """``teacher = momentum * teacher + (1 - momentum) * student``, parameter by parameter, in place
-    (two foreach kernels for all of them); the modules must have the same parameters in the same order."""
+    (one foreach kernel for all of them: ``teacher += (1 - momentum) * (student - teacher)``); the
+    modules must have the same parameters in the same order."""
     teacher_parameters = list(teacher.parameters())
     student_parameters = [parameter.detach() for parameter in student.parameters()]
-    torch._foreach_mul_(teacher_parameters, momentum)
-    torch._foreach_add_(teacher_parameters, student_parameters, alpha=1.0 - momentum)
+    torch._foreach_lerp_(teacher_parameters, student_parameters, 1.0 - momentum)
 
 
 class KoLeoDinoForPreTraining(KoLeoDinoPreTrainedModel):
@@ -322,7 +323,7 @@ class KoLeoDinoForPreTraining(KoLeoDinoPreTrainedModel):
         self,
         teacher_logits: torch.Tensor,
         centre: torch.Tensor,
-        teacher_temperature: float,
+        teacher_temperature: float | torch.Tensor,
         valid: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Centred, sharpened teacher distributions; ``valid`` ``(n,)`` marks the rows that count.
@@ -366,7 +367,7 @@ class KoLeoDinoForPreTraining(KoLeoDinoPreTrainedModel):
         global_crops: torch.Tensor,
         local_crops: torch.Tensor | None = None,
         masks: torch.Tensor | None = None,
-        teacher_temperature: float = 0.04,
+        teacher_temperature: float | torch.Tensor = 0.04,
         mask_slots: int | None = None,
         refresh_neighbours: bool = True,
     ) -> KoLeoDinoPreTrainingOutput:
@@ -378,7 +379,10 @@ class KoLeoDinoForPreTraining(KoLeoDinoPreTrainedModel):
                 the patch size.
             masks: ``(batch, n_global, n_patches)`` bool; masked patches of the student's global
                 crops (iBOT). The teacher always sees the unmasked crops.
-            teacher_temperature: sharpening temperature of the teacher (warmed up by the trainer).
+            teacher_temperature: sharpening temperature of the teacher (warmed up by the trainer), a
+                float or a 0-d tensor on the model's device. Under ``torch.compile`` pass the tensor:
+                a float is a constant of the graph, so a new value recompiles it (and, once dynamo
+                makes it dynamic, arrives as a host tensor, which turns CUDA graphs off).
             mask_slots: masked patch tokens the iBOT heads process for the whole batch (a static
                 shape); default: every crop's maximum, ``ceil(mask_ratio_min_max[1] * n_patches)``.
                 The data pipeline passes a tighter bound (``MaskSettings.slot_budget``).
@@ -395,7 +399,7 @@ class KoLeoDinoForPreTraining(KoLeoDinoPreTrainedModel):
         # The losses, the centres and the arg-max run in fp32 even under bf16 autocast: the heads' logits
         # are cast up and autocast is off around everything computed from them (a bf16 matrix product
         # would quantise a loss near ln K to steps of 0.0625 and break arg-max ties by index).
-        fp32 = torch.autocast(global_crops.device.type, enabled=False)
+        fp32 = without_autocast(global_crops.device)
 
         if use_ibot:
             # A fixed number of patch slots (static shapes, no host sync); empty slots weigh 0.

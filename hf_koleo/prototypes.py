@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
-from .losses import nearest_neighbours, search_block_size, without_autocast
+from .losses import full_precision, nearest_neighbours, search_block_size
 
 if TYPE_CHECKING:
     from .modeling_koleo_dino import KoLeoDinoForPreTraining
@@ -93,7 +93,7 @@ def unique_prototype_curve(
     for start in range(0, n_rows, block_size):
         stop = min(start + block_size, n_rows)
         rows = torch.arange(start, stop, device=unit_rows.device)
-        with without_autocast(unit_rows.device):
+        with full_precision(unit_rows.device):
             similarities = unit_rows[start:stop] @ unit_rows.t()
         for position, threshold in enumerate(thresholds):
             adjacency = similarities > threshold

@@ -3,10 +3,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from experiments.koleo_reference import dinov2_koleo_loss
 from hf_koleo import dino_loss, ibot_patch_loss, koleo_proto_loss, masked_patch_slots, sinkhorn_knopp
+from hf_koleo.koleo_neighbours import NeighbourCandidates, nearest_candidates
 from hf_koleo.losses import nearest_neighbours
+from hf_koleo.prototypes import unique_prototype_curve
 
 
 def dense_koleo_oracle(prototypes: torch.Tensor) -> torch.Tensor:
@@ -104,6 +107,40 @@ def test_nearest_neighbours_are_searched_in_full_precision_inside_a_bf16_forward
         loss = koleo_proto_loss(vectors)
     assert torch.equal(found[0], expected[0]) and torch.allclose(found[1], expected[1])
     assert loss.item() == pytest.approx(koleo_proto_loss(vectors).item(), rel=1e-6)
+
+
+class MatmulPrecisionSpy(TorchDispatchMode):
+    """Records the fp32 matmul precision in force at every matrix product run inside it."""
+
+    PRODUCTS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::dot")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func._schema.name in self.PRODUCTS:
+            self.seen.append(torch.get_float32_matmul_precision())
+        return func(*args, **(kwargs or {}))
+
+
+def test_searches_and_unique_counts_stay_ieee_fp32_where_the_user_allows_tf32():
+    rows = F.normalize(torch.randn(300, 16, dtype=torch.float64), dim=-1).float()
+    cache = NeighbourCandidates(300, 16, 4)
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")  # TF32 for fp32 matmuls on a GPU (bf16 passes on some CPUs)
+    try:
+        with MatmulPrecisionSpy() as spy:
+            nearest_neighbours(rows, block_size=64)
+            nearest_candidates(rows, 4, block_size=64)
+            unique_prototype_curve(rows, [0.01, 0.1], block_size=64)
+            cache.refresh(rows)
+            cache.choose(rows)  # ranks candidates with products and sums: no matmul at all
+        after = torch.get_float32_matmul_precision()
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    assert len(spy.seen) >= 3 and set(spy.seen) == {"highest"}, spy.seen
+    assert after == "high"  # the user's setting is restored
 
 
 def test_koleo_proto_rejects_a_single_prototype():

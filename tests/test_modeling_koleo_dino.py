@@ -4,6 +4,7 @@ import sys
 import pytest
 import torch
 from conftest import tiny_config
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModel
 
 from hf_koleo import DINOHead, KoLeoDinoForPreTraining, KoLeoDinoModel
@@ -82,13 +83,25 @@ def test_the_teacher_is_deterministic_in_every_state_the_model_is_built_or_loade
         assert not torch.equal(fresh.student(pixels).pooler_output, fresh.student(pixels).pooler_output)
 
 
+class OperatorLog(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func._schema.name)
+        return func(*args, **(kwargs or {}))
+
+
 def test_ema_update_is_exact():
     model = KoLeoDinoForPreTraining(tiny_config())
     with torch.no_grad():
         for parameter in model.student.parameters():
             parameter.add_(torch.randn_like(parameter))
     teacher_before = [p.clone() for p in model.teacher.parameters()]
-    model.update_teacher(0.9)
+    with OperatorLog() as log:
+        model.update_teacher(0.9)
+    assert [name for name in log.names if name != "aten::detach"] == ["aten::_foreach_lerp_"]  # one kernel
     for before, student, after in zip(teacher_before, model.student.parameters(), model.teacher.parameters()):
         assert torch.allclose(after, 0.9 * before + 0.1 * student, rtol=0, atol=1e-6)
     model.update_teacher(0.0)

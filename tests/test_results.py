@@ -5,7 +5,7 @@ import shutil
 
 from conftest import ROOT
 
-from experiments.results import clusters_claim, recipe_claim
+from experiments.results import clusters_claim, recipe_claim, recipe_prevention
 from experiments.spec import load_spec
 from experiments.store import Store
 
@@ -46,3 +46,20 @@ def test_cluster_verdicts_need_both_methods_and_say_which_way():
 
 def test_the_recipe_claim_is_not_measured_without_its_run_and_the_pixels():
     assert recipe_claim({})["verdict"] == "not measured"
+
+
+def test_the_recipe_twin_decides_prevention_only_where_its_baseline_merged():
+    def row(method, unique, epochs=34, k=4096):
+        return {"source": "cpu_recipe", "method": method, "epochs": epochs, "num_prototypes": k,
+                "unique": {"0.025": unique}}  # fmt: skip
+
+    unmeasured = {"claim": "KoLeo-proto prevents it", "verdict": "not measured", "evidence": "no run"}
+    assert recipe_prevention([row("baseline", 4000), row("koleo_proto", 4096)], unmeasured) == unmeasured  # no merge
+    assert recipe_prevention([row("baseline", 233), row("koleo_proto", 4096, epochs=4)], unmeasured) == unmeasured
+    held = recipe_prevention([row("baseline", 233), row("koleo_proto", 4096)], unmeasured)
+    assert held["verdict"] == "confirmed" and "4,096 unique at eps 0.025 (100.0%)" in held["evidence"]
+    assert "its baseline kept 5.7%" in held["evidence"]
+    failed = recipe_prevention([row("baseline", 233), row("koleo_proto", 3900)], unmeasured)
+    assert failed["verdict"] == "not confirmed"
+    study = {**unmeasured, "verdict": "confirmed", "evidence": "fashion_mnist K = 16,384: 100 %"}
+    assert recipe_prevention([row("baseline", 233), row("koleo_proto", 3900)], study)["verdict"] == "not confirmed"

@@ -253,7 +253,9 @@ def test_non_finite_loss_stops_with_a_diagnostic_checkpoint(data_path, tmp_path,
         run(data_path, tmp_path / "run")
     diagnostic = tmp_path / "run" / "checkpoints" / "diagnostic-nonfinite-step-00000002"
     assert (diagnostic / "model.safetensors").exists() and (diagnostic / "batch.safetensors").exists()
-    assert load_file(str(diagnostic / "batch.safetensors"))["global_crops"].shape == (4, 2, 3, 8, 8)
+    saved = load_file(str(diagnostic / "batch.safetensors"))  # the views cut again from the kept rows
+    assert saved["global_crops"].shape == (4, 2, 3, 8, 8) and saved["indices"].shape == (4,)
+    assert json.loads((diagnostic / "batch.json").read_text()) == {"step": 2, "position_after": [0, 3]}
 
 
 def launch(data_path, output_dir, num_processes, batch_size, *extra):
@@ -337,6 +339,11 @@ def test_compile_option_compiles_in_place_and_keeps_checkpoints_loadable(
         parse_pretraining_args(["--max_steps", "1", "--compile", "true", "--compile_mode", "fast"])
     with pytest.raises(ValueError, match="compile_scope must be one of"):
         parse_pretraining_args(["--max_steps", "1", "--compile", "true", "--compile_scope", "heads"])
+    with pytest.raises(ValueError, match="reduce-overhead .*cannot accumulate gradients"):
+        parse_pretraining_args(
+            ["--max_steps", "1", "--compile", "true", "--compile_mode", "reduce-overhead"]
+            + ["--gradient_accumulation_steps", "2"]
+        )
 
 
 def test_two_processes_resume_a_stream_exactly_each_from_its_own_position(tmp_path):

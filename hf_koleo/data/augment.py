@@ -192,8 +192,17 @@ class MultiCropAugmentation:
         self.config = config
         self._constants: dict[tuple[str, torch.device], torch.Tensor] = {}
 
+    CONSTANTS = ("mean", "std", "luma", "rgb_to_yiq", "yiq_to_rgb")
+
+    def place_constants(self, device: torch.device | str) -> MultiCropAugmentation:
+        """Copy the small constant tensors to ``device`` now, before training: a host-to-device copy
+        waits for the host, so the loop's first batch should not make it."""
+        for name in self.CONSTANTS:
+            self._constant(name, torch.device(device))
+        return self
+
     def _constant(self, name: str, device: torch.device) -> torch.Tensor:
-        """Small constant tensors, copied to each device once (a host-to-device copy would sync)."""
+        """Small constant tensors, copied to each device once (see :meth:`place_constants`)."""
         key = (name, device)
         if key not in self._constants:
             values = {

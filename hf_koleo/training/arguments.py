@@ -181,6 +181,12 @@ class PretrainingArguments(MultiCropConfig):
             raise ValueError(f"mixed_precision must be one of {PRECISIONS} (or empty), got {self.mixed_precision!r}")
         if self.compile_mode not in COMPILE_MODES:
             raise ValueError(f"compile_mode must be one of {COMPILE_MODES}, got {self.compile_mode!r}")
+        if self.compile and self.compile_mode == "reduce-overhead" and self.gradient_accumulation_steps > 1:
+            raise ValueError(
+                "compile_mode reduce-overhead (CUDA graphs) cannot accumulate gradients: each replay overwrites "
+                "the graph's outputs the next micro-batch adds to; set gradient_accumulation_steps 1 or "
+                "compile_mode default"
+            )
         if self.compile_scope not in COMPILE_SCOPES:
             raise ValueError(f"compile_scope must be one of {COMPILE_SCOPES}, got {self.compile_scope!r}")
         if self.in_memory not in IN_MEMORY:

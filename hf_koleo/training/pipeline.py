@@ -68,7 +68,7 @@ class Pipeline:
                 raise ValueError(f"{name}={getattr(arguments, name)} must be a multiple of the patch size {patch}")
         self.arguments = arguments
         self.device = accelerator.device
-        self.augmentation = MultiCropAugmentation(arguments)
+        self.augmentation = MultiCropAugmentation(arguments).place_constants(self.device)
         self.canvas_size = canvas_size(arguments)
         self.masking = None
         if model_config.ibot_loss_weight > 0:
@@ -77,6 +77,7 @@ class Pipeline:
                 tuple(model_config.mask_ratio_min_max),
                 model_config.mask_probability,
             )
+            self.masking.slot_budget(2 * arguments.per_device_batch_size)  # simulated (and cached) before the loop
         self.dataset_size = 0
 
     def next_batch(self, state: TrainerState) -> dict[str, Any]:
@@ -91,6 +92,12 @@ class Pipeline:
 
     def _first_images(self, count: int) -> DecodedImages:
         raise NotImplementedError
+
+    def replay(self, captured: dict[str, torch.Tensor], position: list[int] | None) -> dict[str, torch.Tensor]:
+        """The views of a past batch from what :class:`~hf_koleo.training.trainer.NonFiniteGuard` kept
+        of it (its images' keys and rows) and the position after it; empty where this path cannot
+        cut them again (a stream does not keep its images)."""
+        return {}
 
     def corrupt_records(self, state: TrainerState, accelerator: Accelerator) -> int:
         """Undecodable records skipped so far, over all processes (called by every process)."""
@@ -145,6 +152,12 @@ class ResidentPipeline(Pipeline):
     def _first_images(self, count: int) -> DecodedImages:
         data = self.batches.data
         return DecodedImages(data.images[:count], data.extents[:count], data.labels[:count])
+
+    def replay(self, captured: dict[str, torch.Tensor], position: list[int] | None) -> dict[str, torch.Tensor]:
+        if position is None or "indices" not in captured:
+            return {}
+        views = self.batches.views(captured["indices"], epoch=position[0])
+        return {key: value for key, value in views.items() if torch.is_tensor(value)}
 
     def corrupt_records(self, state: TrainerState, accelerator: Accelerator) -> int:
         return self.batches.data.n_corrupt  # dropped once, when decoding, alike on every process
@@ -214,7 +227,8 @@ class StreamedPipeline(Pipeline):
         )
         if self.masking is not None:
             batch.update(self.masking.batch_masks(keys))
-        batch["labels"] = raw["labels"]
+        batch["labels"] = raw["labels"].to(self.device, non_blocking=True)
+        batch["position"] = tuple(state.position)
         return batch
 
     def _first_images(self, count: int) -> DecodedImages:

@@ -7,6 +7,7 @@ import logging
 import math
 import signal
 import time
+from collections import deque
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -51,13 +52,23 @@ class NonFiniteLossError(FloatingPointError):
 
 
 class NonFiniteGuard:
-    """Counts non-finite steps on the device and keeps the first offending batch; read only when logging."""
+    """Counts non-finite steps on the device and remembers which images the first offending batch
+    held; read only when logging.
 
-    def __init__(self) -> None:
+    Views are a pure function of the seed, the epoch and each image's key, so the guard keeps the
+    batch's small per-image tensors (``CAPTURED``: keys, source rows, labels) and, on the host, the
+    data position of the last steps; the views themselves are cut again when a diagnostic is saved
+    (:meth:`Pipeline.replay`), not copied at every step.
+    """
+
+    CAPTURED = ("keys", "indices", "labels")
+
+    def __init__(self, positions_kept: int = 10_000) -> None:
         self.count: torch.Tensor | None = None
         self.first_step: torch.Tensor | None = None
         self.gradient_norm: torch.Tensor | None = None
         self.batch: dict[str, torch.Tensor] = {}
+        self.positions: deque[tuple[int, list[int]]] = deque(maxlen=positions_kept)
 
     def observe(self, step: int, loss: torch.Tensor, gradient_norm: torch.Tensor | None, batch: dict) -> None:
         bad = ~torch.isfinite(loss.detach())
@@ -71,15 +82,18 @@ class NonFiniteGuard:
         first = bad & (self.count == 0)
         self.count += bad.long()
         self.first_step = torch.where(first, step, self.first_step)
-        for key, value in batch.items():
+        if "position" in batch:  # host data: the position after this batch
+            self.positions.append((step, list(batch["position"])))
+        for key in self.CAPTURED:
+            value = batch.get(key)
             if not torch.is_tensor(value) or value.device != loss.device:
                 continue
             kept = self.batch.get(key)
-            if kept is None:
-                kept = value.detach().clone()
-            elif kept.shape != value.shape:
-                continue  # a streamed batch shortened by undecodable records: not captured
-            self.batch[key] = torch.where(first, value.detach(), kept)
+            self.batch[key] = value.detach().clone() if kept is None else torch.where(first, value.detach(), kept)
+
+    def position_after(self, step: int) -> list[int] | None:
+        """The data position after ``step``'s batch, while it is among the last ``positions_kept``."""
+        return next((position for seen, position in reversed(self.positions) if seen == step), None)
 
     def first_step_everywhere(self, accelerator) -> int:
         """The earliest non-finite step over all processes (a sync: call it only when stopping)."""
@@ -181,7 +195,7 @@ def _train(
             elapsed = time.perf_counter() - window_start
             metrics = _loss_metrics(accelerator, output, guard, state.corrupt_records)
             if metrics["nonfinite_steps"] > 0:
-                _stop_non_finite(accelerator, guard, state, arguments, model_config, metrics)
+                _stop_non_finite(accelerator, guard, state, arguments, model_config, data, metrics)
             metrics.update(
                 asdict(values),
                 images_per_second=window_images / max(elapsed, 1e-9),
@@ -267,12 +281,16 @@ def train_step(
     it and keeps the batch, for the check every ``log_every`` steps.
     """
     refresh_every = accelerator.unwrap_model(model).config.koleo_proto_refresh_every
+    crops = batch["global_crops"]
+    # A 0-d device tensor, made by a fill kernel (no host-to-device copy): a compiled forward takes it
+    # as an input, so the temperature's warm-up neither recompiles it nor hands it a host scalar.
+    temperature = torch.full((), values.teacher_temperature, device=crops.device)
     with accelerator.accumulate(model):
         output = model(
-            batch["global_crops"],
+            crops,
             batch.get("local_crops"),
             batch.get("masks"),
-            teacher_temperature=values.teacher_temperature,
+            teacher_temperature=temperature,
             mask_slots=batch.get("mask_slots"),
             refresh_neighbours=step % refresh_every == 0,  # host arithmetic: no sync
         )
@@ -356,8 +374,9 @@ def _loss_metrics(accelerator, output, guard: NonFiniteGuard, corrupt_records: i
     return metrics
 
 
-def _stop_non_finite(accelerator, guard: NonFiniteGuard, state, arguments, model_config, metrics) -> None:
-    """Save a diagnostic checkpoint (model, optimiser, the first offending batch) and stop."""
+def _stop_non_finite(accelerator, guard: NonFiniteGuard, state, arguments, model_config, data, metrics) -> None:
+    """Save a diagnostic checkpoint (model, optimiser, the first offending batch: its images' keys and
+    rows, and its views where the data path can cut them again) and stop."""
     first_step = guard.first_step_everywhere(accelerator)
     path = save_checkpoint(
         accelerator,
@@ -370,15 +389,16 @@ def _stop_non_finite(accelerator, guard: NonFiniteGuard, state, arguments, model
     if accelerator.is_main_process and guard.batch:
         from safetensors.torch import save_file
 
-        save_file(
-            {key: value.contiguous().cpu() for key, value in guard.batch.items()}, str(path / "batch.safetensors")
-        )
+        position = guard.position_after(first_step)
+        batch = {**guard.batch, **data.replay(guard.batch, position)}
+        save_file({key: value.contiguous().cpu() for key, value in batch.items()}, str(path / "batch.safetensors"))
+        (path / "batch.json").write_text(json.dumps({"step": first_step, "position_after": position}))
     terms = {name: metrics[name] for name in LOSS_TERMS}
     raise NonFiniteLossError(
         f"the loss became non-finite at step {first_step} ({int(metrics['nonfinite_steps'])} non-finite steps "
         f"by step {state.step}; last terms {terms}). Non-finite updates were skipped, so the model in {path} "
-        "is finite; the optimiser and the first offending batch are saved beside it. Lower base_lr, raise "
-        "clip_grad, or use bf16 instead of fp16."
+        "is finite; the optimiser and the first offending batch (batch.safetensors, batch.json) are saved "
+        "beside it. Lower base_lr, raise clip_grad, or use bf16 instead of fp16."
     )
 
 
