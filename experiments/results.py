@@ -137,12 +137,12 @@ def clusters_claim(rows: list[dict[str, Any]]) -> dict[str, str]:
         if row.get("nmi") is None:
             continue
         method = "koleo_proto" if row["method"].startswith("koleo_proto") else row["method"]
-        pairs.setdefault((row["source"], row["dataset"], row["num_prototypes"]), {}).setdefault(method, []).append(
-            row["nmi"]
-        )
+        # like with like: the same source, data, K and length (a 4-epoch search run is no baseline of a 34-epoch run)
+        key = (row["source"], row["dataset"], row["num_prototypes"], row.get("epochs"), row.get("steps"))
+        pairs.setdefault(key, {}).setdefault(method, []).append(row["nmi"])
     gaps = [
         (source, k, sum(m["koleo_proto"]) / len(m["koleo_proto"]) - sum(m["baseline"]) / len(m["baseline"]))
-        for (source, _, k), m in sorted(pairs.items(), key=lambda item: (item[0][0], item[0][2]))
+        for (source, _, k, _, _), m in sorted(pairs.items(), key=lambda item: (item[0][0], item[0][2]))
         if "koleo_proto" in m and "baseline" in m
     ]
     if not gaps:
