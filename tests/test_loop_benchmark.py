@@ -112,3 +112,17 @@ def test_the_cpu_speed_suite_compares_the_searches_side_by_side_and_measures_the
     text = doc.read_text()
     assert text.startswith("# Benchmarks\n\nhand-written\n") and "<!-- generated: cpu_speed -->" in text
     assert "same nearest neighbour" in text and "MFU" in text
+
+
+def test_each_loop_starts_with_a_fresh_compiler(monkeypatch, one_thread):
+    # Automatic dynamic shapes would otherwise make a later batch size measure a dynamic-shape graph.
+    import torch._dynamo
+
+    from experiments.loop_benchmark import MEASURE_ARGV, Loop
+
+    resets = []
+    monkeypatch.setattr(torch._dynamo, "reset", lambda: resets.append(1))
+    argv = [*load_spec(SPEC, quick=True).runs[0].params["argv"], *MEASURE_ARGV]
+    for batch_size in (4, 8):
+        Loop.build(argv, batch_size)
+    assert len(resets) == 2
