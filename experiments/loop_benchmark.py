@@ -117,7 +117,8 @@ def host_syncs(loop: Loop, steps: int = 3) -> list[str]:
     warning of ``torch.cuda.set_sync_debug_mode("warn")`` besides."""
     _wait(loop.device)
     cuda = loop.device.type == "cuda"
-    with warnings.catch_warnings(record=True) as caught, HostSyncRecorder() as recorder:
+    device = None if loop.device.type == "cpu" else loop.device  # on an accelerator, host work is no sync
+    with warnings.catch_warnings(record=True) as caught, HostSyncRecorder(device) as recorder:
         warnings.simplefilter("always")
         if cuda:
             torch.cuda.set_sync_debug_mode("warn")

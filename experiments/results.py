@@ -129,6 +129,12 @@ def recipe_claim(sources) -> dict[str, str]:
     }
 
 
+def _length(k: int, epochs: float | None, steps: int | None) -> str:
+    """``K = 4,096, 34 epochs`` (or steps): the setting a cluster gap holds in."""
+    length = f", {epochs:g} epochs" if epochs else (f", {steps:,} steps" if steps else "")
+    return f"K = {k:,}{length}"
+
+
 def clusters_claim(rows: list[dict[str, Any]]) -> dict[str, str]:
     """KoLeo-proto's NMI against the baseline's at every (source, K) where both were measured."""
     claim = {"claim": "KoLeo-proto gives finer clusters (NMI of the teacher's arg-max)"}
@@ -141,8 +147,12 @@ def clusters_claim(rows: list[dict[str, Any]]) -> dict[str, str]:
         key = (row["source"], row["dataset"], row["num_prototypes"], row.get("epochs"), row.get("steps"))
         pairs.setdefault(key, {}).setdefault(method, []).append(row["nmi"])
     gaps = [
-        (source, k, sum(m["koleo_proto"]) / len(m["koleo_proto"]) - sum(m["baseline"]) / len(m["baseline"]))
-        for (source, _, k, _, _), m in sorted(pairs.items(), key=lambda item: (item[0][0], item[0][2]))
+        (
+            source,
+            _length(k, epochs, steps),
+            sum(m["koleo_proto"]) / len(m["koleo_proto"]) - sum(m["baseline"]) / len(m["baseline"]),
+        )
+        for (source, _, k, epochs, steps), m in sorted(pairs.items(), key=lambda item: (item[0][0], item[0][2]))
         if "koleo_proto" in m and "baseline" in m
     ]
     if not gaps:
@@ -153,7 +163,7 @@ def clusters_claim(rows: list[dict[str, Any]]) -> dict[str, str]:
         verdict = "contradicted"
     else:
         verdict = "not confirmed"
-    evidence = "; ".join(f"{source} K = {k:,}: {gap:+.3f}" for source, k, gap in gaps)
+    evidence = "; ".join(f"{source} {setting}: {gap:+.3f}" for source, setting, gap in gaps)
     return {**claim, "verdict": verdict, "evidence": f"NMI KoLeo-proto minus baseline: {evidence}"}
 
 

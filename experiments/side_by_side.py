@@ -105,12 +105,18 @@ def side_by_side(params: dict[str, Any], context: RunContext) -> dict[str, Any]:
     methods = list(params["methods"])
     probe_steps = params.get("probe_steps", 40)
     probe = context.work_dir / "probe"
+    probing = time.perf_counter()
     train_together(
         {name: _settings(params, name, probe / name, epochs=0, max_steps=probe_steps) for name in methods}, probe
     )
     speeds = {name: _images_per_second(probe / name) for name in methods}
+    if not all(speed > 0 for speed in speeds.values()):  # NaN: no window logged after the first
+        raise ValueError(f"the probe logged no speed in {probe_steps} steps: set probe_steps above 2 x log_every")
     dataset_size = count_records(params["dataset"]["train"])
-    train_seconds = seconds - (time.perf_counter() - started) - params.get("evaluation_seconds", 60)
+    # What a run costs besides its steps (start-up, data, checkpoint, export), as the probe paid it.
+    images = probe_steps * _settings(params, methods[0], probe)["per_device_batch_size"]
+    overhead = max(0.0, time.perf_counter() - probing - images / min(speeds.values()))
+    train_seconds = seconds - (time.perf_counter() - started) - overhead - params.get("evaluation_seconds", 60)
     epochs = max(1, min(params.get("max_epochs", 100), math.floor(min(speeds.values()) * train_seconds / dataset_size)))
     runs = context.work_dir / "runs"
     train_together(
@@ -127,9 +133,12 @@ def side_by_side(params: dict[str, Any], context: RunContext) -> dict[str, Any]:
         backbone, cut = _backbone(run_dir)
         history, losses = run_history(run_dir)
         report_path = run_dir / "prototype_report.json"
+        if not report_path.exists():  # a cut run: the report its exported checkpoint carries
+            report_path = backbone / "prototype_report.json"
         results[name] = {
             "images_per_second": _images_per_second(run_dir),
             "cut_by_max_time": cut,
+            "epochs_reached": max((row["epoch"] for row in history), default=0.0),
             "prototype_history": history,
             "losses": losses,
             "final_prototypes": final_prototypes(json.loads(report_path.read_text())) if report_path.exists() else {},
@@ -138,6 +147,7 @@ def side_by_side(params: dict[str, Any], context: RunContext) -> dict[str, Any]:
     return {
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU",
         "probe_images_per_second": speeds,
+        "probe_overhead_seconds": overhead,
         "dataset_size": dataset_size,
         "epochs": epochs,
         "train_seconds_planned": train_seconds,
@@ -150,6 +160,8 @@ TEACHER = "prototypes/teacher_cls/"
 
 
 def _method_row(name: str, run: dict[str, Any], epochs: int, num_prototypes: int | None) -> list[str]:
+    if run["cut_by_max_time"]:
+        epochs = f"{run.get('epochs_reached', 0):.1f} of {epochs} (cut)"
     history = run["prototype_history"]
     unique = [row[f"{TEACHER}unique@0.025"] for row in history]
     last = history[-1] if history else {}
@@ -157,7 +169,7 @@ def _method_row(name: str, run: dict[str, Any], epochs: int, num_prototypes: int
     share = f" ({100 * unique[-1] / num_prototypes:.1f} %)" if unique and num_prototypes else ""
     return [
         name,
-        f"{epochs}{' (cut)' if run['cut_by_max_time'] else ''}",
+        f"{epochs}",
         f"{run['images_per_second']:,.0f}",
         f"{unique[-1]:,}{share}" if unique else "-",
         f"{min(unique):,}" if unique else "-",
@@ -187,7 +199,7 @@ def render_pair(record: dict[str, Any]) -> list[str]:
         "",
         f"Probe (together, {params.get('probe_steps', 40)} steps): "
         + ", ".join(f"{name} {speed:,.0f} img/s" for name, speed in result["probe_images_per_second"].items())
-        + f"; {result['epochs']} epochs of {result['dataset_size']:,} images planned in "
+        + f"; {result['epochs']} epoch(s) of {result['dataset_size']:,} images planned in "
         f"{result['train_seconds_planned']:.0f} s; the whole run took {result['seconds']:.0f} s.",
         "",
         *markdown_table(header, rows),

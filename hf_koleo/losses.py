@@ -217,7 +217,8 @@ def full_precision(device: torch.device) -> Iterator[None]:
     matrix products at ``"highest"`` precision even where the user allows TF32 or bf16 passes
     (``torch.set_float32_matmul_precision("high")``): TF32 keeps 10 mantissa bits, enough to flip
     which of two prototypes is nearer, or whether two are within eps of each other. Eager code only
-    (the searches are excluded from compiled graphs).
+    (the searches are excluded from compiled graphs). The setting is process-wide while the context
+    is open, across a generator's ``yield`` too: its users consume it whole inside one function.
     """
     previous = torch.get_float32_matmul_precision()
     with without_autocast(device):

@@ -4,8 +4,8 @@ from scripts.gpu_window import main
 
 
 def test_the_gpu_window_runs_the_pair_side_by_side_then_the_loop_rows_and_packs_them(tmp_path):
-    out, records = tmp_path / "out", tmp_path / "records"
-    main(["--quick", "--out", str(out), "--records", str(records), "--work_dir", str(tmp_path / "work")])
+    out = tmp_path / "out"
+    main(["--quick", "--out", str(out), "--work_dir", str(tmp_path / "work")])  # records straight into out/runs
     pair = json.loads((out / "runs" / "decisive-demo-K64.json").read_text())
     assert pair["status"] == "done", pair.get("error")
     result = pair["result"]

@@ -86,10 +86,12 @@ def test_a_non_finite_step_is_skipped_on_the_device_and_counted(tmp_path):
         assert torch.equal(parameter, before[name]), name
     assert int(guard.count) == 1 and int(guard.first_step) == 1
     # Only the images' keys, rows and labels are kept (no batch of views cloned every step) ...
-    assert set(guard.batch) == {"indices", "labels"}  # a resident batch: rows of the source (a stream: keys)
-    assert torch.equal(guard.batch["indices"], poisoned["indices"]) and guard.position_after(1) == [0, 2]
+    assert set(guard.batch) == {"indices", "labels"}  # a resident batch: rows of the source (a stream: view keys)
+    offending = guard.offending_batch()
+    assert offending == {"step": 1, "position_before": [0, 1], "position_after": [0, 2]}
+    assert torch.equal(guard.batch["indices"], poisoned["indices"])
     # ... from which the data path cuts the offending batch's views again.
-    replayed = data.replay(guard.batch, guard.position_after(1))
+    replayed = data.replay(guard.batch, offending["position_after"])
     clean = data.batches.views(poisoned["indices"], epoch=0)
     assert torch.equal(replayed["global_crops"], clean["global_crops"])
     assert torch.equal(replayed["local_crops"], clean["local_crops"])

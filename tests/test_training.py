@@ -255,7 +255,8 @@ def test_non_finite_loss_stops_with_a_diagnostic_checkpoint(data_path, tmp_path,
     assert (diagnostic / "model.safetensors").exists() and (diagnostic / "batch.safetensors").exists()
     saved = load_file(str(diagnostic / "batch.safetensors"))  # the views cut again from the kept rows
     assert saved["global_crops"].shape == (4, 2, 3, 8, 8) and saved["indices"].shape == (4,)
-    assert json.loads((diagnostic / "batch.json").read_text()) == {"step": 2, "position_after": [0, 3]}
+    saved_at = {"step": 2, "position_before": [0, 2], "position_after": [0, 3]}
+    assert json.loads((diagnostic / "batch.json").read_text()) == saved_at
 
 
 def launch(data_path, output_dir, num_processes, batch_size, *extra):

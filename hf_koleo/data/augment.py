@@ -197,12 +197,17 @@ class MultiCropAugmentation:
     def place_constants(self, device: torch.device | str) -> MultiCropAugmentation:
         """Copy the small constant tensors to ``device`` now, before training: a host-to-device copy
         waits for the host, so the loop's first batch should not make it."""
+        device = torch.device(device)
+        if device.index is None and device.type not in ("cpu", "meta"):
+            # "cuda" (what accelerate names a single GPU) is the tensors' "cuda:0": key on the latter.
+            device = torch.empty(0, device=device).device
         for name in self.CONSTANTS:
-            self._constant(name, torch.device(device))
+            self._constant(name, device)
         return self
 
     def _constant(self, name: str, device: torch.device) -> torch.Tensor:
-        """Small constant tensors, copied to each device once (see :meth:`place_constants`)."""
+        """Small constant tensors, copied to each device once (see :meth:`place_constants`); ``device``
+        is a tensor's (indexed: ``cuda:0``)."""
         key = (name, device)
         if key not in self._constants:
             values = {

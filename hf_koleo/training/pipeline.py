@@ -95,8 +95,9 @@ class Pipeline:
 
     def replay(self, captured: dict[str, torch.Tensor], position: list[int] | None) -> dict[str, torch.Tensor]:
         """The views of a past batch from what :class:`~hf_koleo.training.trainer.NonFiniteGuard` kept
-        of it (its images' keys and rows) and the position after it; empty where this path cannot
-        cut them again (a stream does not keep its images)."""
+        of it (its images' rows or keys) and the position after it; empty where this path cannot cut
+        them again: a stream keeps no images (its diagnostic holds the records' view keys, labels and
+        the stream positions before and after the batch: a stream read from the first yields it again)."""
         return {}
 
     def corrupt_records(self, state: TrainerState, accelerator: Accelerator) -> int:
@@ -228,6 +229,7 @@ class StreamedPipeline(Pipeline):
         if self.masking is not None:
             batch.update(self.masking.batch_masks(keys))
         batch["labels"] = raw["labels"].to(self.device, non_blocking=True)
+        batch["keys"] = keys  # each record's view key (what a diagnostic keeps of a stream's batch)
         batch["position"] = tuple(state.position)
         return batch
 

@@ -7,7 +7,6 @@ import logging
 import math
 import signal
 import time
-from collections import deque
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -56,19 +55,23 @@ class NonFiniteGuard:
     held; read only when logging.
 
     Views are a pure function of the seed, the epoch and each image's key, so the guard keeps the
-    batch's small per-image tensors (``CAPTURED``: keys, source rows, labels) and, on the host, the
-    data position of the last steps; the views themselves are cut again when a diagnostic is saved
-    (:meth:`Pipeline.replay`), not copied at every step.
+    batch's small per-image tensors (``CAPTURED``: a stream's view keys, a resident source's rows,
+    labels) and, on the host, the data position after each batch since the last logging step; the
+    views themselves are cut again when a diagnostic is saved (:meth:`Pipeline.replay`), not copied
+    at every step. Batches are counted one by one (micro-batches too), so the position found is the
+    offending batch's own.
     """
 
     CAPTURED = ("keys", "indices", "labels")
 
-    def __init__(self, positions_kept: int = 10_000) -> None:
+    def __init__(self) -> None:
         self.count: torch.Tensor | None = None
         self.first_step: torch.Tensor | None = None
+        self.first_batch: torch.Tensor | None = None  # which observed batch: a key of ``positions``
         self.gradient_norm: torch.Tensor | None = None
         self.batch: dict[str, torch.Tensor] = {}
-        self.positions: deque[tuple[int, list[int]]] = deque(maxlen=positions_kept)
+        self.observed = 0
+        self.positions: dict[int, tuple[int, list[int]]] = {}  # batch number -> (step, position after it)
 
     def observe(self, step: int, loss: torch.Tensor, gradient_norm: torch.Tensor | None, batch: dict) -> None:
         bad = ~torch.isfinite(loss.detach())
@@ -78,12 +81,15 @@ class NonFiniteGuard:
         if self.count is None:
             self.count = torch.zeros((), dtype=torch.long, device=loss.device)
             self.first_step = torch.full((), -1, dtype=torch.long, device=loss.device)
+            self.first_batch = torch.full((), -1, dtype=torch.long, device=loss.device)
             self.gradient_norm = torch.zeros((), device=loss.device) if gradient_norm is None else self.gradient_norm
         first = bad & (self.count == 0)
         self.count += bad.long()
         self.first_step = torch.where(first, step, self.first_step)
-        if "position" in batch:  # host data: the position after this batch
-            self.positions.append((step, list(batch["position"])))
+        self.first_batch = torch.where(first, self.observed, self.first_batch)
+        if "position" in batch:  # host data
+            self.positions[self.observed] = (step, list(batch["position"]))
+        self.observed += 1
         for key in self.CAPTURED:
             value = batch.get(key)
             if not torch.is_tensor(value) or value.device != loss.device:
@@ -91,9 +97,21 @@ class NonFiniteGuard:
             kept = self.batch.get(key)
             self.batch[key] = value.detach().clone() if kept is None else torch.where(first, value.detach(), kept)
 
-    def position_after(self, step: int) -> list[int] | None:
-        """The data position after ``step``'s batch, while it is among the last ``positions_kept``."""
-        return next((position for seen, position in reversed(self.positions) if seen == step), None)
+    def new_window(self) -> None:
+        """A logging step found every batch finite: forget their positions but the last (the next
+        batch's starting point)."""
+        last = max(self.positions, default=None)
+        self.positions = {} if last is None else {last: self.positions[last]}
+
+    def offending_batch(self) -> dict[str, Any] | None:
+        """This process's first non-finite batch: its step and the data positions before and after
+        it, or None when this process saw none (a sync: call it only when stopping)."""
+        if self.first_batch is None or int(self.first_batch) < 0:
+            return None
+        number = int(self.first_batch)
+        step, after = self.positions.get(number, (int(self.first_step), None))
+        before = self.positions.get(number - 1, (None, None))[1]
+        return {"step": step, "position_before": before, "position_after": after}
 
     def first_step_everywhere(self, accelerator) -> int:
         """The earliest non-finite step over all processes (a sync: call it only when stopping)."""
@@ -196,6 +214,7 @@ def _train(
             metrics = _loss_metrics(accelerator, output, guard, state.corrupt_records)
             if metrics["nonfinite_steps"] > 0:
                 _stop_non_finite(accelerator, guard, state, arguments, model_config, data, metrics)
+            guard.new_window()
             metrics.update(
                 asdict(values),
                 images_per_second=window_images / max(elapsed, 1e-9),
@@ -386,13 +405,13 @@ def _stop_non_finite(accelerator, guard: NonFiniteGuard, state, arguments, model
         arguments.keep_last,
         name=f"diagnostic-nonfinite-step-{first_step:08d}",
     )
-    if accelerator.is_main_process and guard.batch:
+    offending = guard.offending_batch()
+    if accelerator.is_main_process and offending is not None and guard.batch:
         from safetensors.torch import save_file
 
-        position = guard.position_after(first_step)
-        batch = {**guard.batch, **data.replay(guard.batch, position)}
+        batch = {**guard.batch, **data.replay(guard.batch, offending["position_after"])}
         save_file({key: value.contiguous().cpu() for key, value in batch.items()}, str(path / "batch.safetensors"))
-        (path / "batch.json").write_text(json.dumps({"step": first_step, "position_after": position}))
+        (path / "batch.json").write_text(json.dumps(offending))
     terms = {name: metrics[name] for name in LOSS_TERMS}
     raise NonFiniteLossError(
         f"the loss became non-finite at step {first_step} ({int(metrics['nonfinite_steps'])} non-finite steps "
