@@ -339,7 +339,7 @@ def plot_results(results: dict[str, Any], figures_dir: str | Path, prefix: str =
                     )
             axis.set(title=f"{dataset}, K = {k:,}", xlabel="epoch", ylabel=f"unique@{HEADLINE_EPS} / K", ylim=(0, 1.05))
             axis.legend(fontsize=7)
-    written.append(save_figure(figure, figures_dir / figures_dir / f"{prefix}_unique_vs_epoch.png"))
+    written.append(save_figure(figure, figures_dir / f"{prefix}_unique_vs_epoch.png"))
 
     figure, axes = plt.subplots(1, len(datasets), figsize=(5 * len(datasets), 3.8), squeeze=False)
     for column, dataset in enumerate(datasets):
@@ -359,7 +359,7 @@ def plot_results(results: dict[str, Any], figures_dir: str | Path, prefix: str =
             )
         axis.set(xscale="log", xlabel="eps", ylabel="unique / K", title=f"{dataset}: end of training", ylim=(0, 1.05))
         axis.legend(fontsize=7)
-    written.append(save_figure(figure, figures_dir / figures_dir / f"{prefix}_eps_curves.png"))
+    written.append(save_figure(figure, figures_dir / f"{prefix}_eps_curves.png"))
 
     figure, axes = plt.subplots(1, 2, figsize=(10, 3.8), squeeze=False)
     for column, (metric, label) in enumerate((("knn_top1", "kNN@20 top-1"), ("knn_balanced", "kNN@20 balanced acc."))):
@@ -382,7 +382,7 @@ def plot_results(results: dict[str, Any], figures_dir: str | Path, prefix: str =
                     )
         axis.set(xscale="log", xlabel="K (prototypes)", ylabel=label, title=f"{label} vs K")
         axis.legend(fontsize=7)
-    written.append(save_figure(figure, figures_dir / figures_dir / f"{prefix}_accuracy_vs_k.png"))
+    written.append(save_figure(figure, figures_dir / f"{prefix}_accuracy_vs_k.png"))
     return written
 
 
