@@ -45,6 +45,7 @@ from hf_koleo.training.run_outputs import read_metrics
 from hf_koleo.training.trainer import pretrain
 
 from .runner import RunContext, Unfinished
+from .store import device_name
 
 logger = logging.getLogger(__name__)
 PROTOTYPE_PREFIX = "prototypes/"
@@ -303,7 +304,7 @@ def _add_timing(run_dir: Path, summary: dict[str, Any], seconds: float) -> dict[
         chunks=timing["chunks"] + 1,
         steps=summary["steps"],
         images_seen=summary["images_seen"],
-        device=torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU",
+        device=device_name(),
     )
     timing["images_per_second"] = summary["images_seen"] / max(timing["seconds"], 1e-9)
     path.write_text(json.dumps(timing))

@@ -25,13 +25,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 
 from hf_koleo.data.sources import count_records
@@ -88,7 +88,7 @@ def _images_per_second(run_dir: Path) -> float:
     """The logged img/s after the first window (which includes start-up), median over the windows."""
     rates = [row["images_per_second"] for row in read_metrics(run_dir) if "images_per_second" in row]
     rates = rates[1:] or rates
-    return float(torch.tensor(rates).median()) if rates else float("nan")
+    return float(statistics.median_low(rates)) if rates else float("nan")
 
 
 def _backbone(run_dir: Path) -> tuple[Path, bool]:
@@ -105,7 +105,6 @@ def side_by_side(params: dict[str, Any], context: RunContext) -> dict[str, Any]:
     methods = list(params["methods"])
     probe_steps = params.get("probe_steps", 40)
     probe = context.work_dir / "probe"
-    probing = time.perf_counter()
     train_together(
         {name: _settings(params, name, probe / name, epochs=0, max_steps=probe_steps) for name in methods}, probe
     )
@@ -115,7 +114,7 @@ def side_by_side(params: dict[str, Any], context: RunContext) -> dict[str, Any]:
     dataset_size = count_records(params["dataset"]["train"])
     # What a run costs besides its steps (start-up, data, checkpoint, export), as the probe paid it.
     images = probe_steps * _settings(params, methods[0], probe)["per_device_batch_size"]
-    overhead = max(0.0, time.perf_counter() - probing - images / min(speeds.values()))
+    overhead = max(0.0, time.perf_counter() - started - images / min(speeds.values()))
     train_seconds = seconds - (time.perf_counter() - started) - overhead - params.get("evaluation_seconds", 60)
     epochs = max(1, min(params.get("max_epochs", 100), math.floor(min(speeds.values()) * train_seconds / dataset_size)))
     runs = context.work_dir / "runs"
@@ -145,7 +144,6 @@ def side_by_side(params: dict[str, Any], context: RunContext) -> dict[str, Any]:
             "evaluation": evaluate_run(str(backbone), params["dataset"], evaluation),
         }
     return {
-        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU",
         "probe_images_per_second": speeds,
         "probe_overhead_seconds": overhead,
         "dataset_size": dataset_size,
@@ -195,7 +193,7 @@ def render_pair(record: dict[str, Any]) -> list[str]:
     ]
     rows = [_method_row(name, run, result["epochs"], num_prototypes) for name, run in result["runs"].items()]
     lines = [
-        f"### {record['name']} on {result['device']}",
+        f"### {record['name']} on {record['environment']['device']}",
         "",
         f"Probe (together, {params.get('probe_steps', 40)} steps): "
         + ", ".join(f"{name} {speed:,.0f} img/s" for name, speed in result["probe_images_per_second"].items())

@@ -44,6 +44,11 @@ def machine_description() -> str:
     )
 
 
+def device_name() -> str:
+    """The accelerator this process runs on: the GPU's name, or ``CPU``."""
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
+
+
 def load_average() -> list[float]:
     """The 1, 5 and 15-minute load averages (what else ran on the machine beside the run)."""
     try:
@@ -64,7 +69,7 @@ def environment() -> dict[str, Any]:
     return {
         "command": command_line(),
         "machine": machine_description(),
-        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU",
+        "device": device_name(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "load_average": load_average(),

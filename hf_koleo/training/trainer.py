@@ -106,9 +106,9 @@ class NonFiniteGuard:
     def offending_batch(self) -> dict[str, Any] | None:
         """This process's first non-finite batch: its step and the data positions before and after
         it, or None when this process saw none (a sync: call it only when stopping)."""
-        if self.first_batch is None or int(self.first_batch) < 0:
+        number = -1 if self.first_batch is None else int(self.first_batch)
+        if number < 0:
             return None
-        number = int(self.first_batch)
         step, after = self.positions.get(number, (int(self.first_step), None))
         before = self.positions.get(number - 1, (None, None))[1]
         return {"step": step, "position_before": before, "position_after": after}
