@@ -271,6 +271,8 @@ class FrozenHeadConfig:
     koleo_proto_candidates: int = 16
     koleo_proto_refresh_every: int = 10
     koleo_proto_refresh_dtype: str = "float32"
+    koleo_proto_movers: int = 0
+    koleo_proto_repair: int = 0
     seed: int = 0
     init_std: float = 0.02  # KoLeoDinoConfig.initializer_range
 
@@ -306,6 +308,8 @@ def init_state(in_features: int, config: FrozenHeadConfig) -> HeadState:
             config.bottleneck_size,
             config.koleo_proto_candidates,
             getattr(torch, config.koleo_proto_refresh_dtype),
+            movers=config.koleo_proto_movers,
+            repair=config.koleo_proto_repair,
         )
     return HeadState(student, teacher, optimizer, torch.zeros(1, config.num_prototypes), neighbours)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .frozen_head import TRACKED_EPS
-from .markdown import left_out_line, markdown_table, mean_std, save_figure
+from .markdown import left_out_line, markdown_table, mean_std, pyplot, save_figure
 
 
 def load_results(records: list[dict[str, Any]], spec) -> dict[str, Any]:
@@ -125,10 +125,7 @@ def write_k_report(spec, records: list[dict[str, Any]], left_out: dict[str, str]
 
 def plot_k(rows: list[dict[str, Any]], path: Path) -> Path:
     """Unique share, prototypes used and NMI against K, one line per variant."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     figure, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     panels = (
@@ -345,10 +342,7 @@ def reading(summary: list[dict[str, Any]]) -> list[str]:
 
 def plot_study(results: dict[str, Any], figure_prefix: str | Path) -> list[Path]:
     """Two figures: unique (eps 0.025, 0.1), used prototypes and NN distances vs step; unique vs eps at the end."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     colours = {"baseline": "tab:red", "koleo_proto": "tab:blue"}
     groups = _grouped(results)

@@ -334,6 +334,8 @@ def load_results(records: list[dict[str, Any]]) -> dict[str, Any]:
             results[single[record["kind"]]] = record["result"] if done else {"error": record["error"]}
         elif record["kind"] == "neighbour_churn" and record["status"] == "done":
             results.setdefault("churn", {})[record["name"]] = record["result"]["final"]
+            for row in record["result"].get("candidate_search", []):
+                results.setdefault("candidate_search", []).append({"run": record["name"], **row})
     return results
 
 
@@ -349,6 +351,25 @@ def churn_table(churn: dict[str, dict[str, Any]]) -> list[str]:
             rows.append([name, f"{final['step']}", f"{lag}", f"{100 * final[f'same_nn@{lag}']:.1f} %", *cells])
     header = ["run", "at step", "lag (steps)", "same nearest neighbour"]
     return markdown_table([*header, *[f"nearest among the {m} nearest then" for m in ms]], rows)
+
+
+def candidate_search_table(rows: list[dict[str, Any]]) -> list[str]:
+    """The candidate search beside the exact one over a real run: per refresh period and setting,
+    how often its choice was the exact neighbour, how often it was certified, and its cost."""
+    cells = [
+        [
+            row["run"],
+            str(row["period"]),
+            row["setting"],
+            f"{100 * row['exact_mean']:.2f} %",
+            f"{100 * row['exact_min']:.2f} %",
+            f"{100 * row['certified_mean']:.1f} %",
+            f"{row['choose_ms']:.1f}",
+        ]
+        for row in rows
+    ]
+    header = ["run", "refresh every (steps)", "setting", "exact (mean)", "exact (lowest step)", "certified (mean)"]
+    return markdown_table([*header, "choice ms"], cells)
 
 
 def write_report(spec, records: list[dict[str, Any]], left_out: dict[str, str], report_dir: Path) -> list[Path]:
@@ -421,6 +442,13 @@ def render_loop_suite_markdown(results: dict[str, Any], command: str, title: str
             "KoLeo-proto's nearest neighbours over a real run (exact search):",
             "",
             *churn_table(results["churn"]),
+            "",
+        ]
+    if results.get("candidate_search"):
+        lines += [
+            "The candidate search beside the exact one over the same steps (16 candidates, bf16 refresh):",
+            "",
+            *candidate_search_table(results["candidate_search"]),
             "",
         ]
     return "\n".join(lines)

@@ -75,6 +75,16 @@ def write_generated(
     path.write_text(text)
 
 
+def pyplot():
+    """``matplotlib.pyplot`` on the file-only Agg backend (no display on a CI machine)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def save_figure(figure, path: str | Path, dpi: int = 110) -> Path:
     """Lay out, write (creating the folder) and close a matplotlib figure; its path."""
     import matplotlib.pyplot as plt

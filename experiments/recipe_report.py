@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .markdown import left_out_line, markdown_table, save_figure
+from .markdown import left_out_line, markdown_table, pyplot, save_figure
 
 
 def recipe_runs(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -80,10 +80,7 @@ def render_markdown(runs: list[dict[str, Any]], title: str, left_out: dict[str, 
 
 
 def plot_curves(runs: list[dict[str, Any]], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     figure, axis = plt.subplots(figsize=(6.5, 4))
     for run in sorted(runs, key=lambda run: run["candidate"]):

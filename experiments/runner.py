@@ -19,7 +19,7 @@ import logging
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,8 +43,6 @@ class RunContext:
     run: RunSpec
     work_dir: Path  # this run's own folder (checkpoints, caches): never committed
     seconds_left: float  # of the budget, minus the run's reserve
-    spec: Spec | None = None
-    records: Store | None = None
 
 
 @dataclass
@@ -57,12 +55,7 @@ class Outcome:
     pending: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
-        return {
-            "finished": self.finished,
-            "failed": self.failed,
-            "interrupted": self.interrupted,
-            "pending": self.pending,
-        }
+        return asdict(self)
 
 
 def run_pending(
@@ -110,7 +103,7 @@ def run_pending(
 
 def _run_here(spec: Spec, store: Store, work_dir: str | Path, run: RunSpec, left: float) -> bool | None:
     """Run in this process: True (done), False (failed, recorded), None (cut by the budget)."""
-    context = RunContext(run, Path(work_dir) / run.name, left, spec, store)
+    context = RunContext(run, Path(work_dir) / run.name, left)
     started = time.perf_counter()
     logger.info("%s: starting (%s, %.0f s left)", run.name, run.kind, left)
     try:

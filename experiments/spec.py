@@ -44,26 +44,10 @@ from typing import Any
 import yaml
 
 REQUIRED = ("kind", "stages")
-KNOWN = {
-    "title",
-    "kind",
-    "report",
-    "records",
-    "work_dir",
-    "report_dir",
-    "outputs",
-    "base_files",
-    "base",
-    "choices",
-    "axes",
-    "name",
-    "reserve_seconds",
-    "fresh_process",
-    "stages",
-    "quick",
-    "notes",
-    "targets",
-}
+KNOWN = frozenset(
+    "title kind report records work_dir report_dir outputs base_files base choices axes name reserve_seconds"
+    " fresh_process stages quick notes targets".split()
+)
 
 
 def merge_settings(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
@@ -119,10 +103,6 @@ class Spec:
     @property
     def name(self) -> str:
         return self.path.stem
-
-    @property
-    def kind(self) -> str:
-        return self.settings["kind"]
 
     @property
     def report(self) -> str | None:

@@ -24,7 +24,6 @@ import torch
 
 from .spec import RunSpec
 
-STATUSES = ("pending", "done", "failed", "stale")
 PROGRAM = "python -m experiments"  # sys.argv[0] under the command line
 
 
@@ -153,4 +152,4 @@ class Store:
         return kept, left_out
 
 
-__all__ = ["PROGRAM", "STATUSES", "Store", "environment", "load_average", "machine_description", "write_json"]
+__all__ = ["PROGRAM", "Store", "environment", "load_average", "machine_description", "write_json"]

@@ -20,7 +20,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .markdown import left_out_line, markdown_table, mean_std, sample_sd, save_figure, verdict_table
+from .markdown import left_out_line, markdown_table, mean_std, pyplot, sample_sd, save_figure, verdict_table
 
 HEADLINE_EPS = "0.025"
 TABLE_EPS = ("0.01", "0.025", "0.05", "0.1")  # the eps the study logs every epoch
@@ -306,10 +306,7 @@ def results_json(results: dict[str, Any]) -> dict[str, Any]:
 
 def plot_results(results: dict[str, Any], figures_dir: str | Path, prefix: str = "study") -> list[Path]:
     """Unique prototypes vs epoch, eps curves at the end, kNN / balanced accuracy vs K; the PNG paths."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     figures_dir = Path(figures_dir)
     figures_dir.mkdir(parents=True, exist_ok=True)

@@ -72,6 +72,13 @@ class KoLeoDinoConfig(PreTrainedConfig):
             Precision of that full search: `"float32"`, or `"bfloat16"` (1.7x faster where the
             hardware multiplies bf16: AVX512-BF16/AMX CPUs, GPUs; the steps between still rank in
             float32).
+        koleo_proto_movers (`int`, *optional*, defaults to 0):
+            With the `"candidates"` search, the prototypes that moved most since the last full
+            search are compared with every prototype each step (a K x movers product): fewer stale
+            choices, and a tighter certificate of exactness (`koleo_proto_exact`).
+        koleo_proto_repair (`int`, *optional*, defaults to 0):
+            With the `"candidates"` search, the prototypes whose choice is least certain get an exact
+            search of their own each step (a repair x K product).
         koleo_weight (`float`, *optional*, defaults to 0.0):
             Weight of DINOv2's KoLeo regulariser on the student CLS features within a batch.
         initializer_range (`float`, *optional*, defaults to 0.02):
@@ -117,6 +124,8 @@ class KoLeoDinoConfig(PreTrainedConfig):
     koleo_proto_candidates: int = 16
     koleo_proto_refresh_every: int = 10
     koleo_proto_refresh_dtype: str = "float32"
+    koleo_proto_movers: int = 0
+    koleo_proto_repair: int = 0
     koleo_weight: float = 0.0
     initializer_range: float = 0.02
 
@@ -176,6 +185,8 @@ class KoLeoDinoConfig(PreTrainedConfig):
             "koleo_proto_candidates": (_is_int_at_least(1), "an integer >= 1"),
             "koleo_proto_refresh_every": (_is_int_at_least(1), "an integer >= 1"),
             "koleo_proto_refresh_dtype": (lambda value: value in ("float32", "bfloat16"), "'float32' or 'bfloat16'"),
+            "koleo_proto_movers": (_is_int_at_least(0), "an integer >= 0"),
+            "koleo_proto_repair": (_is_int_at_least(0), "an integer >= 0"),
         }
         for name, (is_valid, allowed) in rules.items():
             _require(name, getattr(self, name), is_valid(getattr(self, name)), allowed)

@@ -242,6 +242,8 @@ class KoLeoDinoForPreTraining(KoLeoDinoPreTrainedModel):
                     head.prototypes.shape[1],
                     config.koleo_proto_candidates,
                     getattr(torch, config.koleo_proto_refresh_dtype),
+                    movers=config.koleo_proto_movers,
+                    repair=config.koleo_proto_repair,
                 )
                 for head in self._koleo_proto_heads()
             )

@@ -105,7 +105,7 @@ def test_a_run_cut_by_the_budget_resumes_in_the_next_call_and_leaves_one_small_r
     assert "| 32 | baseline | 1 |" in markdown and "| 32 | koleo_proto |" not in markdown
     assert f"Left out: {koleo} (stale" in markdown
     assert "| - | raw pixels |" in markdown
-    headline = json.loads((tmp_path / "docs" / "results.json").read_text())
+    headline = json.loads((tmp_path / "docs" / "results_gpu.json").read_text())
     assert {run["method"] for run in headline["runs"]} == {"baseline"}
     assert len([path for path in written if path.suffix == ".png"]) == 3
 

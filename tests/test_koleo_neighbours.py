@@ -6,7 +6,12 @@ import torch.nn.functional as F
 from conftest import tiny_config
 
 from hf_koleo import KoLeoDinoForPreTraining
-from hf_koleo.koleo_neighbours import NeighbourCandidates, koleo_proto_with_candidates, nearest_candidates
+from hf_koleo.koleo_neighbours import (
+    NeighbourCandidates,
+    candidate_similarities,
+    koleo_proto_with_candidates,
+    nearest_candidates,
+)
 from hf_koleo.losses import koleo_proto_loss, nearest_neighbours
 
 
@@ -99,3 +104,74 @@ def test_a_bfloat16_search_keeps_its_boundary_a_lower_bound_so_certified_choices
     cache.refresh(vectors)
     index, certified = cache.choose(vectors)
     assert certified.float().mean() > 0.5 and torch.equal(index[certified], distances.argmin(dim=1)[certified])
+
+
+def drifted(vectors: torch.Tensor, drift: float, seed: int = 2) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn(vectors.shape, generator=generator) / vectors.shape[1] ** 0.5
+    return F.normalize(vectors + drift * noise, dim=1)
+
+
+@pytest.mark.parametrize("drift", [0.0, 0.02, 0.1, 0.5])
+def test_fast_movers_and_repair_only_add_certified_rows_and_every_certified_choice_is_exact(drift):
+    vectors = unit(seed=4)
+    moved = drifted(vectors, drift)
+    moved[:5] = unit(rows=5, seed=9)  # five prototypes jump far: they set max(moved) for everyone
+    exact = dense_distances(moved).argmin(dim=1)
+    certified_by = {}
+    for movers, repair in ((0, 0), (8, 0), (8, 20)):
+        cache = NeighbourCandidates(300, 8, candidates=6, movers=movers, repair=repair)
+        cache.refresh(vectors)
+        index, certified = cache.choose(moved)
+        assert torch.equal(index[certified], exact[certified])
+        certified_by[movers, repair] = certified
+    plain, with_movers, repaired = certified_by.values()
+    assert (with_movers | ~plain).all() and (repaired | ~with_movers).all()  # supersets
+    assert repaired.sum() >= min(300, with_movers.sum() + 20)  # 20 more rows, or all of them
+    if drift <= 0.02:  # the jumps left the others near: without movers the bound certifies nothing
+        assert plain.sum() == 0 and with_movers.float().mean() > 0.5
+
+
+def test_a_fast_mover_that_lands_next_to_a_row_is_chosen_even_though_it_is_not_a_candidate():
+    vectors = unit(seed=5)
+    cache = NeighbourCandidates(300, 8, candidates=4, movers=3)
+    cache.refresh(vectors)
+    outsider = int(dense_distances(vectors)[0].argsort()[-2])  # row 0's farthest ([-1]: itself, at inf)
+    moved = vectors.clone()
+    moved[outsider] = F.normalize(vectors[0] + 1e-3 * unit(rows=1, seed=6)[0], dim=0)
+    index, certified = cache.choose(moved)
+    assert index[0] == outsider and certified[0]
+    assert torch.equal(index[certified], dense_distances(moved).argmin(dim=1)[certified])
+
+
+def test_repairing_every_row_is_the_exact_search_however_far_the_prototypes_moved():
+    vectors = unit(seed=7)
+    cache = NeighbourCandidates(300, 8, candidates=2, repair=300)
+    cache.refresh(vectors)
+    moved = drifted(vectors, 1.0)
+    index, certified = cache.choose(moved)
+    assert certified.all() and torch.equal(index, dense_distances(moved).argmin(dim=1))
+
+
+def test_the_cpu_ranking_is_ieee_fp32_whatever_the_matmul_precision_setting():
+    vectors = unit(rows=500, dim=32, seed=8)
+    candidates, _ = nearest_candidates(vectors, m=8)
+    reference = (vectors[:, None, :].double() * vectors[candidates].double()).sum(-1)
+    previous = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("medium")  # bf16 passes allowed where the CPU has them
+        similarities = candidate_similarities(vectors, candidates)
+        assert torch.get_float32_matmul_precision() == "medium"  # the user's setting is restored
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    assert (similarities.double() - reference).abs().max() < 1e-5
+
+
+def test_the_model_passes_movers_and_repair_to_its_candidate_lists_and_rejects_negative_values():
+    config = tiny_config(
+        koleo_proto_weight=0.1, koleo_proto_search="candidates", koleo_proto_movers=4, koleo_proto_repair=2
+    )
+    cache = KoLeoDinoForPreTraining(config).koleo_neighbours[0]
+    assert (cache.movers, cache.repair) == (4, 2)
+    with pytest.raises(ValueError, match="koleo_proto_movers"):
+        tiny_config(koleo_proto_movers=-1)

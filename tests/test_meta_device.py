@@ -65,6 +65,7 @@ def test_two_training_steps_on_the_meta_device_never_touch_the_host(tmp_path, fu
     arguments, model_config = parse_pretraining_args(
         [*TINY_RUN, "--data", str(data), "--output_dir", str(tmp_path / "run"), "--in_memory", in_memory]
         + ["--model.koleo_proto_search", search, "--model.koleo_proto_refresh_every", "2"]
+        + ["--model.koleo_proto_movers", "4", "--model.koleo_proto_repair", "4"]  # fixed shapes: no sync either
     )
     accelerator = MetaAccelerator()
     model = KoLeoDinoForPreTraining(model_config).to(META)
