@@ -281,7 +281,7 @@ def render_loop_markdown(name: str, results: dict[str, Any]) -> list[str]:
             rows.append([str(row["batch_size"]), f"failed: {row['error'][:100]}", *["–"] * (len(header) - 2)])
             continue
         scaling = row.get("step_time_ratio_to_previous")
-        scaling_cell = f"{scaling:.2f}x for {row['batch_ratio_to_previous']:.0f}x batch" if scaling else "–"
+        scaling_cell = f"{scaling:.2f}x for {row['batch_ratio_to_previous']:g}x batch" if scaling else "–"
         syncs = "none" if not row["host_syncs"] else "; ".join(row["host_syncs"])[:120]
         rows.append(
             [
@@ -341,16 +341,21 @@ def load_results(records: list[dict[str, Any]]) -> dict[str, Any]:
 
 def churn_table(churn: dict[str, dict[str, Any]]) -> list[str]:
     """KoLeo-proto's neighbour churn: per run and lag, the nearest neighbour kept, and found among the
-    m nearest of that many steps before."""
-    rows = []
+    m nearest of that many steps before; one table per set of m (runs measure different ones)."""
+    tables: dict[tuple[int, ...], list[list[str]]] = {}
     for name, final in churn.items():
         lags = sorted({int(key.split("@")[1]) for key in final if key.startswith("same_nn@")})
-        ms = sorted({int(key[len("in_top") :].split("@")[0]) for key in final if key.startswith("in_top")})
+        ms = tuple(sorted({int(key[len("in_top") :].split("@")[0]) for key in final if key.startswith("in_top")}))
         for lag in lags:
             cells = [f"{100 * final[f'in_top{m}@{lag}']:.2f} %" for m in ms]
-            rows.append([name, f"{final['step']}", f"{lag}", f"{100 * final[f'same_nn@{lag}']:.1f} %", *cells])
+            row = [name, f"{final['step']}", f"{lag}", f"{100 * final[f'same_nn@{lag}']:.1f} %", *cells]
+            tables.setdefault(ms, []).append(row)
     header = ["run", "at step", "lag (steps)", "same nearest neighbour"]
-    return markdown_table([*header, *[f"nearest among the {m} nearest then" for m in ms]], rows)
+    lines: list[str] = []
+    for ms, rows in tables.items():
+        table = markdown_table([*header, *[f"nearest among the {m} nearest then" for m in ms]], rows)
+        lines += [*([""] if lines else []), *table]
+    return lines
 
 
 def candidate_search_table(rows: list[dict[str, Any]]) -> list[str]:

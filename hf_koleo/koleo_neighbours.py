@@ -22,10 +22,14 @@ With ``movers = s`` the ``s`` prototypes that moved most are compared with every
 ``K x s`` product): they become candidates of every row, and ``max(moved)`` in the bound becomes the
 ``(s+1)``-th largest move. With ``repair = r`` the ``r`` rows nearest to failing the bound get an
 exact search of their own each step (an ``r x K`` product) and count as certified. Rows the bound
-does not reach keep the nearest candidate, as before.
+does not reach keep the nearest candidate, as before. On real runs both raise the certified
+fraction but hardly the exact one (the prototypes all drift; a few fast ones are not the cause of
+stale choices: docs/benchmarks.md), so both are off by default; the refresh period is the lever.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -160,9 +164,15 @@ def candidate_similarities(search: torch.Tensor, candidates: torch.Tensor) -> to
 def _sampled_dot_products(search: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
     n_rows, m = candidates.shape
     row_starts = torch.arange(0, n_rows * m + 1, m, device=search.device)
-    pattern = torch.sparse_csr_tensor(
-        row_starts, candidates.reshape(-1), search.new_zeros(n_rows * m), size=(n_rows, n_rows), check_invariants=False
-    )  # zeros, not empty: beta = 0 still reads them (0 * NaN); each row keeps its candidates' order
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": said once per process, to a training log
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
+        pattern = torch.sparse_csr_tensor(
+            row_starts,
+            candidates.reshape(-1),
+            search.new_zeros(n_rows * m),  # zeros, not empty: beta = 0 still reads them (0 * NaN)
+            size=(n_rows, n_rows),
+            check_invariants=False,
+        )  # each row keeps its candidates' order (nearest first) in the result
     with full_precision(search.device):
         return torch.sparse.sampled_addmm(pattern, search, search.t(), beta=0.0).values().view(n_rows, m)
 
