@@ -33,6 +33,7 @@ from accelerate import Accelerator
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from experiments.markdown import markdown_table, write_generated
+from experiments.neighbour_churn import DEFAULT_CANDIDATES, DEFAULT_REFRESH_DTYPE
 from hf_koleo import koleo_proto_loss
 from hf_koleo.training.arguments import parse_pretraining_args
 from hf_koleo.training.checkpoint import TrainerState
@@ -450,8 +451,16 @@ def render_loop_suite_markdown(results: dict[str, Any], command: str, title: str
             "",
         ]
     if results.get("candidate_search"):
+        lists = "; ".join(
+            dict.fromkeys(
+                # records made before the lists were recorded ran the defaults
+                f"{row.get('candidates', DEFAULT_CANDIDATES)} candidates, "
+                f"{row.get('refresh_dtype', DEFAULT_REFRESH_DTYPE)} refresh"
+                for row in results["candidate_search"]
+            )
+        )
         lines += [
-            "The candidate search beside the exact one over the same steps (16 candidates, bf16 refresh):",
+            f"The candidate search beside the exact one over the same steps ({lists}):",
             "",
             *candidate_search_table(results["candidate_search"]),
             "",

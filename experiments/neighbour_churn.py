@@ -45,8 +45,8 @@ def neighbour_churn(params: dict[str, Any], context=None) -> dict[str, Any]:
     prototypes = run.unwrapped.student_head.prototypes
     searches = CandidateSearches(params, *prototypes.shape)
     history, rows = [], []
+    unit_vectors = F.normalize(prototypes.detach(), dim=1)
     for step in range(params["steps"]):
-        unit_vectors = F.normalize(prototypes.detach(), dim=1)
         searches.before_step(step, unit_vectors)  # refreshed on the prototypes the step starts from
         values = schedule_values(arguments, step, total_steps, steps_per_epoch, arguments.peak_lr(1))
         apply_schedules(run.optimizer, values)
@@ -68,14 +68,21 @@ def neighbour_churn(params: dict[str, Any], context=None) -> dict[str, Any]:
     return {"rows": rows, "final": rows[-1], **searches.summary()}
 
 
+DEFAULT_CANDIDATES, DEFAULT_REFRESH_DTYPE = 16, "bfloat16"  # of the candidate search beside the exact one
+
+
 class CandidateSearches:
     """The candidate search under each refresh period and setting, beside the exact search."""
 
     def __init__(self, params: dict[str, Any], num_prototypes: int, dim: int) -> None:
         self.periods = params.get("periods", [])
-        self.settings = params.get("certify", [])
-        dtype = getattr(torch, params.get("refresh_dtype", "bfloat16"))
-        width = params.get("candidates", 16)
+        self.settings = params.get("certify", [{}])  # {}: neither movers nor repair
+        self.lists = {
+            "candidates": params.get("candidates", DEFAULT_CANDIDATES),
+            "refresh_dtype": params.get("refresh_dtype", DEFAULT_REFRESH_DTYPE),
+        }
+        dtype = getattr(torch, self.lists["refresh_dtype"])
+        width = self.lists["candidates"]
         self.caches = {
             (period, label(setting)): NeighbourCandidates(num_prototypes, dim, width, dtype, **setting)
             for period in self.periods
@@ -110,6 +117,7 @@ class CandidateSearches:
                 {
                     "period": period,
                     "setting": name,
+                    **self.lists,
                     "exact_mean": statistics.fmean(seen["exact"]),
                     "exact_min": min(seen["exact"]),
                     "certified_mean": statistics.fmean(seen["certified"]),
