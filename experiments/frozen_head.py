@@ -42,7 +42,7 @@ from hf_koleo.data.counter_rng import sample_keys, uniforms
 from hf_koleo.data.decoded import load_decoded
 from hf_koleo.data.sources import cache_dir
 from hf_koleo.evaluation.clusters import cluster_metrics
-from hf_koleo.koleo_neighbours import NeighbourCandidates, koleo_proto_with_candidates
+from hf_koleo.koleo_neighbours import NeighbourCandidates, koleo_proto_with_candidates, neighbour_refresh
 from hf_koleo.losses import batch_centre, centred_teacher_probs, dino_loss, ema_centre, nearest_neighbours
 from hf_koleo.modeling_koleo_dino import ema_update_
 from hf_koleo.prototypes import (
@@ -270,6 +270,7 @@ class FrozenHeadConfig:
     koleo_proto_search: str = "exact"  # or "candidates" (KoLeoDinoConfig's meaning)
     koleo_proto_candidates: int = 16
     koleo_proto_refresh_every: int = 10
+    koleo_proto_update_every: int = 0
     koleo_proto_refresh_dtype: str = "float32"
     koleo_proto_movers: int = 0
     koleo_proto_repair: int = 0
@@ -322,7 +323,7 @@ def head_step(
     Args:
         views: ``(batch, 2, dim)`` two views of each image; the teacher sees both, the student
             predicts each from the other.
-        step: the step's number (the candidate search refreshes every ``koleo_proto_refresh_every``).
+        step: the step's number (the candidate search refreshes as ``neighbour_refresh`` says).
 
     Returns:
         ``(dino_loss, koleo_proto_loss)`` detached scalars (KoLeo-proto is computed only when
@@ -337,7 +338,7 @@ def head_step(
     loss = dino_loss(student_logits, teacher_probs.reshape(batch, n_views, -1), config.student_temperature)
     koleo = torch.zeros(())
     if config.koleo_proto_weight > 0 and state.neighbours is not None:
-        refresh = step % config.koleo_proto_refresh_every == 0
+        refresh = neighbour_refresh(step, config.koleo_proto_refresh_every, config.koleo_proto_update_every)
         koleo, _ = koleo_proto_with_candidates(state.student.prototypes, state.neighbours, refresh)
     elif config.koleo_proto_weight > 0:
         koleo = koleo_proto_loss(state.student.prototypes)

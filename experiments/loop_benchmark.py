@@ -361,7 +361,8 @@ def churn_table(churn: dict[str, dict[str, Any]]) -> list[str]:
 
 def candidate_search_table(rows: list[dict[str, Any]]) -> list[str]:
     """The candidate search beside the exact one over a real run: per refresh period and setting,
-    how often its choice was the exact neighbour, how often it was certified, and its cost."""
+    how often its choice was the exact neighbour, how often it was certified, and its costs (a choice,
+    an update of the lists between refreshes)."""
     cells = [
         [
             row["run"],
@@ -371,11 +372,12 @@ def candidate_search_table(rows: list[dict[str, Any]]) -> list[str]:
             f"{100 * row['exact_min']:.2f} %",
             f"{100 * row['certified_mean']:.1f} %",
             f"{row['choose_ms']:.1f}",
+            f"{row['update_ms']:.1f}" if "update_ms" in row else "-",
         ]
         for row in rows
     ]
     header = ["run", "refresh every (steps)", "setting", "exact (mean)", "exact (lowest step)", "certified (mean)"]
-    return markdown_table([*header, "choice ms"], cells)
+    return markdown_table([*header, "choice ms", "update ms"], cells)
 
 
 def write_report(spec, records: list[dict[str, Any]], left_out: dict[str, str], report_dir: Path) -> list[Path]:

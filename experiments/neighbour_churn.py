@@ -6,13 +6,14 @@ it reports the fraction of prototypes whose nearest neighbour now is the one of 
 (``same_nn@L``) and the fraction whose nearest neighbour now is among the ``m`` nearest of ``L`` steps
 before (``in_top{m}@L``): what a candidate list of ``m`` refreshed every ``L`` steps finds exactly.
 
-With ``certify`` (a list of ``{movers, repair}`` settings) and ``periods`` (refresh periods), it also
+With ``certify`` (a list of ``{movers, repair, update}`` settings; ``update``: the lists renewed from
+the candidates' candidates every ``update`` steps between refreshes) and ``periods`` (refresh periods), it also
 runs the candidate search itself beside the exact one: for each period ``P`` a
 :class:`~hf_koleo.koleo_neighbours.NeighbourCandidates` of ``candidates`` (16) lists, refreshed every
 ``P`` steps in ``refresh_dtype``, chooses each prototype's neighbour under each setting; the record
 keeps, per period and setting, the mean and lowest fraction of choices equal to the exact search,
 the mean certified fraction (a guarantee: certified choices are exact) and the median time of a
-choice.
+choice (and of an update).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from hf_koleo.koleo_neighbours import NeighbourCandidates, nearest_candidates
+from hf_koleo.koleo_neighbours import NeighbourCandidates, nearest_candidates, neighbour_refresh
 from hf_koleo.training.arguments import parse_pretraining_args
 from hf_koleo.training.checkpoint import TrainerState
 from hf_koleo.training.optimization import apply_schedules, schedule_values
@@ -84,12 +85,13 @@ class CandidateSearches:
         dtype = getattr(torch, self.lists["refresh_dtype"])
         width = self.lists["candidates"]
         self.caches = {
-            (period, label(setting)): NeighbourCandidates(num_prototypes, dim, width, dtype, **setting)
+            (period, label(setting)): NeighbourCandidates(num_prototypes, dim, width, dtype, **_lists(setting))
             for period in self.periods
             for setting in self.settings
         }
+        self.updates = {label(setting): setting.get("update", 0) for setting in self.settings}
         self.seen: dict[tuple[int, str], dict[str, list[float]]] = {
-            key: {"exact": [], "certified": [], "seconds": []} for key in self.caches
+            key: {"exact": [], "certified": [], "seconds": [], "update_seconds": []} for key in self.caches
         }
 
     def before_step(self, step: int, unit_vectors: torch.Tensor) -> None:
@@ -100,6 +102,11 @@ class CandidateSearches:
                 first.refresh(unit_vectors)  # one search per period; the settings share its lists
                 for key in keys[1:]:
                     self.caches[key].load_state_dict(first.state_dict())
+        for (period, name), cache in self.caches.items():
+            if neighbour_refresh(step, period, self.updates[name]) == "update":
+                start = time.perf_counter()
+                cache.update(unit_vectors)
+                self.seen[period, name]["update_seconds"].append(time.perf_counter() - start)
 
     def after_step(self, unit_vectors: torch.Tensor, exact: torch.Tensor) -> None:
         for key, cache in self.caches.items():
@@ -112,24 +119,31 @@ class CandidateSearches:
     def summary(self) -> dict[str, Any]:
         if not self.caches:
             return {}
-        return {
-            "candidate_search": [
-                {
-                    "period": period,
-                    "setting": name,
-                    **self.lists,
-                    "exact_mean": statistics.fmean(seen["exact"]),
-                    "exact_min": min(seen["exact"]),
-                    "certified_mean": statistics.fmean(seen["certified"]),
-                    "choose_ms": 1000 * statistics.median(seen["seconds"]),
-                }
-                for (period, name), seen in self.seen.items()
-            ]
+        return {"candidate_search": [self._row(period, name, seen) for (period, name), seen in self.seen.items()]}
+
+    def _row(self, period: int, name: str, seen: dict[str, list[float]]) -> dict[str, Any]:
+        row = {
+            "period": period,
+            "setting": name,
+            **self.lists,
+            "exact_mean": statistics.fmean(seen["exact"]),
+            "exact_min": min(seen["exact"]),
+            "certified_mean": statistics.fmean(seen["certified"]),
+            "choose_ms": 1000 * statistics.median(seen["seconds"]),
         }
+        if seen["update_seconds"]:
+            row["update_ms"] = 1000 * statistics.median(seen["update_seconds"])
+        return row
 
 
 def label(setting: dict[str, int]) -> str:
-    return f"movers {setting.get('movers', 0)}, repair {setting.get('repair', 0)}"
+    name = f"movers {setting.get('movers', 0)}, repair {setting.get('repair', 0)}"
+    return name + (f", update every {setting['update']}" if setting.get("update") else "")
+
+
+def _lists(setting: dict[str, int]) -> dict[str, int]:
+    """The setting's arguments of :class:`NeighbourCandidates` (the update period is the search's schedule)."""
+    return {key: value for key, value in setting.items() if key != "update"}
 
 
 __all__ = ["neighbour_churn"]

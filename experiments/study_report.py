@@ -74,11 +74,22 @@ def teacher_curve(run: dict[str, Any]) -> dict[str, int]:
     return run["final_prototypes"]["teacher/cls"]["unique_curve"]
 
 
-def group_runs(runs: list[dict[str, Any]]) -> dict[tuple[str, int, str], list[dict[str, Any]]]:
-    """Runs by (dataset, K, method), seeds in order."""
-    groups: dict[tuple[str, int, str], list[dict[str, Any]]] = {}
-    for run in sorted(runs, key=lambda run: (run["dataset"], run["num_prototypes"], run["method"], run["seed"])):
-        groups.setdefault((run["dataset"], run["num_prototypes"], run["method"]), []).append(run)
+def _length(settings: dict[str, Any]) -> str:
+    return f"{settings['max_steps']:,} steps" if settings.get("max_steps") else f"{settings.get('epochs', '-')} epochs"
+
+
+def _order(run: dict[str, Any]) -> tuple:
+    settings = run["settings"]
+    length = (settings.get("max_steps") or 0, settings.get("epochs") or 0)
+    return (run["dataset"], run["num_prototypes"], run["method"], length, run["seed"])
+
+
+def group_runs(runs: list[dict[str, Any]]) -> dict[tuple[str, int, str, str], list[dict[str, Any]]]:
+    """Runs by (dataset, K, method, training length), seeds in order: only runs of one length are pooled."""
+    groups: dict[tuple[str, int, str, str], list[dict[str, Any]]] = {}
+    for run in sorted(runs, key=_order):
+        key = (run["dataset"], run["num_prototypes"], run["method"], _length(run["settings"]))
+        groups.setdefault(key, []).append(run)
     return groups
 
 
@@ -102,8 +113,8 @@ def _beats_pixels(results: dict[str, Any], groups, targets: dict[str, float]) ->
     balanced = {key: runs for key, runs in groups.items() if key[0] == "fashion_mnist"}
     recipe = results.get("recipe_group")
     if recipe is not None:
-        key = ("fashion_mnist", recipe["num_prototypes"], "koleo_proto")
-        chosen, how = (key, groups[key]) if key in groups else (None, None), "the recipe"
+        keys = [key for key in groups if key[:3] == ("fashion_mnist", recipe["num_prototypes"], "koleo_proto")]
+        chosen, how = (keys[0], groups[keys[0]]) if keys else (None, None), "the recipe"
     else:
         chosen = max(balanced.items(), key=lambda item: _mean(_values(item[1], "knn_top1")), default=(None, None))
         how = f"best of {len(balanced)} groups on the test split (optimistic)"
@@ -115,7 +126,7 @@ def _beats_pixels(results: dict[str, Any], groups, targets: dict[str, float]) ->
         **claim,
         "verdict": "confirmed" if knn >= targets["knn"] and knn > pixels else "not confirmed",
         "evidence": f"kNN@20 top-1 {mean_std(_values(runs, 'knn_top1'))} ({how}: {key[2]}, K = {key[1]:,}, "
-        f"{len(runs)} seed(s)) vs raw pixels {pixels:.1f}; target >= {targets['knn']:g}",
+        f"{key[3]}, {len(runs)} seed(s)) vs raw pixels {pixels:.1f}; target >= {targets['knn']:g}",
     }
 
 
@@ -136,8 +147,9 @@ def claims(results: dict[str, Any]) -> list[dict[str, str]]:
     else:
         shown = collapsed or baselines
         evidence = "; ".join(
-            f"{dataset} K = {k:,}: {mean_std([100 * f for f in _unique_fractions(runs)])} % unique@{HEADLINE_EPS}"
-            for (dataset, k, _), runs in shown.items()
+            f"{dataset} K = {k:,}, {length}: {mean_std([100 * f for f in _unique_fractions(runs)])} % "
+            f"unique@{HEADLINE_EPS}"
+            for (dataset, k, _, length), runs in shown.items()
         )
         verdicts.append(
             {
@@ -149,10 +161,10 @@ def claims(results: dict[str, Any]) -> list[dict[str, str]]:
         )
 
     prevented = []
-    for dataset, k, _ in collapsed:
-        koleo = groups.get((dataset, k, "koleo_proto"))
+    for dataset, k, _, length in collapsed:
+        koleo = groups.get((dataset, k, "koleo_proto", length))
         if koleo:
-            prevented.append((dataset, k, _mean(_unique_fractions(koleo)), _unique_fractions(koleo)))
+            prevented.append((dataset, f"{k:,}, {length}", _mean(_unique_fractions(koleo)), _unique_fractions(koleo)))
     if not prevented:
         reason = "no collapsed baseline to compare with" if not collapsed else "no KoLeo-proto run beside it"
         verdicts.append({"claim": "KoLeo-proto prevents it", "verdict": "not measured", "evidence": reason})
@@ -163,7 +175,7 @@ def claims(results: dict[str, Any]) -> list[dict[str, str]]:
                 "claim": "KoLeo-proto prevents it",
                 "verdict": "confirmed" if held else "not confirmed",
                 "evidence": "; ".join(
-                    f"{dataset} K = {k:,}: {mean_std([100 * f for f in fractions])} % unique@{HEADLINE_EPS}"
+                    f"{dataset} K = {k}: {mean_std([100 * f for f in fractions])} % unique@{HEADLINE_EPS}"
                     for dataset, k, _, fractions in prevented
                 )
                 + f" (target >= {100 * targets['prevented']:g} %)",
@@ -171,12 +183,12 @@ def claims(results: dict[str, Any]) -> list[dict[str, str]]:
         )
 
     gains = []
-    for (dataset, k, method), runs in groups.items():
-        if dataset == "fashion_mnist_lt" and method == "baseline" and (dataset, k, "koleo_proto") in groups:
-            base, koleo = _values(runs, "knn_balanced"), _values(groups[(dataset, k, "koleo_proto")], "knn_balanced")
-            gains.append(
-                (k, _mean(koleo) - _mean(base), max(sample_sd(base), sample_sd(koleo)), min(len(base), len(koleo)))
-            )
+    for (dataset, k, method, length), runs in groups.items():
+        if dataset == "fashion_mnist_lt" and method == "baseline" and (dataset, k, "koleo_proto", length) in groups:
+            koleo = _values(groups[(dataset, k, "koleo_proto", length)], "knn_balanced")
+            base = _values(runs, "knn_balanced")
+            spread, seeds = max(sample_sd(base), sample_sd(koleo)), min(len(base), len(koleo))
+            gains.append((f"{k:,}, {length}", _mean(koleo) - _mean(base), spread, seeds))
     if not gains:
         verdicts.append(
             {"claim": "KoLeo-proto helps on long-tailed data", "verdict": "not measured", "evidence": "no run"}
@@ -195,9 +207,9 @@ def claims(results: dict[str, Any]) -> list[dict[str, str]]:
             {
                 "claim": "KoLeo-proto helps on long-tailed data",
                 "verdict": verdict,
-                "evidence": f"K = {k:,}: kNN balanced accuracy gain {gain:+.2f} points, seed sd {spread:.2f} "
-                f"({seeds} seeds); other K: "
-                + (", ".join(f"K = {other:,}: {g:+.2f}" for other, g, _, _ in gains if other != k) or "none"),
+                "evidence": f"K = {k}: kNN balanced accuracy gain {gain:+.2f} points, seed sd {spread:.2f} "
+                f"({seeds} seeds); other settings: "
+                + (", ".join(f"K = {other}: {g:+.2f}" for other, g, _, _ in gains if other != k) or "none"),
             }
         )
     return verdicts
@@ -208,10 +220,6 @@ def validation_score(run: dict[str, Any]) -> float:
     held out of training), or kNN balanced accuracy on 20 % held out (``protocol: validation``)."""
     evaluation = run["evaluation"]
     return evaluation["knn_top1"] if "knn_top1" in evaluation else evaluation["validation_knn_balanced"]
-
-
-def _length(settings: dict[str, Any]) -> str:
-    return f"{settings['max_steps']:,} steps" if settings.get("max_steps") else f"{settings.get('epochs', '-')} epochs"
 
 
 def recipe_rows(results: dict[str, Any]) -> list[list[str]]:
@@ -260,22 +268,22 @@ def render_markdown(results: dict[str, Any], title: str = "the study") -> str:
     for dataset in sorted({run["dataset"] for run in runs if run["stage"] != "recipe"}):
         lines += ["", f"### {dataset}", ""]
         rows = []
-        for (name, k, method), group in group_runs([r for r in runs if r["stage"] != "recipe"]).items():
+        for (name, k, method, length), group in group_runs([r for r in runs if r["stage"] != "recipe"]).items():
             if name != dataset:
                 continue
             curve_cells = [mean_std([teacher_curve(run)[eps] for run in group], 0) for eps in TABLE_EPS]
             prototype_cells = [mean_std([_teacher(run, "used") for run in group], 0)]
             prototype_cells.append(mean_std([_teacher(run, "nn") for run in group], 3))
             rows.append(
-                [f"{k:,}", method, str(len(group)), *curve_cells, *prototype_cells]
+                [f"{k:,}", method, str(len(group)), length, *curve_cells, *prototype_cells]
                 + [mean_std(_values(group, key)) for key, _ in METRICS]
             )
         pixels = results["pixels"].get(dataset)
         if pixels:
             cells = [f"{pixels[key]:.1f}" if key in pixels else "-" for key, _ in METRICS]
-            rows.append(["-", "raw pixels", "-", *["-"] * (len(TABLE_EPS) + 2), *cells])
+            rows.append(["-", "raw pixels", "-", "-", *["-"] * (len(TABLE_EPS) + 2), *cells])
         eps_header = [f"unique@{eps}" for eps in TABLE_EPS]
-        header = ["K", "method", "seeds", *eps_header, "used (arg-max)", "NN median"]
+        header = ["K", "method", "seeds", "length", *eps_header, "used (arg-max)", "NN median"]
         lines += markdown_table([*header, *[label for _, label in METRICS]], rows)
     return "\n".join(lines) + "\n"
 
@@ -311,73 +319,79 @@ def plot_results(results: dict[str, Any], figures_dir: str | Path, prefix: str =
     figures_dir = Path(figures_dir)
     figures_dir.mkdir(parents=True, exist_ok=True)
     groups = group_runs([run for run in results["runs"] if run["stage"] != "recipe"])
-    datasets = sorted({dataset for dataset, _, _ in groups})
-    ks = sorted({k for _, k, _ in groups})
-    methods = sorted({method for _, _, method in groups})
+    datasets = sorted({key[0] for key in groups})
+    ks = sorted({key[1] for key in groups})
+    methods = sorted({key[2] for key in groups})
+    lengths = sorted({key[3] for key in groups}, key=lambda length: -sum(key[3] == length for key in groups))
     colours = {method: plt.get_cmap("tab10")(index) for index, method in enumerate(methods)}
+    styles = {length: "-" if index == 0 else ":" for index, length in enumerate(lengths)}  # the usual length solid
+
+    def label(method: str, length: str, k: int | None = None) -> str:
+        return method + (f" K = {k:,}" if k else "") + (f", {length}" if length != lengths[0] else "")
+
     written = []
     if not groups:
         return written
 
     figure, axes = plt.subplots(len(datasets), len(ks), figsize=(4.5 * len(ks), 3.5 * len(datasets)), squeeze=False)
     key = f"prototypes/teacher_cls/unique@{float(HEADLINE_EPS):g}"
+    for (dataset, k, method, length), runs in groups.items():
+        axis = axes[datasets.index(dataset)][ks.index(k)]
+        for run in runs:
+            history = [item for item in run["prototype_history"] if key in item]
+            axis.plot(
+                [item["epoch"] for item in history],
+                [item[key] / k for item in history],
+                styles[length],
+                color=colours[method],
+                alpha=1.0 if run["seed"] == 0 else 0.4,
+                label=label(method, length) if run["seed"] == 0 else None,
+            )
     for row, dataset in enumerate(datasets):
         for column, k in enumerate(ks):
             axis = axes[row][column]
-            for method in methods:
-                for run in groups.get((dataset, k, method), []):
-                    history = [item for item in run["prototype_history"] if key in item]
-                    axis.plot(
-                        [item["epoch"] for item in history],
-                        [item[key] / k for item in history],
-                        color=colours[method],
-                        alpha=1.0 if run["seed"] == 0 else 0.4,
-                        label=method if run["seed"] == 0 else None,
-                    )
             axis.set(title=f"{dataset}, K = {k:,}", xlabel="epoch", ylabel=f"unique@{HEADLINE_EPS} / K", ylim=(0, 1.05))
             axis.legend(fontsize=7)
     written.append(save_figure(figure, figures_dir / f"{prefix}_unique_vs_epoch.png"))
 
     figure, axes = plt.subplots(1, len(datasets), figsize=(5 * len(datasets), 3.8), squeeze=False)
+    for (dataset, k, method, length), runs in groups.items():
+        curve = teacher_curve(runs[0])
+        axes[0][datasets.index(dataset)].plot(
+            [float(eps) for eps in curve],
+            [_mean([teacher_curve(run)[eps] / k for run in runs]) for eps in curve],
+            "o" + styles[length],
+            color=colours[method],
+            alpha=0.4 + 0.6 * ks.index(k) / max(1, len(ks) - 1),
+            label=label(method, length, k),
+            markersize=3,
+        )
     for column, dataset in enumerate(datasets):
         axis = axes[0][column]
-        for (name, k, method), runs in groups.items():
-            if name != dataset:
-                continue
-            curve = teacher_curve(runs[0])
-            axis.plot(
-                [float(eps) for eps in curve],
-                [_mean([teacher_curve(run)[eps] / k for run in runs]) for eps in curve],
-                "o-",
-                color=colours[method],
-                alpha=0.4 + 0.6 * ks.index(k) / max(1, len(ks) - 1),
-                label=f"{method} K = {k:,}",
-                markersize=3,
-            )
         axis.set(xscale="log", xlabel="eps", ylabel="unique / K", title=f"{dataset}: end of training", ylim=(0, 1.05))
         axis.legend(fontsize=7)
     written.append(save_figure(figure, figures_dir / f"{prefix}_eps_curves.png"))
 
     figure, axes = plt.subplots(1, 2, figsize=(10, 3.8), squeeze=False)
-    for column, (metric, label) in enumerate((("knn_top1", "kNN@20 top-1"), ("knn_balanced", "kNN@20 balanced acc."))):
+    for column, (metric, title) in enumerate((("knn_top1", "kNN@20 top-1"), ("knn_balanced", "kNN@20 balanced acc."))):
         axis = axes[0][column]
         for dataset in datasets:
             for method in methods:
-                points = [
-                    (k, _values(groups[(dataset, k, method)], metric)) for k in ks if (dataset, k, method) in groups
-                ]
-                if points:
-                    axis.errorbar(
-                        [k for k, _ in points],
-                        [_mean(values) for _, values in points],
-                        yerr=[sample_sd(values) for _, values in points],
-                        marker="o",
-                        capsize=3,
-                        color=colours[method],
-                        linestyle="-" if dataset == "fashion_mnist" else "--",
-                        label=f"{dataset} {method}",
-                    )
-        axis.set(xscale="log", xlabel="K (prototypes)", ylabel=label, title=f"{label} vs K")
+                for length in lengths:
+                    points = [(k, _values(groups[(dataset, k, method, length)], metric)) for k in ks
+                              if (dataset, k, method, length) in groups]  # fmt: skip
+                    if points:
+                        axis.errorbar(
+                            [k for k, _ in points],
+                            [_mean(values) for _, values in points],
+                            yerr=[sample_sd(values) for _, values in points],
+                            marker="o" if length == lengths[0] else "s",
+                            capsize=3,
+                            color=colours[method],
+                            linestyle="-" if dataset == "fashion_mnist" else "--",
+                            label=f"{dataset} {label(method, length)}",
+                        )
+        axis.set(xscale="log", xlabel="K (prototypes)", ylabel=title, title=f"{title} vs K")
         axis.legend(fontsize=7)
     written.append(save_figure(figure, figures_dir / f"{prefix}_accuracy_vs_k.png"))
     return written

@@ -68,6 +68,10 @@ class KoLeoDinoConfig(PreTrainedConfig):
             Candidates kept per prototype by the `"candidates"` search.
         koleo_proto_refresh_every (`int`, *optional*, defaults to 10):
             Steps between two full searches of the `"candidates"` search.
+        koleo_proto_update_every (`int`, *optional*, defaults to 0):
+            With the `"candidates"` search, steps between two cheap updates of the candidate lists
+            from the candidates' own candidates (K x (m + m²) distances instead of K²), between
+            the full searches; 0 turns them off.
         koleo_proto_refresh_dtype (`str`, *optional*, defaults to `"float32"`):
             Precision of that full search: `"float32"`, or `"bfloat16"` (1.7x faster where the
             hardware multiplies bf16: AVX512-BF16/AMX CPUs, GPUs; the steps between still rank in
@@ -123,6 +127,7 @@ class KoLeoDinoConfig(PreTrainedConfig):
     koleo_proto_search: str = "exact"
     koleo_proto_candidates: int = 16
     koleo_proto_refresh_every: int = 10
+    koleo_proto_update_every: int = 0
     koleo_proto_refresh_dtype: str = "float32"
     koleo_proto_movers: int = 0
     koleo_proto_repair: int = 0
@@ -184,6 +189,7 @@ class KoLeoDinoConfig(PreTrainedConfig):
             "koleo_proto_search": (lambda value: value in KOLEO_PROTO_SEARCHES, f"one of {KOLEO_PROTO_SEARCHES}"),
             "koleo_proto_candidates": (_is_int_at_least(1), "an integer >= 1"),
             "koleo_proto_refresh_every": (_is_int_at_least(1), "an integer >= 1"),
+            "koleo_proto_update_every": (_is_int_at_least(0), "an integer >= 0"),
             "koleo_proto_refresh_dtype": (lambda value: value in ("float32", "bfloat16"), "'float32' or 'bfloat16'"),
             "koleo_proto_movers": (_is_int_at_least(0), "an integer >= 0"),
             "koleo_proto_repair": (_is_int_at_least(0), "an integer >= 0"),

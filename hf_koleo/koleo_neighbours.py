@@ -16,6 +16,15 @@ neighbour whenever its distance is at most that bound; the fraction of certified
 with the loss (1.0: the same neighbours as the exact search). Either way only the chosen distances
 are differentiated, so the gradient is exact for the neighbours used.
 
+**Updated between searches** (``update``, cheap, fixed shapes, no host sync). A prototype's nearest
+neighbour mostly drifts to one of its candidates' own candidates, so between two full searches the
+lists can be renewed from those: each row ranks its ``m`` candidates and their ``m²`` candidates
+(``K x (m + m²)`` distances instead of ``K²``) and keeps the ``m`` nearest. The certificate stays a
+bound: a prototype outside the new list was either ranked and dropped (so at least the
+``(m+1)``-th ranked distance away now) or outside the old list (so at least ``boundary_i - moved_i -
+max(moved)`` away now); the new boundary is the smaller of the two, measured from the prototypes of
+now (the new reference).
+
 **Tighter, and repaired** (both fixed shapes, no host sync). ``max(moved)`` is set by the few
 prototypes that moved most, so the bound above certifies few rows a few steps after a refresh.
 With ``movers = s`` the ``s`` prototypes that moved most are compared with every row each step (a
@@ -110,6 +119,28 @@ class NeighbourCandidates(nn.Module):
         self.reference.copy_(unit_vectors.detach())
 
     @torch.no_grad()
+    def update(self, unit_vectors: torch.Tensor) -> None:
+        """The cheap renewal from the candidates' candidates (module docstring): lists, boundaries and
+        reference, in place; the certificate stays sound."""
+        search = unit_vectors.detach().float()
+        n_rows, m = self.candidates.shape
+        with without_autocast(search.device):
+            moved = torch.linalg.vector_norm(search - self.reference, dim=1)
+            outside = self.boundary - moved - moved.max()  # anything never ranked, now
+            pool = torch.cat([self.candidates, self.candidates[self.candidates].reshape(n_rows, m * m)], dim=1)
+            pool = pool.sort(dim=1).values  # repeats side by side
+            similarities = candidate_similarities(search, pool)
+            repeated = torch.zeros_like(pool, dtype=torch.bool)
+            repeated[:, 1:] = pool[:, 1:] == pool[:, :-1]
+            itself = pool == torch.arange(n_rows, device=pool.device)[:, None]
+            similarities = similarities.masked_fill(repeated | itself, -float("inf"))
+            best, position = similarities.topk(m + 1, dim=1)  # the old list alone holds m distinct others
+            dropped = (2.0 - 2.0 * best[:, m]).clamp(min=0.0).sqrt()  # inf where nothing else was ranked
+            self.candidates.copy_(pool.gather(1, position[:, :m]))
+            self.boundary.copy_(torch.minimum(outside, dropped))
+            self.reference.copy_(search)
+
+    @torch.no_grad()
     def choose(self, unit_vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(neighbour index (K,), certified (K,) bool)``: the nearest candidate of each row (the
         fast movers among them), and whether it is provably the nearest of all rows."""
@@ -155,7 +186,7 @@ def candidate_similarities(search: torch.Tensor, candidates: torch.Tensor) -> to
     candidates and summing products). Elsewhere products and a sum, which no matmul precision setting
     (TF32) can round and which a compiled graph keeps.
     """
-    if search.device.type == "cpu":
+    if search.device.type == "cpu" and candidates.shape[1] <= search.shape[0]:  # the pattern fits the K x K matrix
         return _sampled_dot_products(search, candidates)
     return (search[:, None, :] * search[candidates]).sum(dim=-1)
 
@@ -197,16 +228,41 @@ def exact_similarities(
     return similarities
 
 
+REFRESHES = ("full", "update", "none")  # what the candidate search does before a step's choice
+
+
+def neighbour_refresh(step: int, refresh_every: int, update_every: int = 0) -> str:
+    """``"full"`` (the exact search) every ``refresh_every`` steps, else ``"update"`` (from the
+    candidates' candidates) every ``update_every`` steps (0: never), else ``"none"``; host arithmetic."""
+    if step % refresh_every == 0:
+        return "full"
+    return "update" if update_every and step % update_every == 0 else "none"
+
+
 def koleo_proto_with_candidates(
-    prototypes: torch.Tensor, cache: NeighbourCandidates, refresh: bool
+    prototypes: torch.Tensor, cache: NeighbourCandidates, refresh: str | bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """KoLeo-proto of ``(K, d)`` prototypes with neighbours from ``cache`` (refreshed first when
-    ``refresh``); returns the loss and the fraction of certified-exact neighbours (a 0-d tensor)."""
+    """KoLeo-proto of ``(K, d)`` prototypes with neighbours from ``cache``, refreshed first as
+    ``refresh`` says (one of :data:`REFRESHES`; ``True`` is ``"full"``, ``False`` ``"none"``); returns the
+    loss and the fraction of certified-exact neighbours (a 0-d tensor)."""
+    if isinstance(refresh, bool):
+        refresh = "full" if refresh else "none"
+    if refresh not in REFRESHES:
+        raise ValueError(f"refresh must be one of {REFRESHES} or a bool, got {refresh!r}")
     unit_vectors = F.normalize(prototypes, p=2, dim=-1)
-    if refresh:
+    if refresh == "full":
         cache.refresh(unit_vectors)
+    elif refresh == "update":
+        cache.update(unit_vectors)
     neighbour_index, certified = cache.choose(unit_vectors)
     return koleo_from_neighbours(unit_vectors, neighbour_index), certified.float().mean()
 
 
-__all__ = ["NeighbourCandidates", "candidate_similarities", "koleo_proto_with_candidates", "nearest_candidates"]
+__all__ = [
+    "REFRESHES",
+    "NeighbourCandidates",
+    "candidate_similarities",
+    "koleo_proto_with_candidates",
+    "nearest_candidates",
+    "neighbour_refresh",
+]

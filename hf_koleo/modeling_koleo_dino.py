@@ -371,7 +371,7 @@ class KoLeoDinoForPreTraining(KoLeoDinoPreTrainedModel):
         masks: torch.Tensor | None = None,
         teacher_temperature: float | torch.Tensor = 0.04,
         mask_slots: int | None = None,
-        refresh_neighbours: bool = True,
+        refresh_neighbours: str | bool = True,
     ) -> KoLeoDinoPreTrainingOutput:
         """One DINO / iBOT / KoLeo-proto loss evaluation.
 
@@ -388,8 +388,10 @@ class KoLeoDinoForPreTraining(KoLeoDinoPreTrainedModel):
             mask_slots: masked patch tokens the iBOT heads process for the whole batch (a static
                 shape); default: every crop's maximum, ``ceil(mask_ratio_min_max[1] * n_patches)``.
                 The data pipeline passes a tighter bound (``MaskSettings.slot_budget``).
-            refresh_neighbours: with ``koleo_proto_search="candidates"``, redo the exact neighbour
-                search this step (the trainer asks every ``koleo_proto_refresh_every`` steps).
+            refresh_neighbours: with ``koleo_proto_search="candidates"``, ``"full"`` (or ``True``) redoes
+                the exact neighbour search this step, ``"update"`` renews the candidate lists from the
+                candidates' candidates, ``"none"`` (or ``False``) keeps them; the trainer asks as
+                :func:`hf_koleo.koleo_neighbours.neighbour_refresh` says.
         """
         self._check_inputs(global_crops, local_crops, masks)
         config = self.config
@@ -477,7 +479,7 @@ class KoLeoDinoForPreTraining(KoLeoDinoPreTrainedModel):
             teacher_entropy=teacher_entropy,
         )
 
-    def _koleo_proto(self, head: DINOHead, index: int, refresh: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def _koleo_proto(self, head: DINOHead, index: int, refresh: str | bool) -> tuple[torch.Tensor, torch.Tensor]:
         """KoLeo-proto on one head's prototypes, and the fraction of certified-exact neighbours."""
         if self.koleo_neighbours is None:
             return koleo_proto_loss(head.prototypes), head.prototypes.new_ones((), dtype=torch.float32)

@@ -11,6 +11,7 @@ from hf_koleo.koleo_neighbours import (
     candidate_similarities,
     koleo_proto_with_candidates,
     nearest_candidates,
+    neighbour_refresh,
 )
 from hf_koleo.losses import koleo_proto_loss, nearest_neighbours
 
@@ -175,3 +176,64 @@ def test_the_model_passes_movers_and_repair_to_its_candidate_lists_and_rejects_n
     assert (cache.movers, cache.repair) == (4, 2)
     with pytest.raises(ValueError, match="koleo_proto_movers"):
         tiny_config(koleo_proto_movers=-1)
+
+
+@pytest.mark.parametrize("drift", [0.0, 0.05, 0.2, 1.0])
+def test_an_update_keeps_the_boundary_a_lower_bound_and_certified_choices_exact(drift):
+    vectors = unit(rows=400, dim=8, seed=10)
+    cache = NeighbourCandidates(400, 8, candidates=5)
+    cache.refresh(vectors)
+    moved = drifted(vectors, drift, seed=11)
+    cache.update(moved)
+    distances = dense_distances(moved)
+    outside = distances.clone()
+    outside.scatter_(1, cache.candidates, float("inf"))  # every prototype not in the new lists
+    assert (outside.min(dim=1).values >= cache.boundary.double() - 1e-6).all()
+    assert torch.equal(cache.reference, moved)
+    lists = cache.candidates.sort(dim=1).values
+    assert (lists[:, 1:] != lists[:, :-1]).all()  # no prototype twice in a list
+    assert (cache.candidates != torch.arange(400)[:, None]).all()  # nor a prototype in its own list
+    further = drifted(moved, drift / 2, seed=12)  # and after the update the prototypes move on
+    index, certified = cache.choose(further)
+    assert torch.equal(index[certified], dense_distances(further).argmin(dim=1)[certified])
+
+
+def test_an_update_finds_neighbours_that_left_the_lists_and_a_full_search_resets_it():
+    vectors = unit(rows=400, dim=8, seed=13)
+    stale = NeighbourCandidates(400, 8, candidates=8)
+    stale.refresh(vectors)
+    updated = NeighbourCandidates(400, 8, candidates=8)
+    updated.load_state_dict(stale.state_dict())
+    moved = vectors
+    for seed in range(5):  # five small moves, an update after each
+        moved = drifted(moved, 0.1, seed=20 + seed)
+        updated.update(moved)
+    exact = dense_distances(moved).argmin(dim=1)
+    stale_exact = (stale.choose(moved)[0] == exact).float().mean()
+    updated_exact = (updated.choose(moved)[0] == exact).float().mean()
+    assert updated_exact > stale_exact and updated_exact > 0.95
+    # right after an update, each list holds the nearest of the ranked prototypes, nearest first
+    ranked = dense_distances(moved).gather(1, updated.candidates)
+    assert (ranked[:, 1:] >= ranked[:, :-1]).all()
+    updated.refresh(moved)
+    assert torch.equal(updated.candidates, nearest_candidates(moved, 8)[0])
+    few = NeighbourCandidates(20, 8, candidates=8)  # m + m² candidates' candidates outnumber the prototypes
+    few.refresh(vectors[:20])
+    few.update(moved[:20])
+    assert torch.equal(few.candidates, nearest_candidates(moved[:20], 8)[0])  # every other one was ranked
+
+
+def test_the_refresh_schedule_full_every_period_updates_between_and_rejects_unknown_kinds():
+    schedule = [neighbour_refresh(step, 6, 2) for step in range(7)]
+    assert schedule == ["full", "none", "update", "none", "update", "none", "full"]
+    assert [neighbour_refresh(step, 3) for step in range(4)] == ["full", "none", "none", "full"]
+    cache = NeighbourCandidates(50, 8, candidates=4)
+    prototypes = torch.randn(50, 8)
+    koleo_proto_with_candidates(prototypes, cache, "full")
+    before = cache.candidates.clone()
+    koleo_proto_with_candidates(prototypes, cache, False)
+    assert torch.equal(cache.candidates, before)
+    with pytest.raises(ValueError, match="refresh must be one of"):
+        koleo_proto_with_candidates(prototypes, cache, "partial")
+    with pytest.raises(ValueError, match="koleo_proto_update_every"):
+        tiny_config(koleo_proto_update_every=-1)

@@ -106,8 +106,9 @@ def test_the_cpu_speed_suite_compares_the_searches_side_by_side_and_measures_the
     churn = results["churn"]["churn"]
     assert churn["step"] == 6 and 0.0 <= churn["same_nn@1"] <= churn["in_top2@1"] <= churn["in_top4@1"] <= 1.0
     searches = {(row["period"], row["setting"]): row for row in results["candidate_search"]}
-    plain, tighter = "movers 0, repair 0", "movers 4, repair 8"
-    assert set(searches) == {(period, setting) for period in (2, 3) for setting in (plain, tighter)}
+    plain, tighter, updated = "movers 0, repair 0", "movers 4, repair 8", "movers 0, repair 0, update every 2"
+    assert set(searches) == {(period, setting) for period in (2, 3) for setting in (plain, tighter, updated)}
+    assert searches[3, updated]["update_ms"] > 0 and "update_ms" not in searches[2, updated]  # full every 2: no update
     for row in searches.values():  # certified choices are exact: the exact fraction is at least the certified one
         assert 0.0 <= row["certified_mean"] <= row["exact_mean"] + 1e-9 <= 1.0 + 1e-9 and row["choose_ms"] > 0
     for period in (2, 3):  # movers and repair only add certified rows
@@ -118,7 +119,7 @@ def test_the_cpu_speed_suite_compares_the_searches_side_by_side_and_measures_the
     write_report(spec, records, {}, doc.parent)
     text = doc.read_text()
     assert text.startswith("# Benchmarks\n\nhand-written\n") and "<!-- generated: cpu_speed -->" in text
-    assert "same nearest neighbour" in text and "MFU" in text and "certified (mean)" in text
+    assert "same nearest neighbour" in text and "MFU" in text and "certified (mean)" in text and "update ms" in text
 
 
 def test_each_loop_starts_with_a_fresh_compiler(monkeypatch, one_thread):

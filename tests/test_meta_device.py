@@ -64,7 +64,8 @@ def test_two_training_steps_on_the_meta_device_never_touch_the_host(tmp_path, fu
     in_memory = "yes" if path is ResidentPipeline else "no"
     arguments, model_config = parse_pretraining_args(
         [*TINY_RUN, "--data", str(data), "--output_dir", str(tmp_path / "run"), "--in_memory", in_memory]
-        + ["--model.koleo_proto_search", search, "--model.koleo_proto_refresh_every", "2"]
+        + ["--model.koleo_proto_search", search, "--model.koleo_proto_refresh_every", "3"]
+        + ["--model.koleo_proto_update_every", "2"]  # step 0: full search, step 2: update
         + ["--model.koleo_proto_movers", "4", "--model.koleo_proto_repair", "4"]  # fixed shapes: no sync either
     )
     accelerator = MetaAccelerator()

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from ..backbone_export import build_image_processor, export_backbone
 from ..configuration_koleo_dino import KoLeoDinoConfig
+from ..koleo_neighbours import neighbour_refresh
 from ..prototypes import prototype_metrics, prototype_report
 from .arguments import PretrainingArguments
 from .checkpoint import TrainerState, list_checkpoints, save_checkpoint
@@ -299,7 +300,9 @@ def train_step(
     A NaN/inf gradient makes the fused optimiser skip the update on the device; ``guard`` counts
     it and keeps the batch, for the check every ``log_every`` steps.
     """
-    refresh_every = accelerator.unwrap_model(model).config.koleo_proto_refresh_every
+    config = accelerator.unwrap_model(model).config
+    # host arithmetic: no sync
+    refresh = neighbour_refresh(step, config.koleo_proto_refresh_every, config.koleo_proto_update_every)
     crops = batch["global_crops"]
     # A 0-d device tensor, made by a fill kernel (no host-to-device copy): a compiled forward takes it
     # as an input, so the temperature's warm-up neither recompiles it nor hands it a host scalar.
@@ -311,7 +314,7 @@ def train_step(
             batch.get("masks"),
             teacher_temperature=temperature,
             mask_slots=batch.get("mask_slots"),
-            refresh_neighbours=step % refresh_every == 0,  # host arithmetic: no sync
+            refresh_neighbours=refresh,
         )
         accelerator.backward(output.loss)
         gradient_norm = None
