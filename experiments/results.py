@@ -149,10 +149,10 @@ def clusters_claim(rows: list[dict[str, Any]]) -> dict[str, str]:
     gaps = [
         (
             source,
-            _length(k, epochs, steps),
+            f"{dataset} {_length(k, epochs, steps)}",
             sum(m["koleo_proto"]) / len(m["koleo_proto"]) - sum(m["baseline"]) / len(m["baseline"]),
         )
-        for (source, _, k, epochs, steps), m in sorted(pairs.items(), key=lambda item: (item[0][0], item[0][2]))
+        for (source, dataset, k, epochs, steps), m in sorted(pairs.items(), key=lambda item: item[0][:3])
         if "koleo_proto" in m and "baseline" in m
     ]
     if not gaps:

@@ -175,6 +175,24 @@ def test_verdicts_follow_the_targets():
     assert len(results_json(results)["runs"]) == len(runs)
 
 
+def test_runs_of_different_lengths_are_never_pooled_and_a_long_collapse_is_judged_on_its_own():
+    k = 16384
+    short = [_record("fashion_mnist", k, method, 0, k, 82.0, 82.0) for method in ("baseline", "koleo_proto")]
+    long = [_record("fashion_mnist", k, "baseline", 0, int(0.2 * k), 84.0, 84.0),
+            _record("fashion_mnist", k, "koleo_proto", 0, k, 84.0, 84.0)]  # fmt: skip
+    for run in long:
+        run["settings"] = {"max_steps": 31875}
+        run["name"] += "-long"
+    results = {"runs": [*short, *long], "pixels": {}}
+    verdicts = {item["claim"]: item for item in claims(results)}
+    collapse = verdicts["the baseline partially collapses"]
+    assert collapse["verdict"] == "confirmed" and "31,875 steps: 20.0 % unique" in collapse["evidence"]
+    assert verdicts["KoLeo-proto prevents it"]["verdict"] == "confirmed"
+    markdown = render_markdown(results)
+    assert "| 16,384 | baseline | 1 | 100 epochs |" in markdown
+    assert "| 16,384 | baseline | 1 | 31,875 steps |" in markdown
+
+
 def test_no_records_report_that_nothing_ran():
     results = load_results([])
     assert render_markdown(results, "the GPU study") == "No run of the GPU study has finished yet.\n"
