@@ -21,7 +21,7 @@ SPEC = Path(__file__).resolve().parents[1] / "configs" / "experiments" / "cpu_st
 
 def test_every_run_takes_the_cpu_recipe_and_its_own_data_k_method_and_seed(tmp_path):
     spec = load_spec(SPEC)
-    assert [run.stage for run in spec.runs] == ["pixels"] * 2 + ["main"] * 8 + ["seeds"] * 2
+    assert [run.stage for run in spec.runs] == ["pixels"] * 2 + ["main"] * 8 + ["seeds"] * 2 + ["long"] * 2
     assert spec.settings["targets"]["knn"] == 84.6  # the issue's bar, not the GPU study's
     for run in spec.runs:
         if run.kind != "pretrain_eval":
@@ -30,7 +30,8 @@ def test_every_run_takes_the_cpu_recipe_and_its_own_data_k_method_and_seed(tmp_p
         assert arguments.data == run.params["dataset"]["train"] and arguments.data.startswith("fashion_mnist:train")
         # the recipe (configs/fashion_mnist_cpu.yaml), the same number of images for every run
         assert arguments.per_device_batch_size == 64 and arguments.local_crops_number == 0
-        assert arguments.teacher_momentum == 0.99 and arguments.max_steps == 9375
+        assert arguments.teacher_momentum == 0.99  # 10 epochs of images; the long stage the recipe's 34
+        assert arguments.max_steps == (31875 if run.stage == "long" else 9375)
         assert model.num_prototypes == run.axes["num_prototypes"] and model.koleo_proto_search == "candidates"
         assert model.koleo_proto_weight == (0.1 if run.axes["method"] == "koleo_proto" else 0.0)
     seeds = [run.name for run in spec.runs if run.stage == "seeds"]
@@ -69,7 +70,7 @@ def test_the_quick_study_tables_hold_the_numbers_its_runs_wrote(tmp_path, monkey
             )
             assert report["teacher/cls"]["unique_curve"] == teacher["unique_curve"]
             row = rows[method]
-            assert row.startswith(f"| 64 | {method} | 1 | {teacher['unique_curve']['0.01']:,} |")
+            assert row.startswith(f"| 64 | {method} | 1 | 4 steps | {teacher['unique_curve']['0.01']:,} |")
             assert f"| {teacher['utilisation']['used']:,} | {teacher['nn_distance_quantiles']['q0.5']:.3f} |" in row
             assert f"| {result['evaluation']['knn_balanced']:.1f} |" in row
         pixels = store.read(f"pixels-{dataset}")["result"]["evaluation"]
