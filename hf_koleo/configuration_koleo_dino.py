@@ -71,7 +71,7 @@ class KoLeoDinoConfig(PreTrainedConfig):
         koleo_proto_update_every (`int`, *optional*, defaults to 0):
             With the `"candidates"` search, steps between two cheap updates of the candidate lists
             from the candidates' own candidates (K x (m + m²) distances instead of K²), between
-            the full searches; 0 turns them off.
+            the full searches; 0 turns them off (on real runs they hardly raise the exact fraction).
         koleo_proto_refresh_dtype (`str`, *optional*, defaults to `"float32"`):
             Precision of that full search: `"float32"`, or `"bfloat16"` (1.7x faster where the
             hardware multiplies bf16: AVX512-BF16/AMX CPUs, GPUs; the steps between still rank in
