@@ -150,7 +150,7 @@ def _dino_only(argv: list[str]):
 
 def step_vs_peer(params: dict[str, Any], context=None) -> dict[str, Any]:
     """Run kind: :func:`compare_training_steps` for a pretraining config (``argv``) at ``num_prototypes``
-    (default: the config's), ``batch`` and ``rounds`` (5)."""
+    (default: the config's), ``batch``, ``rounds`` (5), ``warmup`` (2) and ``compile`` (false)."""
     arguments, model_config = _dino_only(params["argv"])
     if params.get("num_prototypes"):
         model_config.num_prototypes = model_config.num_patch_prototypes = params["num_prototypes"]
@@ -161,6 +161,8 @@ def step_vs_peer(params: dict[str, Any], context=None) -> dict[str, Any]:
         arguments.local_crops_size,
         arguments.local_crops_number,
         rounds=params.get("rounds", 5),
+        warmup=params.get("warmup", 2),
+        compile=params.get("compile", False),
     )
 
 
@@ -288,10 +290,13 @@ def _step_settings(model_config) -> dict:
     )
 
 
-def _make_ours(model_config, device: torch.device):
+def _make_ours(model_config, device: torch.device, compile: bool = False):
     from hf_koleo.modeling_koleo_dino import KoLeoDinoForPreTraining
+    from hf_koleo.training.run_setup import compile_model
 
     model = KoLeoDinoForPreTraining(model_config).train().to(device)
+    if compile:
+        compile_model(model, scope="model")  # what --compile true --compile_scope model trains with
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
 
     def step(global_crops, local_crops):
@@ -305,7 +310,7 @@ def _make_ours(model_config, device: torch.device):
     return step
 
 
-def _make_lightly(model_config, device: torch.device):
+def _make_lightly(model_config, device: torch.device, compile: bool = False):
     from transformers import Dinov2Model
 
     DINOLoss, DINOProjectionHead, update_momentum = import_lightly_dino()
@@ -320,6 +325,9 @@ def _make_lightly(model_config, device: torch.device):
     for parameter in [*teacher_backbone.parameters(), *teacher_head.parameters()]:
         parameter.requires_grad_(False)
     criterion = DINOLoss(output_dim=settings["K"], warmup_teacher_temp_epochs=0).to(device)
+    if compile:  # every module the step calls, as a user of lightly would compile them
+        for module in (student_backbone, student_head, teacher_backbone, teacher_head, criterion):
+            module.compile()
     parameters = [p for p in [*student_backbone.parameters(), *student_head.parameters()] if p.requires_grad]
     # The same optimiser as ours, so the comparison is about the model and loss code.
     optimizer = torch.optim.AdamW(parameters, lr=1e-4, fused=True)
@@ -353,6 +361,7 @@ def compare_training_steps(
     rounds: int = 5,
     warmup: int = 2,
     device: str | torch.device | None = None,
+    compile: bool = False,
 ) -> dict[str, Any]:
     """Our full DINO step vs a step built from lightly's DINOLoss/DINOProjectionHead, alternately.
 
@@ -360,13 +369,14 @@ def compare_training_steps(
     same crops, same fused AdamW, both teachers batched over the two global views; iBOT and KoLeo
     terms off so both compute the same DINO objective. On ``device`` (default: the GPU when there is
     one); every timing waits for the device. Returns img/s of each and the median per-round ratio
-    (ours / lightly).
+    (ours / lightly). ``compile``: both steps ``torch.compile``d (ours as one graph, lightly's
+    modules each), the warm-up paying the compilation.
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(0)
     global_crops = torch.randn(batch, 2, 3, global_size, global_size, device=device)
     local_crops = torch.randn(batch, n_local, 3, local_size, local_size, device=device)
-    steps = {"ours": _make_ours(model_config, device), "lightly": _make_lightly(model_config, device)}
+    steps = {"ours": _make_ours(model_config, device, compile), "lightly": _make_lightly(model_config, device, compile)}
     for _ in range(warmup):
         for step in steps.values():
             step(global_crops, local_crops)
@@ -386,6 +396,7 @@ def compare_training_steps(
         **_step_settings(model_config),
         "n_local": n_local,
         "device": str(device),
+        "compiled": compile,
         "ours_images_per_second": batch / statistics.median(seconds["ours"]),
         "lightly_images_per_second": batch / statistics.median(seconds["lightly"]),
         "speedup_median": statistics.median(ratios),

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .frozen_head import TRACKED_EPS
-from .markdown import left_out_line, markdown_table, mean_std, pyplot, save_figure
+from .markdown import k_axis, left_out_line, markdown_table, mean_std, pyplot, save_figure
 
 
 def load_results(records: list[dict[str, Any]], spec) -> dict[str, Any]:
@@ -138,7 +138,8 @@ def plot_k(rows: list[dict[str, Any]], path: Path) -> Path:
             points = [(row["num_prototypes"], value(row)) for row in rows if row["variant"] == variant]
             points = [(k, v) for k, v in points if v is not None]
             axis.plot([k for k, _ in points], [v for _, v in points], "o-", label=variant)
-        axis.set(xscale="log", xlabel="K", title=label)
+        k_axis(axis, [row["num_prototypes"] for row in rows])
+        axis.set(title=label)
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
     return save_figure(figure, path, dpi=100)

@@ -325,14 +325,16 @@ def _loop_tables(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 
 def load_results(records: list[dict[str, Any]]) -> dict[str, Any]:
-    """``{"device", "loops": {config: table}, "overhead", "koleo_proto", "peer"}`` from the suite's records."""
+    """``{"device", "loops": {config: table}, "overhead", "koleo_proto", "peer", "peer_compiled"}`` from the
+    suite's records."""
     single = {"host_overhead": "overhead", "koleo_on_device": "koleo_proto", "step_vs_peer": "peer"}
     devices = [record["environment"]["device"] for record in records]
     results: dict[str, Any] = {"device": "; ".join(dict.fromkeys(devices)) or "-", "loops": _loop_tables(records)}
     for record in records:
         if record["kind"] in single:
             done = record["status"] == "done"
-            results[single[record["kind"]]] = record["result"] if done else {"error": record["error"]}
+            key = single[record["kind"]] + ("_compiled" if record["params"].get("compile") else "")
+            results[key] = record["result"] if done else {"error": record["error"]}
         elif record["kind"] == "neighbour_churn" and record["status"] == "done":
             results.setdefault("churn", {})[record["name"]] = record["result"]["final"]
             for row in record["result"].get("candidate_search", []):
@@ -416,8 +418,9 @@ def _koleo_sentence(koleo: dict[str, Any]) -> str:
 
 
 def _peer_sentence(peer: dict[str, Any]) -> str:
+    compiled = ", both torch.compile'd" if peer.get("compiled") else ""
     return (
-        f"Full DINO step against the lightly-based peer on {peer['device']} (batch {peer['batch']}, "
+        f"Full DINO step against the lightly-based peer on {peer['device']}{compiled} (batch {peer['batch']}, "
         f"K = {peer['K']:,}, {peer['n_local']} local crops, same fused AdamW, both teachers batched): ours "
         f"{peer['ours_images_per_second']:,.0f} img/s, lightly {peer['lightly_images_per_second']:,.0f} img/s, "
         f"median per-round speed-up {peer['speedup_median']:.2f}x."
@@ -429,6 +432,7 @@ _SENTENCES = (
     ("overhead", "Host overhead", _overhead_sentence),
     ("koleo_proto", "KoLeo-proto at large K", _koleo_sentence),
     ("peer", "Peer step", _peer_sentence),
+    ("peer_compiled", "Peer step, both compiled,", _peer_sentence),
 )
 
 

@@ -85,6 +85,15 @@ def pyplot():
     return plt
 
 
+def k_axis(axis, ks, label: str = "K") -> None:
+    """A log-scaled axis of prototype counts, ticked at exactly ``ks`` (no crowded minor labels)."""
+    ks = sorted(set(ks))
+    axis.set_xscale("log", base=2)
+    axis.set_xticks(ks, [f"{k:,}" for k in ks])
+    axis.minorticks_off()
+    axis.set_xlabel(label)
+
+
 def save_figure(figure, path: str | Path, dpi: int = 110) -> Path:
     """Lay out, write (creating the folder) and close a matplotlib figure; its path."""
     import matplotlib.pyplot as plt

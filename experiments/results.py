@@ -76,7 +76,7 @@ def frozen_head_row(source: str, record: dict[str, Any]) -> dict[str, Any]:
     return {
         "source": source,
         "name": record["name"],
-        "dataset": f"{result['backbone']['description']} (frozen; head only)",
+        "dataset": f"{result['backbone']['description'].split(': ', 1)[0]} (frozen head)",  # not its preprocessing
         "method": record["axes"]["variant"],
         "num_prototypes": result["config"]["num_prototypes"],
         "seed": record["axes"]["seed"],

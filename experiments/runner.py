@@ -75,6 +75,9 @@ def run_pending(
     """
     if fresh_process is None:
         fresh_process = bool(spec.settings.get("fresh_process", False))
+    unknown = sorted(set(only or ()) - {run.name for run in spec.runs})
+    if unknown:  # a typo would otherwise run nothing and say nothing
+        raise ValueError(f"{spec.path}: --only names no run of this spec: {unknown} (`plan` lists the runs)")
     deadline = time.perf_counter() + budget_seconds
     outcome = Outcome()
     for run in spec.runs:
@@ -128,6 +131,7 @@ def _run_in_child(spec: Spec, store: Store, work_dir: str | Path, run: RunSpec, 
     """Run in a fresh ``python -m experiments run`` process; a child that leaves no record failed."""
     command = [sys.executable, "-m", "experiments", "run", str(spec.path), "--only", run.name]
     command += ["--records", str(store.folder), "--work_dir", str(work_dir), "--budget_seconds", f"{left:.0f}"]
+    command += ["--threads", str(torch.get_num_threads())]  # the parent's --threads
     command += ["--retry_failed", "--in_process"] + (["--quick"] if spec.quick else [])
     started = time.perf_counter()
     before = store.read(run.name)

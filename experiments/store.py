@@ -27,6 +27,18 @@ from .spec import RunSpec
 PROGRAM = "python -m experiments"  # sys.argv[0] under the command line
 
 
+def _cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``) and the kernels ATen picked for it (AVX512, AVX2, ...):
+    sessions land on different machines, and timings only compare within one."""
+    name = platform.processor() or "CPU"
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            name = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), name)
+    except OSError:
+        pass
+    return f"{name} ({torch.backends.cpu.get_cpu_capability()} kernels)"
+
+
 def machine_description() -> str:
     """The machine in one line: CPU, cores, memory, torch and its threads, the accelerator if any."""
     memory = ""
@@ -38,7 +50,7 @@ def machine_description() -> str:
         pass
     device = f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
     return (
-        f"{platform.machine()} {platform.processor() or 'CPU'}, {os.cpu_count()} cores{memory}{device}; "
+        f"{platform.machine()} {_cpu_name()}, {os.cpu_count()} cores{memory}{device}; "
         f"torch {torch.__version__} ({torch.get_num_threads()} threads), Python {platform.python_version()}"
     )
 

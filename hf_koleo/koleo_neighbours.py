@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .losses import full_precision, koleo_from_neighbours, similarity_blocks, without_autocast
+from .losses import chord_distance, full_precision, koleo_from_neighbours, similarity_blocks, without_autocast
 
 # Error bound of a similarity of unit vectors computed in bfloat16 (inputs rounded to 8 significant
 # bits, 2 x 2**-9, and the result rounded once more, 2**-8): 2**-7, used to keep the boundary a bound.
@@ -83,7 +83,7 @@ def nearest_candidates(
         similarities, indices = block.topk(keep, dim=1)
         candidates[start:stop] = indices[:, :m]
         if keep > m:
-            boundary[start:stop] = (2.0 - 2.0 * (similarities[:, m].float() + slack)).clamp(min=0.0).sqrt()
+            boundary[start:stop] = chord_distance(similarities[:, m].float() + slack)
     return candidates, boundary
 
 
@@ -127,7 +127,7 @@ class NeighbourCandidates(nn.Module):
         search = unit_vectors.detach().float()
         n_rows, m = self.candidates.shape
         with without_autocast(search.device):
-            moved = torch.linalg.vector_norm(search - self.reference, dim=1)
+            moved = self._moved(search)
             outside = self.boundary - moved - moved.max()  # anything never ranked, now
             pool = torch.cat([self.candidates, self.candidates[self.candidates].reshape(n_rows, m * m)], dim=1)
             pool = pool.sort(dim=1).values  # repeats side by side
@@ -137,7 +137,7 @@ class NeighbourCandidates(nn.Module):
             itself = pool == torch.arange(n_rows, device=pool.device)[:, None]
             similarities = similarities.masked_fill(repeated | itself, -float("inf"))
             best, position = similarities.topk(m + 1, dim=1)  # the old list alone holds m distinct others
-            dropped = (2.0 - 2.0 * best[:, m]).clamp(min=0.0).sqrt()  # inf where nothing else was ranked
+            dropped = chord_distance(best[:, m])  # inf where nothing else was ranked
             self.candidates.copy_(pool.gather(1, position[:, :m]))
             self.boundary.copy_(torch.minimum(outside, dropped))
             self.reference.copy_(search)
@@ -151,12 +151,12 @@ class NeighbourCandidates(nn.Module):
             similarities = candidate_similarities(search, self.candidates)
             best_similarity, best = similarities.max(dim=1)
             index = self.candidates.gather(1, best[:, None]).squeeze(1)
-            moved = torch.linalg.vector_norm(search - self.reference, dim=1)
+            moved = self._moved(search)
             if self.movers:
                 index, best_similarity, others_moved = self._with_movers(search, moved, index, best_similarity)
             else:
                 others_moved = moved.max()
-            distance = (2.0 - 2.0 * best_similarity).clamp(min=0.0).sqrt()
+            distance = chord_distance(best_similarity)
             margin = self.boundary - moved - others_moved - distance
             certified = margin >= 0
             if self.repair:
@@ -164,6 +164,10 @@ class NeighbourCandidates(nn.Module):
                 index[rows] = exact_similarities(search[rows], search, rows).argmax(dim=1)
                 certified[rows] = True
         return index, certified
+
+    def _moved(self, search: torch.Tensor) -> torch.Tensor:
+        """How far each prototype moved since the candidates' reference, ``(K,)``."""
+        return torch.linalg.vector_norm(search - self.reference, dim=1)
 
     def _with_movers(
         self, search: torch.Tensor, moved: torch.Tensor, index: torch.Tensor, best_similarity: torch.Tensor

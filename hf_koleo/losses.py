@@ -273,8 +273,13 @@ def nearest_neighbours(unit_vectors: torch.Tensor, block_size: int | None = None
     similarities = torch.empty(n_rows, dtype=search.dtype, device=search.device)
     for start, stop, block in similarity_blocks(search, block_size):
         similarities[start:stop], indices[start:stop] = block.max(dim=1)
-    distances = (2.0 - 2.0 * similarities).clamp(min=0.0).sqrt()
-    return indices, distances
+    return indices, chord_distance(similarities)
+
+
+def chord_distance(similarity: torch.Tensor) -> torch.Tensor:
+    """The Euclidean distance between unit vectors of cosine ``similarity``: ``sqrt(2 - 2 s)``, never NaN
+    where rounding lifts ``s`` above 1."""
+    return (2.0 - 2.0 * similarity).clamp(min=0.0).sqrt()
 
 
 def koleo_loss(

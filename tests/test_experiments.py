@@ -129,6 +129,16 @@ def test_a_record_made_with_other_parameters_is_stale_never_overwritten_and_left
     assert run_pending(moved_on, store, tmp_path / "work").finished == ["b-seed0"]
 
 
+def test_only_runs_the_named_runs_and_refuses_a_name_the_spec_lacks(tmp_path, monkeypatch):
+    spec = load_spec(write_spec(tmp_path / "s.yaml"))
+    store = Store(tmp_path / "records")
+    monkeypatch.setattr(runner, "run_kind", lambda name: FakeKind())
+    assert run_pending(spec, store, tmp_path / "work", only=["b-seed1"]).finished == ["b-seed1"]
+    with pytest.raises(ValueError, match=r"--only names no run of this spec: \['b-seed7'\]"):
+        run_pending(spec, store, tmp_path / "work", only=["a-seed0", "b-seed7"])  # a typo runs nothing
+    assert store.status(spec.run("a-seed0")) == "pending"
+
+
 def test_a_budget_starts_no_run_without_its_reserve(tmp_path, monkeypatch):
     spec = load_spec(write_spec(tmp_path / "s.yaml", reserve_seconds=30))
     monkeypatch.setattr(runner, "run_kind", lambda name: FakeKind())
