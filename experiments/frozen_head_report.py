@@ -23,7 +23,6 @@ def load_results(records: list[dict[str, Any]], spec) -> dict[str, Any]:
     for record in records:
         result = dict(record["result"])
         backbones.setdefault(record["axes"]["backbone"], result.pop("backbone"))
-        result.pop("backbone", None)
         runs.append({key: record["axes"][key] for key in ("backbone", "variant", "seed")} | result)
     environments = [record["environment"] for record in records]
     origins = [record["params"]["backbone"].get("origin") for record in records]
@@ -133,11 +132,15 @@ def plot_k(rows: list[dict[str, Any]], path: Path) -> Path:
         ("prototypes used (teacher arg-max)", lambda row: row["used"]),
         ("NMI of the arg-max clusters", lambda row: row["nmi"]),
     )
+    # one line per method: KoLeo-proto's exact search at small K and its candidate search above are one method
+    method = {row["variant"]: row["variant"].removesuffix("_candidates") for row in rows}
     for axis, (label, value) in zip(axes, panels):
-        for variant in sorted({row["variant"] for row in rows}):
-            points = [(row["num_prototypes"], value(row)) for row in rows if row["variant"] == variant]
+        for name in sorted(set(method.values())):
+            points = [(row["num_prototypes"], value(row)) for row in rows if method[row["variant"]] == name]
             points = [(k, v) for k, v in points if v is not None]
-            axis.plot([k for k, _ in points], [v for _, v in points], "o-", label=variant)
+            searches = sorted(variant for variant in method if method[variant] == name and variant != name)
+            legend = name + (" (candidate search at large K)" if searches else "")
+            axis.plot([k for k, _ in points], [v for _, v in points], "o-", label=legend)
         k_axis(axis, [row["num_prototypes"] for row in rows])
         axis.set(title=label)
         axis.grid(alpha=0.3)

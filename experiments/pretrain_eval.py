@@ -9,7 +9,6 @@
                  test_dataset: {train, test} (also every protocol there: dataset is then a validation split),
                  curve: true, curve_limit_train (kNN of every kept checkpoint, see checkpoint_curve)}
     keep_backbone: false     # also export a release folder (backbone + model card) into the run's folder
-    # evaluation.protocol: validation -> kNN balanced accuracy on 20 % held out from the training data
 
 The run trains in its work folder through the library's own ``pretrain`` (``--resume latest``,
 ``--max_time`` = the seconds left), so a run the budget cuts keeps its checkpoint and the next
@@ -32,10 +31,7 @@ import torch
 
 from hf_koleo.data.sources import count_records
 from hf_koleo.evaluation.clusters import cluster_metrics, teacher_assignments
-from hf_koleo.evaluation.features import PIXELS, FeatureSet, default_device, extract_features
-from hf_koleo.evaluation.knn import weighted_knn_predict
-from hf_koleo.evaluation.linear import stratified_split
-from hf_koleo.evaluation.metrics import classification_metrics
+from hf_koleo.evaluation.features import PIXELS, FeatureSet, default_device
 from hf_koleo.evaluation.protocols import few_shot_protocol, knn_protocol, linear_protocol
 from hf_koleo.evaluation.run import evaluate_backbone, extract_train_test, write_result
 from hf_koleo.hub import export_checkpoint, load_pretraining_model, prepare_upload_folder
@@ -110,24 +106,10 @@ def evaluate_run(model_dir: str, dataset: dict, settings: dict) -> dict[str, Any
     }
 
 
-def validation_knn(model_dir: str, train_data: str, limit: int | None, seed: int = 0) -> float:
-    """kNN (k = 20) balanced accuracy on 20 % held out from the training data (no test data)."""
-    features = extract_features(model_dir, train_data, limit=limit, progress=False)
-    fit, held_out = stratified_split(features.labels, 0.2, seed)
-    predictions = weighted_knn_predict(features.cls[fit], features.labels[fit], features.cls[held_out], (20,))
-    return classification_metrics(predictions[20], features.labels[held_out], use_evaluate=False)["balanced_accuracy"]
-
-
 def evaluate_backbone_of(run_dir: Path, params: dict[str, Any]) -> dict[str, Any]:
-    """The evaluation ``params["evaluation"]`` asks for: ``protocol: test`` (default; :func:`evaluate_run`
-    on the dataset's test split) or ``validation`` (:func:`validation_knn`, for choices made without the
-    test split; ``validation_limit`` images)."""
+    """The evaluation ``params["evaluation"]`` asks for (:func:`evaluate_run` on the dataset's test split,
+    then once on ``test_dataset`` when the dataset is a validation split)."""
     settings = evaluation_settings(params)
-    if settings.get("protocol", "test") == "validation":
-        balanced = validation_knn(
-            str(run_dir / "backbone"), params["dataset"]["train"], settings.get("validation_limit")
-        )
-        return {"validation_knn_balanced": balanced}
     checkpoints = list_checkpoints(run_dir)
     settings["checkpoint"] = str(checkpoints[-1]) if checkpoints else None  # the teacher's clusters
     evaluation = evaluate_run(str(run_dir / "backbone"), params["dataset"], settings)
@@ -326,7 +308,6 @@ __all__ = [
     "evaluate_backbone_of",
     "evaluate_pixels",
     "evaluate_run",
-    "validation_knn",
     "export_with_card",
     "planned_images",
     "pretrain_and_evaluate",

@@ -139,15 +139,11 @@ class Store:
         write_json(self.path(run.name), record)
         return record
 
-    def records(self, runs: list[RunSpec] | None = None) -> tuple[list[dict[str, Any]], dict[str, str]]:
-        """The records a report may use, in plan order, and ``{name: why}`` for those it may not.
-
-        With ``runs`` (the spec's plan), a record of a run no longer planned or made with other
-        parameters is left out; without, every record in the folder counts.
+    def records(self, runs: list[RunSpec]) -> tuple[list[dict[str, Any]], dict[str, str]]:
+        """The records a report may use, in plan order, and ``{name: why}`` for those it may not: a
+        record of a run no longer in ``runs`` (the spec's plan) or made with other parameters is left out.
         """
         found = {path.stem: json.loads(path.read_text()) for path in sorted(self.folder.glob("*.json"))}
-        if runs is None:
-            return list(found.values()), {}
         kept, left_out = [], {}
         planned = {run.name: run for run in runs}
         for run in runs:

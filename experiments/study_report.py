@@ -217,9 +217,8 @@ def claims(results: dict[str, Any]) -> list[dict[str, str]]:
 
 def validation_score(run: dict[str, Any]) -> float:
     """A recipe candidate's score: kNN@20 top-1 on its validation split (a dataset whose test split is
-    held out of training), or kNN balanced accuracy on 20 % held out (``protocol: validation``)."""
-    evaluation = run["evaluation"]
-    return evaluation["knn_top1"] if "knn_top1" in evaluation else evaluation["validation_knn_balanced"]
+    held out of training)."""
+    return run["evaluation"]["knn_top1"]
 
 
 def recipe_rows(results: dict[str, Any]) -> list[list[str]]:
