@@ -42,6 +42,10 @@ def test_cluster_verdicts_need_both_methods_and_say_which_way():
     mixed = clusters_claim([row("baseline", 256, 0.5), row("koleo_proto", 256, 0.6), row("baseline", 1024, 0.5),
                             row("koleo_proto", 1024, 0.4)])  # fmt: skip
     assert mixed["verdict"] == "not confirmed"
+    # a Sinkhorn-Knopp run is no baseline of an EMA-centred KoLeo-proto run
+    sinkhorn = {**row("baseline", 256, 0.1), "centring": "sinkhorn_knopp"}
+    paired = clusters_claim([row("baseline", 256, 0.5), row("koleo_proto", 256, 0.6), sinkhorn])
+    assert "K = 256: +0.100" in paired["evidence"]
 
 
 def test_the_recipe_claim_is_not_measured_without_its_run_and_the_pixels():
