@@ -33,7 +33,12 @@ def recipe_runs(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "name": record["name"],
                 "candidate": record["axes"]["candidate"]
                 + (" + KoLeo-proto" if settings["model"].get("koleo_proto_weight") else "")
-                + (" + Sinkhorn-Knopp" if settings["model"].get("centring") == "sinkhorn_knopp" else ""),
+                + (
+                    " + Sinkhorn-Knopp"  # unless the candidate's own name says so
+                    if settings["model"].get("centring") == "sinkhorn_knopp"
+                    and "sinkhorn" not in record["axes"]["candidate"]
+                    else ""
+                ),
                 "seed": record["axes"].get("seed"),
                 "epochs": settings.get("epochs"),
                 "batch": settings["per_device_batch_size"],
