@@ -26,6 +26,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -53,6 +54,8 @@ from hf_koleo.prototypes import (
     unique_prototype_curve,
     utilisation,
 )
+
+from .runner import Unfinished
 
 logger = logging.getLogger(__name__)
 
@@ -304,14 +307,7 @@ def init_state(in_features: int, config: FrozenHeadConfig) -> HeadState:
     optimizer = torch.optim.AdamW(student.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     neighbours = None
     if config.koleo_proto_search == "candidates":
-        neighbours = NeighbourCandidates(
-            config.num_prototypes,
-            config.bottleneck_size,
-            config.koleo_proto_candidates,
-            getattr(torch, config.koleo_proto_refresh_dtype),
-            movers=config.koleo_proto_movers,
-            repair=config.koleo_proto_repair,
-        )
+        neighbours = NeighbourCandidates.from_config(config, config.num_prototypes, config.bottleneck_size)
     return HeadState(student, teacher, optimizer, torch.zeros(1, config.num_prototypes), neighbours)
 
 
@@ -394,7 +390,11 @@ def head_metrics(
 
 
 def run_frozen_head(
-    views: Views, config: FrozenHeadConfig, log: Callable[[dict[str, Any]], None] | None = None
+    views: Views,
+    config: FrozenHeadConfig,
+    log: Callable[[dict[str, Any]], None] | None = None,
+    checkpoint: Path | None = None,
+    seconds_left: float = math.inf,
 ) -> dict[str, Any]:
     """Train one DINO head on a frozen backbone's views and track its prototypes.
 
@@ -403,20 +403,31 @@ def run_frozen_head(
     (:func:`head_metrics`) are taken at step 0, every ``eval_every`` steps and at the end, on the
     clean views of the first ``eval_images`` images.
 
+    With a ``checkpoint`` path the run is resumable: if the file exists the run continues from it
+    (the same steps as an uninterrupted run, to the last bit), and when the next ``eval_every``
+    steps would not fit in ``seconds_left`` (judged by the last stretch) it saves its state there
+    at a metrics row and raises :class:`~experiments.runner.Unfinished`; a finished run deletes it.
+
     Returns:
         ``{"config", "history": [{"step", "dino_loss", "koleo_proto_loss", **head_metrics}],
         "final_eps_curve": {eps: unique} over DEFAULT_EPS_VALUES, "seconds", "train_seconds"}``; the losses are
-        means over the steps since the previous row (None at step 0).
+        means over the steps since the previous row (None at step 0); the seconds are summed over
+        the calls a resumed run took.
     """
     state = init_state(views.dim, config)
     generator = torch.Generator().manual_seed(config.seed)
     clean_inputs = views.clean(torch.arange(min(config.eval_images, views.n_images)))
     labels = None if views.labels is None else views.labels[: len(clean_inputs)]
     labels = labels if labels is not None and bool((labels >= 0).all()) else None
-    history, loss_sum, koleo_sum, since = [], torch.zeros(()), torch.zeros(()), 0
-    start, eval_seconds = time.perf_counter(), 0.0
-    for step in range(config.steps + 1):
-        if step % config.eval_every == 0 or step == config.steps:
+    progress = {"step": 0, "history": [], "seconds": 0.0, "eval_seconds": 0.0}
+    if checkpoint is not None and checkpoint.exists():
+        progress = load_head_checkpoint(checkpoint, state, generator, config)
+        logger.info("frozen head: resumed at step %d from %s", progress["step"], checkpoint)
+    first, history, progress_seconds = progress["step"], progress["history"], progress["seconds"]
+    loss_sum, koleo_sum, since = torch.zeros(()), torch.zeros(()), 0
+    start, eval_seconds, stretch_start = time.perf_counter(), progress["eval_seconds"], time.perf_counter()
+    for step in range(first, config.steps + 1):
+        if (step % config.eval_every == 0 or step == config.steps) and not (history and history[-1]["step"] == step):
             eval_start = time.perf_counter()
             row = {
                 "step": step,
@@ -429,19 +440,67 @@ def run_frozen_head(
             eval_seconds += time.perf_counter() - eval_start
             if log is not None:
                 log(row)
+            now = time.perf_counter()
+            next_stretch_fits = now - start + 1.2 * (now - stretch_start) <= seconds_left
+            if checkpoint is not None and first < step < config.steps and not next_stretch_fits:
+                progress = {"step": step, "history": history, "eval_seconds": eval_seconds}
+                progress["seconds"] = progress_seconds + now - start
+                save_head_checkpoint(checkpoint, state, generator, config, progress)
+                raise Unfinished(f"stopped at step {step} of {config.steps} (budget)")
+            stretch_start = now
         if step == config.steps:
             break
         indices = torch.randint(views.n_images, (config.batch_size,), generator=generator)
         loss, koleo = head_step(state, views.views(indices, sample_keys(config.seed, step, indices)), config, step)
         loss_sum, koleo_sum, since = loss_sum + loss, koleo_sum + koleo, since + 1
     curve = unique_prototype_curve(state.teacher.prototypes, DEFAULT_EPS_VALUES)
+    seconds = progress_seconds + time.perf_counter() - start
+    if checkpoint is not None:
+        checkpoint.unlink(missing_ok=True)  # done: a rerun (its record deleted) starts afresh
     return {
         "config": asdict(config),
         "history": history,
         "final_eps_curve": {f"{eps:g}": count for eps, count in curve.items()},
-        "seconds": time.perf_counter() - start,
-        "train_seconds": time.perf_counter() - start - eval_seconds,  # the steps alone, metrics excluded
+        "seconds": seconds,
+        "train_seconds": seconds - eval_seconds,  # the steps alone, metrics excluded
     }
+
+
+def save_head_checkpoint(
+    path: Path, state: HeadState, generator: torch.Generator, config: FrozenHeadConfig, progress: dict[str, Any]
+) -> None:
+    """Everything a head-only run needs to go on exactly (atomic: a killed save leaves the old file)."""
+    saved = {
+        "config": asdict(config),
+        "student": state.student.state_dict(),
+        "teacher": state.teacher.state_dict(),
+        "optimizer": state.optimizer.state_dict(),
+        "centre": state.centre,
+        "neighbours": None if state.neighbours is None else state.neighbours.state_dict(),
+        "generator": generator.get_state(),
+        "progress": progress,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".{path.name}.tmp")
+    torch.save(saved, staging)
+    os.replace(staging, path)
+
+
+def load_head_checkpoint(
+    path: Path, state: HeadState, generator: torch.Generator, config: FrozenHeadConfig
+) -> dict[str, Any]:
+    """Restore :func:`save_head_checkpoint`'s state in place; returns the saved progress."""
+    saved = torch.load(path, weights_only=True)
+    if saved["config"] != asdict(config):
+        raise ValueError(f"{path} was saved by a run with other head settings; delete it to start this run afresh")
+    state.student.load_state_dict(saved["student"])
+    state.teacher.load_state_dict(saved["teacher"])
+    state.optimizer.load_state_dict(saved["optimizer"])
+    state.centre = saved["centre"]
+    if state.neighbours is not None:
+        state.neighbours.load_state_dict(saved["neighbours"])
+    generator.set_state(saved["generator"])
+    return saved["progress"]
 
 
 # Views are built once per process and backbone (a feature bank takes minutes), for every run on it.
@@ -499,7 +558,11 @@ def frozen_head_run(params: dict[str, Any], context=None) -> dict[str, Any]:
             "%s step %d: unique %s used %d loss %s", name, row["step"], row["unique"], row["used"], row["dino_loss"]
         )
 
-    return {"backbone": {**info, "head": asdict(config)}, **run_frozen_head(views, config, report)}
+    checkpoint, seconds_left = None, math.inf
+    if context is not None:
+        checkpoint, seconds_left = context.work_dir / "head_checkpoint.pt", context.seconds_left
+    result = run_frozen_head(views, config, report, checkpoint, seconds_left)
+    return {"backbone": {**info, "head": asdict(config)}, **result}
 
 
 def feature_concentration(features: torch.Tensor) -> float:

@@ -112,6 +112,19 @@ class NeighbourCandidates(nn.Module):
         self.register_buffer("boundary", torch.zeros(num_prototypes))
         self.register_buffer("reference", torch.zeros(num_prototypes, dim))
 
+    @classmethod
+    def from_config(cls, config, num_prototypes: int, dim: int) -> NeighbourCandidates:
+        """The lists a config's ``koleo_proto_*`` settings ask for (a ``KoLeoDinoConfig``, or any object
+        with its ``koleo_proto_candidates``, ``_refresh_dtype``, ``_movers`` and ``_repair``)."""
+        return cls(
+            num_prototypes,
+            dim,
+            config.koleo_proto_candidates,
+            getattr(torch, config.koleo_proto_refresh_dtype),
+            movers=config.koleo_proto_movers,
+            repair=config.koleo_proto_repair,
+        )
+
     @torch.no_grad()
     def refresh(self, unit_vectors: torch.Tensor) -> None:
         """The exact search: new candidates, boundaries and reference, in place."""

@@ -237,15 +237,7 @@ class KoLeoDinoForPreTraining(KoLeoDinoPreTrainedModel):
         self.koleo_neighbours = None
         if config.koleo_proto_weight > 0 and config.koleo_proto_search == "candidates":
             self.koleo_neighbours = nn.ModuleList(
-                NeighbourCandidates(
-                    head.prototypes.shape[0],
-                    head.prototypes.shape[1],
-                    config.koleo_proto_candidates,
-                    getattr(torch, config.koleo_proto_refresh_dtype),
-                    movers=config.koleo_proto_movers,
-                    repair=config.koleo_proto_repair,
-                )
-                for head in self._koleo_proto_heads()
+                NeighbourCandidates.from_config(config, *head.prototypes.shape) for head in self._koleo_proto_heads()
             )
         for parameter in self._branch_modules("teacher").parameters():
             parameter.requires_grad_(False)

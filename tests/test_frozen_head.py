@@ -1,5 +1,6 @@
 """Head-only DINO on a frozen backbone (experiments/frozen_head.py; the study itself: tests/test_experiments.py)."""
 
+import pytest
 import torch
 
 from experiments.frozen_head import (
@@ -10,6 +11,7 @@ from experiments.frozen_head import (
     init_state,
     run_frozen_head,
 )
+from experiments.runner import Unfinished
 from hf_koleo.data.counter_rng import sample_keys
 from hf_koleo.prototypes import nearest_neighbour_distances
 
@@ -101,3 +103,22 @@ def test_views_are_a_pure_function_of_the_keys_and_the_two_views_differ():
     pair = bank.views(torch.arange(200), sample_keys(0, 0, torch.arange(200)))
     assert pair.shape == (200, 2, 16)
     assert not (pair[:, 0] == pair[:, 1]).all(dim=1).any()  # two different cached views every time
+
+
+def test_a_run_cut_by_its_budget_resumes_exactly(tmp_path):
+    views = clustered_views()
+    config = tiny_head(
+        steps=12, eval_every=4, koleo_proto_weight=0.1, koleo_proto_search="candidates", koleo_proto_refresh_every=3
+    )
+    whole = run_frozen_head(views, config)
+    checkpoint = tmp_path / "head_checkpoint.pt"
+    with pytest.raises(Unfinished, match="step 4 of 12"):
+        run_frozen_head(views, config, checkpoint=checkpoint, seconds_left=0.0)  # no second stretch fits
+    with pytest.raises(ValueError, match="other head settings"):
+        run_frozen_head(views, tiny_head(steps=12, eval_every=4), checkpoint=checkpoint)
+    resumed = run_frozen_head(views, config, checkpoint=checkpoint)
+    assert [row["step"] for row in resumed["history"]] == [0, 4, 8, 12]  # no row twice
+    assert resumed["history"] == whole["history"]  # to the last bit: losses, unique counts, distances
+    assert resumed["final_eps_curve"] == whole["final_eps_curve"]
+    assert resumed["seconds"] >= resumed["train_seconds"] > 0
+    assert not checkpoint.exists()  # a finished run leaves nothing to resume
