@@ -133,7 +133,7 @@ def plot_k(rows: list[dict[str, Any]], path: Path) -> Path:
         ("NMI of the arg-max clusters", lambda row: row["nmi"]),
     )
     # one line per method: KoLeo-proto's exact search at small K and its candidate search above are one method
-    method = {row["variant"]: row["variant"].removesuffix("_candidates") for row in rows}
+    method = {row["variant"]: row["variant"].split("_candidates")[0] for row in rows}
     for axis, (label, value) in zip(axes, panels):
         for name in sorted(set(method.values())):
             points = [(row["num_prototypes"], value(row)) for row in rows if method[row["variant"]] == name]

@@ -12,6 +12,7 @@ SUPPORTED_BACKBONES = ("dinov2", "vit")
 CENTRING_METHODS = ("ema", "sinkhorn_knopp")
 KOLEO_PROTO_TARGETS = ("cls", "patch", "both")
 KOLEO_PROTO_SEARCHES = ("exact", "candidates")
+REFRESH_DTYPES = ("float32", "bfloat16", "auto")
 
 
 class KoLeoDinoConfig(PreTrainedConfig):
@@ -73,9 +74,10 @@ class KoLeoDinoConfig(PreTrainedConfig):
             from the candidates' own candidates (K x (m + m²) distances instead of K²), between
             the full searches; 0 turns them off (on real runs they hardly raise the exact fraction).
         koleo_proto_refresh_dtype (`str`, *optional*, defaults to `"float32"`):
-            Precision of that full search: `"float32"`, or `"bfloat16"` (1.7x faster where the
-            hardware multiplies bf16: AVX512-BF16/AMX CPUs, GPUs; the steps between still rank in
-            float32).
+            Precision of that full search: `"float32"`, `"bfloat16"` (1.7x faster where the
+            hardware multiplies bf16: AVX512-BF16/AMX CPUs, GPUs; 1.7-2.9x slower on CPUs without
+            it), or `"auto"` (bfloat16 where the hardware multiplies it, float32 elsewhere). The
+            steps between still rank in float32.
         koleo_proto_movers (`int`, *optional*, defaults to 0):
             With the `"candidates"` search, the prototypes that moved most since the last full
             search are compared with every prototype each step (a K x movers product): fewer stale
@@ -190,7 +192,7 @@ class KoLeoDinoConfig(PreTrainedConfig):
             "koleo_proto_candidates": (_is_int_at_least(1), "an integer >= 1"),
             "koleo_proto_refresh_every": (_is_int_at_least(1), "an integer >= 1"),
             "koleo_proto_update_every": (_is_int_at_least(0), "an integer >= 0"),
-            "koleo_proto_refresh_dtype": (lambda value: value in ("float32", "bfloat16"), "'float32' or 'bfloat16'"),
+            "koleo_proto_refresh_dtype": (lambda value: value in REFRESH_DTYPES, f"one of {REFRESH_DTYPES}"),
             "koleo_proto_movers": (_is_int_at_least(0), "an integer >= 0"),
             "koleo_proto_repair": (_is_int_at_least(0), "an integer >= 0"),
         }

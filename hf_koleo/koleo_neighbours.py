@@ -53,19 +53,40 @@ from .losses import chord_distance, full_precision, koleo_from_neighbours, simil
 BFLOAT16_SIMILARITY_ERROR = 2.0**-7
 
 
+def multiplies_bfloat16(device: torch.device) -> bool:
+    """Whether ``device`` multiplies bfloat16 matrices in hardware: a CUDA GPU that supports it, a CPU
+    with AVX512-BF16 or AMX. Elsewhere bf16 products are emulated and cost more than float32 ones
+    (K = 16,384 on an AVX-512 Xeon without either: 2.9x; docs/benchmarks.md)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type != "cpu":
+        return False
+    probes = (getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return any(probe is not None and probe() for probe in probes)
+
+
+def search_dtype(dtype: torch.dtype | str, device: torch.device) -> torch.dtype:
+    """The dtype a full search runs in: ``dtype`` itself (a ``torch.dtype`` or its name), or for
+    ``"auto"`` bfloat16 where :func:`multiplies_bfloat16`, else float32."""
+    if dtype == "auto":
+        return torch.bfloat16 if multiplies_bfloat16(device) else torch.float32
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+
+
 @torch.compiler.disable  # eager even in a compiled forward, so that full_precision holds
 @torch.no_grad()
 def nearest_candidates(
-    unit_vectors: torch.Tensor, m: int, block_size: int | None = None, dtype: torch.dtype = torch.float32
+    unit_vectors: torch.Tensor, m: int, block_size: int | None = None, dtype: torch.dtype | str = torch.float32
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row's ``m`` nearest other rows (nearest first) and a lower bound of its distance to any other.
 
     A blocked search, as :func:`hf_koleo.losses.nearest_neighbours` (extra memory ``block_size *
     K``). ``dtype`` ``torch.bfloat16`` halves the memory traffic of the K² similarities (1.7x
-    faster on a CPU with AVX512-BF16); the candidates are then the nearest up to its rounding, and
-    the boundary is lowered by the rounding bound, so that every row outside the candidates is
-    still at least ``boundary`` away. With ``m >= K - 1`` every other row is a candidate and the
-    boundary is inf.
+    faster on a CPU with AVX512-BF16, 1.7-2.9x *slower* on one without); ``"auto"`` picks it only
+    where the hardware multiplies bf16 (:func:`search_dtype`). In bf16 the candidates are the
+    nearest up to its rounding, and the boundary is lowered by the rounding bound, so that every row
+    outside the candidates is still at least ``boundary`` away. With ``m >= K - 1`` every other row
+    is a candidate and the boundary is inf.
 
     Returns:
         ``(candidates (K, m') long, boundary (K,))`` with ``m' = min(m, K - 1)``.
@@ -73,6 +94,7 @@ def nearest_candidates(
     n_rows = unit_vectors.shape[0]
     if n_rows < 2:
         raise ValueError(f"nearest neighbours need at least 2 vectors, got {n_rows}")
+    dtype = search_dtype(dtype, unit_vectors.device)
     search = unit_vectors.detach().to(dtype)
     slack = BFLOAT16_SIMILARITY_ERROR if dtype == torch.bfloat16 else 0.0
     m = min(m, n_rows - 1)
@@ -99,12 +121,12 @@ class NeighbourCandidates(nn.Module):
         num_prototypes: int,
         dim: int,
         candidates: int,
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | str = torch.float32,
         movers: int = 0,
         repair: int = 0,
     ) -> None:
         super().__init__()
-        self.dtype = dtype  # of the refresh's search
+        self.dtype = dtype  # of the refresh's search (or "auto": search_dtype)
         self.movers = min(movers, num_prototypes)  # prototypes that moved most, compared with every row
         self.repair = min(repair, num_prototypes)  # least-certain rows searched exactly each step
         width = min(candidates, num_prototypes - 1)
@@ -120,7 +142,7 @@ class NeighbourCandidates(nn.Module):
             num_prototypes,
             dim,
             config.koleo_proto_candidates,
-            getattr(torch, config.koleo_proto_refresh_dtype),
+            config.koleo_proto_refresh_dtype,
             movers=config.koleo_proto_movers,
             repair=config.koleo_proto_repair,
         )
@@ -282,6 +304,8 @@ __all__ = [
     "NeighbourCandidates",
     "candidate_similarities",
     "koleo_proto_with_candidates",
+    "multiplies_bfloat16",
     "nearest_candidates",
     "neighbour_refresh",
+    "search_dtype",
 ]

@@ -12,6 +12,7 @@ from hf_koleo.koleo_neighbours import (
     koleo_proto_with_candidates,
     nearest_candidates,
     neighbour_refresh,
+    search_dtype,
 )
 from hf_koleo.losses import koleo_proto_loss, nearest_neighbours
 
@@ -105,6 +106,28 @@ def test_a_bfloat16_search_keeps_its_boundary_a_lower_bound_so_certified_choices
     cache.refresh(vectors)
     index, certified = cache.choose(vectors)
     assert certified.float().mean() > 0.5 and torch.equal(index[certified], distances.argmin(dim=1)[certified])
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_an_auto_search_is_bfloat16_only_where_the_cpu_multiplies_it(monkeypatch, native):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    cpu = torch.device("cpu")
+    assert search_dtype("auto", cpu) == (torch.bfloat16 if native else torch.float32)
+    assert search_dtype("bfloat16", cpu) == torch.bfloat16 and search_dtype(torch.float32, cpu) == torch.float32
+    vectors = unit(rows=400, dim=16, seed=3)
+    cache = NeighbourCandidates(400, 16, candidates=6, dtype="auto")
+    cache.refresh(vectors)
+    expected = nearest_candidates(vectors, m=6, dtype=torch.bfloat16 if native else torch.float32)
+    assert torch.equal(cache.candidates, expected[0]) and torch.equal(cache.boundary, expected[1])
+
+
+def test_the_config_takes_auto_and_refuses_other_refresh_dtypes():
+    from hf_koleo import KoLeoDinoConfig
+
+    assert KoLeoDinoConfig(koleo_proto_refresh_dtype="auto").koleo_proto_refresh_dtype == "auto"
+    with pytest.raises(ValueError, match="koleo_proto_refresh_dtype"):
+        KoLeoDinoConfig(koleo_proto_refresh_dtype="float16")
 
 
 def drifted(vectors: torch.Tensor, drift: float, seed: int = 2) -> torch.Tensor:
