@@ -1,7 +1,7 @@
 """``python -m experiments results``: every study's committed records -> docs/results.json and the claims table.
 
 The project's answers to the paper live in several specs (the CPU recipe search, the CPU study, the
-frozen-head studies). This module reads their committed records (through each spec's plan, so a
+frozen-head studies, the first GPU window). This module reads their committed records (through each spec's plan, so a
 stale record is left out) and writes one machine-readable file, ``docs/results.json``: a headline row
 per run (dataset, method, K, seed, length, device, seconds, unique prototypes per eps, prototypes
 used, NMI / ARI of the teacher's arg-max, kNN top-1 and balanced, linear, few-shot) and one verdict
@@ -22,7 +22,7 @@ from .study_report import claims as study_claims
 from .study_report import load_results
 
 SPECS = Path(__file__).resolve().parents[1] / "configs" / "experiments"
-SOURCES = ("cpu_recipe", "cpu_study", "frozen_head", "frozen_head_k")
+SOURCES = ("cpu_recipe", "cpu_study", "frozen_head", "frozen_head_k", "gpu_window")
 RECIPE_TARGET = {"knn": 84.6, "minutes": 60.0}  # the CPU recipe against raw pixels, on 2 cores
 
 
@@ -92,6 +92,37 @@ def frozen_head_row(source: str, record: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def side_by_side_rows(source: str, record: dict[str, Any]) -> list[dict[str, Any]]:
+    """The headline figures of each method of a ``side_by_side`` record (a pair trained together on
+    one device); ``device_seconds`` is the whole pair's time, probe and evaluation included."""
+    result, params = record["result"], record["params"]
+    rows = []
+    for method, run in result["runs"].items():
+        teacher = run["final_prototypes"].get("teacher/cls", {})
+        history = run["prototype_history"]
+        rows.append(
+            {
+                "source": source,
+                "name": f"{record['name']}-{method}",
+                "dataset": params["dataset"]["train"],
+                "method": method,
+                "centring": "ema",
+                "num_prototypes": params["pretrain"]["model"]["num_prototypes"],
+                "seed": params["pretrain"].get("seed", 0),
+                "epochs": run["epochs_reached"],
+                "steps": history[-1]["step"] if history else None,
+                "device": record["environment"]["device"],
+                "cpu_seconds": None,
+                "device_seconds": result["seconds"],
+                "unique": teacher.get("unique_curve"),
+                "used": teacher.get("utilisation", {}).get("used"),
+                "scored_on": "test",
+                **_evaluation_row(run["evaluation"]),
+            }
+        )
+    return rows
+
+
 def headline_runs(sources) -> list[dict[str, Any]]:
     rows = []
     for source, (_, records) in sources.items():
@@ -102,6 +133,8 @@ def headline_runs(sources) -> list[dict[str, Any]]:
                 rows.append(pretrain_row(source, record))
             elif record["kind"] == "frozen_head":
                 rows.append(frozen_head_row(source, record))
+            elif record["kind"] == "side_by_side":
+                rows.extend(side_by_side_rows(source, record))
     return rows
 
 

@@ -202,13 +202,36 @@ def render_pair(record: dict[str, Any]) -> list[str]:
         "",
         *markdown_table(header, rows),
         "",
-        "Unique prototypes at eps 0.025 (teacher) per logged epoch:",
+        "The teacher's prototypes per logged epoch: unique at eps 0.025 / 0.1, nearest-neighbour distance "
+        "q0.01 / median (merging shows there first), prototypes its arg-max used:",
         "",
+        *markdown_table(*_epoch_table(result["runs"])),
     ]
-    for name, run in result["runs"].items():
-        curve = ", ".join(f"{row['epoch']:.0f}: {row[TEACHER + 'unique@0.025']:,}" for row in run["prototype_history"])
-        lines.append(f"- {name}: {curve or '-'}")
     return [*lines, ""]
+
+
+def _epoch_table(runs: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Rows of epochs, three columns per method (the methods side by side, as they trained)."""
+    header = ["epoch"]
+    for name in runs:
+        header += [f"{name} unique@0.025 / 0.1", f"{name} NN q0.01 / median", f"{name} used"]
+    histories = [run["prototype_history"] for run in runs.values()]
+    rows = []
+    for at in range(max(map(len, histories), default=0)):
+        cells = [f"{histories[0][at]['epoch']:.2f}" if at < len(histories[0]) else "-"]
+        for history in histories:
+            row = history[at] if at < len(history) else None
+            cells += (
+                [
+                    f"{row[TEACHER + 'unique@0.025']:,} / {row[TEACHER + 'unique@0.1']:,}",
+                    f"{row[TEACHER + 'nn_distance_q0.01']:.3f} / {row[TEACHER + 'nn_distance_q0.5']:.3f}",
+                    f"{row.get(TEACHER + 'used', float('nan')):,.0f}",
+                ]
+                if row
+                else ["-"] * 3
+            )
+        rows.append(cells)
+    return header, rows
 
 
 def write_report(spec, records: list[dict[str, Any]], left_out: dict[str, str], report_dir: Path) -> list[Path]:

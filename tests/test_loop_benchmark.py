@@ -1,12 +1,13 @@
 """The training-loop benchmark (experiments/loop_benchmark.py, configs/experiments/loop_benchmark.yaml)."""
 
 import statistics
+import warnings
 
 import pytest
 import torch
 from conftest import ROOT
 
-from experiments.loop_benchmark import load_results, render_loop_suite_markdown, write_report
+from experiments.loop_benchmark import load_results, render_loop_suite_markdown, sync_warnings, write_report
 from experiments.registry import run_kind
 from experiments.runner import run_pending
 from experiments.spec import load_spec
@@ -134,3 +135,14 @@ def test_each_loop_starts_with_a_fresh_compiler(monkeypatch, one_thread):
     for batch_size in (4, 8):
         Loop.build(argv, batch_size)
     assert len(resets) == 2
+
+
+def test_only_warnings_that_name_a_synchronising_call_count_as_syncs():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        # what torch says the first time the debug mode is turned on (seen on an H200): not a sync
+        notice = "Synchronization debug mode is a prototype feature and does not yet detect all synchronizing ops"
+        warnings.warn(notice, stacklevel=1)
+        warnings.warn("called a synchronizing CUDA operation (Triggered internally at Module.cpp:1)", stacklevel=1)
+    (found,) = sync_warnings(caught)
+    assert found.startswith("called a synchronizing CUDA operation (Triggered") and " at " in found
