@@ -7,7 +7,14 @@ import pytest
 import torch
 from conftest import ROOT
 
-from experiments.loop_benchmark import load_results, render_loop_suite_markdown, sync_warnings, write_report
+from experiments.loop_benchmark import (
+    MATMUL_DTYPES,
+    load_results,
+    matmul_gflops,
+    render_loop_suite_markdown,
+    sync_warnings,
+    write_report,
+)
 from experiments.registry import run_kind
 from experiments.runner import run_pending
 from experiments.spec import load_spec
@@ -45,6 +52,7 @@ def test_quick_suite_measures_data_step_and_end_to_end_at_each_batch(quick_recor
             row["end_to_end_images_per_second"] / row["step_images_per_second"]
         )
         assert row["host_syncs"] == []  # the CPU recorder saw no host read in data + step
+        assert row["machine_matmul_dtype"] == "float32"  # the yardstick in the step's precision (no autocast)
     assert large["step_time_ratio_to_previous"] == pytest.approx(large["step_ms"] / small["step_ms"])
     assert results["koleo_proto"]["num_prototypes"] == 128 and results["koleo_proto"]["ms"] > 0
     overhead = results["overhead"]  # the same ops, no work: hundreds of ops, each a launch on a GPU
@@ -146,3 +154,8 @@ def test_only_warnings_that_name_a_synchronising_call_count_as_syncs():
         warnings.warn("called a synchronizing CUDA operation (Triggered internally at Module.cpp:1)", stacklevel=1)
     (found,) = sync_warnings(caught)
     assert found.startswith("called a synchronizing CUDA operation (Triggered") and " at " in found
+
+
+def test_the_mfu_yardstick_is_measured_in_the_steps_precision():
+    assert MATMUL_DTYPES["bf16"] == torch.bfloat16 and MATMUL_DTYPES.get("no", torch.float32) == torch.float32
+    assert matmul_gflops(torch.device("cpu"), size=64, repeats=2, dtype=torch.bfloat16) > 0
