@@ -25,10 +25,12 @@ from typing import Any
 from unittest import mock
 
 import torch
+import torch.nn.functional as F
 
 from experiments.koleo_reference import dinov2_koleo_loss
 from experiments.markdown import markdown_table, verdict_list, write_generated
 from hf_koleo.losses import dino_loss, ibot_patch_loss, koleo_proto_loss, masked_patch_slots
+from hf_koleo.prototypes import unique_prototype_curve
 
 
 def _resident_mib() -> float:
@@ -139,6 +141,31 @@ def dino_ibot_timing(params: dict[str, Any], context=None) -> dict[str, Any]:
         "masked_patches_per_crop": n_masked_per_image,
     }
     return {**record, **_timed_forward_backward(make_inputs, compute, params.get("repeats", 3))}
+
+
+def merged_prototypes(num_prototypes: int, groups: int, dim: int = 256, seed: int = 0) -> torch.Tensor:
+    """A collapsed-looking ``(K, dim)`` set: K prototypes drawn around ``groups`` random directions, group
+    sizes skewed (weight 1 / rank), each group with its own spread (distances of ~0.001 to ~0.1 inside
+    it), so the unique count depends on eps as a baseline run's does."""
+    generator = torch.Generator().manual_seed(seed)
+    centres = F.normalize(torch.randn(groups, dim, generator=generator), dim=-1)
+    weights = 1.0 / torch.arange(1, groups + 1, dtype=torch.float64)
+    members = torch.multinomial(weights, num_prototypes, replacement=True, generator=generator)
+    spreads = 10 ** (-3 + 2 * torch.rand(groups, generator=generator)) / (2 * dim) ** 0.5
+    noise = torch.randn(num_prototypes, dim, generator=generator) * spreads[members, None]
+    return F.normalize(centres[members] + noise, dim=-1)
+
+
+def unique_curve_timing(params: dict[str, Any], context=None) -> dict[str, Any]:
+    """Run kind: seconds of ``unique_prototype_curve`` on :func:`merged_prototypes` (``num_prototypes``,
+    ``groups``, ``dim`` 256, ``eps`` the tracked four): the union-find's worst case, dense adjacency."""
+    eps_values = params.get("eps", [0.01, 0.025, 0.05, 0.1])
+    prototypes = merged_prototypes(params["num_prototypes"], params["groups"], params.get("dim", 256))
+    start = time.perf_counter()
+    curve = unique_prototype_curve(prototypes, eps_values)
+    seconds = time.perf_counter() - start
+    record = {"num_prototypes": params["num_prototypes"], "groups": params["groups"], "dim": prototypes.shape[1]}
+    return {**record, "unique": {f"{eps:g}": count for eps, count in curve.items()}, "seconds": seconds}
 
 
 def _dino_only(argv: list[str]):
@@ -522,6 +549,21 @@ def benchmark_sections(results: dict[str, Any]) -> dict[str, list[str]]:
                 ]
             ],
         )
+    if results.get("unique_curve"):
+        eps_values = list(next(row["unique"] for row in results["unique_curve"] if "unique" in row))
+        rows = [
+            [f"{row['num_prototypes']:,}", f"{row['groups']:,}", row["error"], *[""] * len(eps_values)]
+            if "error" in row
+            else [
+                f"{row['num_prototypes']:,}",
+                f"{row['groups']:,}",
+                f"{row['seconds']:.1f}",
+                *[f"{row['unique'][eps]:,}" for eps in eps_values],
+            ]
+            for row in results["unique_curve"]
+        ]
+        header = ["K", "groups", "s", *[f"unique@{eps}" for eps in eps_values]]
+        sections["unique_curve"] = markdown_table(header, rows)
     sections["targets"] = verdict_list(check_targets(results))
     return sections
 
@@ -532,6 +574,7 @@ SECTION_TITLES = {
     "step": "One training step: ours vs a lightly-based step, alternately in one process",
     "data": "Data pipeline vs what the training step consumes",
     "features": "Feature extraction: exported backbone vs stock Dinov2Model",
+    "unique_curve": "Unique prototypes of a merged set (the collapse diagnostic's worst case)",
     "targets": "Targets",
 }
 
@@ -542,6 +585,7 @@ KIND_SECTIONS = {
     "step_vs_peer": "step",
     "data_rate": "data",
     "feature_extraction": "features",
+    "unique_curve_timing": "unique_curve",
 }
 
 

@@ -20,6 +20,7 @@ RUN_KINDS: dict[str, str] = {
     "step_profile": "experiments.benchmarks:step_profile",
     "data_rate": "experiments.benchmarks:data_rate",
     "feature_extraction": "experiments.benchmarks:feature_extraction",
+    "unique_curve_timing": "experiments.benchmarks:unique_curve_timing",
     "loop_batch": "experiments.loop_benchmark:loop_batch",
     "host_overhead": "experiments.loop_benchmark:host_overhead",
     "koleo_on_device": "experiments.loop_benchmark:koleo_on_device",

@@ -143,6 +143,9 @@ def test_the_quick_suite_runs_every_stage_and_its_report_fills_the_docs_regions(
     assert [(row["num_prototypes"], row["batch"]) for row in results["dino_ibot"]] == [(16, 2), (16, 3)]
     assert [(row["K"], row["batch"], row["n_local"]) for row in results["step"]] == [(16, 2, 2), (24, 2, 2)]
     assert results["data"]["batch_size"] == 4 and results["features"]["image_size"] == 8
+    (curve,) = results["unique_curve"]  # 64 prototypes in 8 groups: merged, fewer at the larger eps
+    assert (curve["num_prototypes"], curve["groups"]) == (64, 8) and curve["seconds"] > 0
+    assert 64 >= curve["unique"]["0.01"] >= curve["unique"]["0.1"] and curve["unique"]["0.1"] <= 8
     doc = tmp_path / "docs" / "benchmarks.md"
     doc.parent.mkdir()
     doc.write_text("# Mine\n\nread this\n\n<!-- generated: step -->\nold table\n<!-- end generated: step -->\nafter\n")
@@ -151,3 +154,4 @@ def test_the_quick_suite_runs_every_stage_and_its_report_fills_the_docs_regions(
     assert text.startswith("# Mine\n\nread this\n\n<!-- generated: step -->\n| K | batch |") and "old table" not in text
     assert "<!-- end generated: step -->\nafter\n" in text  # the hand-written text around a region stays
     assert "## Targets" in text and "| 24 | 2 |" in text  # regions the doc lacked are appended with a title
+    assert "| K | groups | s | unique@0.01 |" in text

@@ -54,6 +54,18 @@ def test_blocked_components_match_brute_force_union_find(eps, block_size):
     assert unique_prototype_curve(prototypes, [eps], block_size=block_size)[eps] == expected
 
 
+@pytest.mark.parametrize("block_size", [7, None])
+def test_merged_groups_spanning_blocks_match_brute_force(block_size):
+    # Dense adjacency (most rows have many neighbours), groups cut across blocks, and groups that touch
+    # at the larger eps only: the case where a collapsed run spends its time.
+    torch.manual_seed(1)
+    prototypes = grouped_prototypes([40, 25, 25, 10, 5, 1, 1, 30], spread=0.004)
+    eps_values = [0.005, 0.02, 0.05, 1.2]
+    curve = unique_prototype_curve(prototypes, eps_values, block_size=block_size)
+    assert curve == {eps: brute_force_components(prototypes, eps) for eps in eps_values}
+    assert curve[0.05] == 8
+
+
 def test_chain_of_neighbours_forms_one_component():
     # Points on a circle 0.01 apart: only neighbours link, yet all are connected.
     angles = torch.arange(200, dtype=torch.float64) * 0.01
