@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -42,33 +43,18 @@ def _compress(parents: torch.Tensor) -> torch.Tensor:
         parents = grandparents
 
 
-def _merge_block(parents: torch.Tensor, rows: torch.Tensor, adjacency: torch.Tensor) -> torch.Tensor:
-    """Union every edge of a ``(block, K)`` adjacency into the forest ``parents`` (vectorised).
-
-    Each round hooks the root of every node touched by row ``i`` under the smallest root among
-    ``i``'s neighbourhood; rounds repeat until the block adds nothing, at which point every edge
-    of the block joins two nodes with the same root. The smallest root of a row's neighbourhood
-    is its first neighbour once the columns are sorted by root (an arg-max over bytes), and the
-    smallest of those among a column's rows likewise: no ``block x K`` integer tensor is built,
-    which made merged sets (dense adjacency) minutes slower at K = 65,536.
-    """
-    adjacency = adjacency.clone()
-    adjacency[torch.arange(rows.shape[0], device=rows.device), rows] = True  # every row has a neighbour
-    columns = adjacency.any(dim=0).nonzero().squeeze(1)  # and every kept column has a row
-    adjacency = adjacency[:, columns]
+def _union_edges(parents: torch.Tensor, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """Union the edges ``first[e] -- second[e]`` into the forest ``parents`` (vectorised): each round
+    hooks the larger root of every edge whose ends differ under the smallest root it meets."""
     while True:
         roots = _compress(parents)
-        column_roots = roots[columns]
-        by_root = column_roots.argsort()
-        first_column = adjacency[:, by_root].view(torch.uint8).argmax(dim=1)  # first True: the smallest root
-        row_min = column_roots[by_root[first_column]]  # (block,)
-        by_row_min = row_min.argsort()
-        first_row = adjacency[by_row_min].view(torch.uint8).argmax(dim=0)
-        column_min = row_min[by_row_min[first_row]]  # (columns,)
-        hooked = roots.scatter_reduce(0, column_roots, column_min, reduce="amin")
-        if torch.equal(hooked, roots):
+        first_roots, second_roots = roots[first], roots[second]
+        differ = first_roots != second_roots
+        if not bool(differ.any()):
             return roots
-        parents = hooked
+        smaller = torch.minimum(first_roots, second_roots)[differ]
+        larger = torch.maximum(first_roots, second_roots)[differ]
+        parents = roots.scatter_reduce(0, larger, smaller, reduce="amin")
 
 
 @torch.no_grad()
@@ -81,6 +67,12 @@ def unique_prototype_curve(
 
     Two L2-normalised prototypes are linked when their Euclidean distance is below ``eps``; the
     number of unique prototypes is the number of connected components of that graph.
+
+    A block of rows meets only the columns before its end (every link is seen once, from its later
+    end), and those columns are already joined into components by the earlier blocks: the block's
+    similarities are reduced to their maximum per component, and only the (row, component) pairs
+    above the threshold become edges. A collapsed set (most rows linked to thousands of others) thus
+    costs about what a healthy one does; K = 65,536 needs no ``K x K`` matrix.
 
     Returns:
         ``{eps: n_unique}`` in the order of ``eps_values``.
@@ -97,13 +89,22 @@ def unique_prototype_curve(
     parents = [torch.arange(n_rows, device=unit_rows.device) for _ in eps_values]
     for start in range(0, n_rows, block_size):
         stop = min(start + block_size, n_rows)
-        rows = torch.arange(start, stop, device=unit_rows.device)
         with full_precision(unit_rows.device):
-            similarities = unit_rows[start:stop] @ unit_rows.t()
-        for position, threshold in enumerate(thresholds):
-            adjacency = similarities > threshold
-            if int(adjacency.sum()) > stop - start:  # more than the self-links
-                parents[position] = _merge_block(parents[position], rows, adjacency)
+            similarities = unit_rows[:stop] @ unit_rows[start:stop].t()  # (earlier columns, block rows)
+        similarities[start:stop].diagonal().fill_(-math.inf)  # a row is not its own link
+        nearest = similarities.amax(dim=0)  # (block,)
+        rows = torch.arange(start, stop, device=unit_rows.device)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="index_reduce", category=UserWarning)  # "in beta"
+            for position, threshold in enumerate(thresholds):
+                if not bool((nearest > threshold).any()):
+                    continue
+                roots = _compress(parents[position])
+                components, component_of = torch.unique(roots[:stop], return_inverse=True)
+                closest = similarities.new_full((components.shape[0], stop - start), -math.inf)
+                closest.index_reduce_(0, component_of, similarities, "amax")  # (components, block rows)
+                component, row = (closest > threshold).nonzero(as_tuple=True)
+                parents[position] = _union_edges(roots, components[component], rows[row])
     return {eps: int(_compress(forest).unique().numel()) for eps, forest in zip(eps_values, parents)}
 
 
