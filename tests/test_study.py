@@ -21,7 +21,7 @@ SPEC = Path(__file__).resolve().parents[1] / "configs" / "experiments" / "cpu_st
 
 def test_every_run_takes_the_cpu_recipe_and_its_own_data_k_method_and_seed(tmp_path):
     spec = load_spec(SPEC)
-    assert [run.stage for run in spec.runs] == ["pixels"] * 2 + ["main"] * 8 + ["seeds"] * 2 + ["long"] * 2
+    assert [run.stage for run in spec.runs] == ["pixels"] * 2 + ["main"] * 8 + ["seeds"] * 2 + ["long"] * 4
     assert spec.settings["targets"]["knn"] == 84.6  # the issue's bar, not the GPU study's
     for run in spec.runs:
         if run.kind != "pretrain_eval":
@@ -36,6 +36,8 @@ def test_every_run_takes_the_cpu_recipe_and_its_own_data_k_method_and_seed(tmp_p
         assert model.koleo_proto_weight == (0.1 if run.axes["method"] == "koleo_proto" else 0.0)
     seeds = [run.name for run in spec.runs if run.stage == "seeds"]
     assert seeds == ["fashion_mnist_lt-K16384-baseline-seed1", "fashion_mnist_lt-K16384-koleo_proto-seed1"]
+    long = [run.name for run in spec.runs if run.stage == "long"]
+    assert long[2:] == ["fashion_mnist-K16384-baseline-seed1-long", "fashion_mnist-K16384-koleo_proto-seed1-long"]
     quick_main = load_spec(SPEC, quick=True).run("fashion_mnist_lt-K64-koleo_proto-seed0")
     assert quick_main.params["pretrain"]["max_steps"] == 4 and quick_main.params["dataset"]["test"] == "demo:test"
     assert quick_main.params["pretrain"]["teacher_momentum"] == 0.99  # the quick overlay changes only what it names
