@@ -27,6 +27,7 @@ from unittest import mock
 import torch
 import torch.nn.functional as F
 
+from experiments.frozen_head import TRACKED_EPS
 from experiments.koleo_reference import dinov2_koleo_loss
 from experiments.markdown import markdown_table, verdict_list, write_generated
 from hf_koleo.losses import dino_loss, ibot_patch_loss, koleo_proto_loss, masked_patch_slots
@@ -158,8 +159,9 @@ def merged_prototypes(num_prototypes: int, groups: int, dim: int = 256, seed: in
 
 def unique_curve_timing(params: dict[str, Any], context=None) -> dict[str, Any]:
     """Run kind: seconds of ``unique_prototype_curve`` on :func:`merged_prototypes` (``num_prototypes``,
-    ``groups``, ``dim`` 256, ``eps`` the tracked four): the union-find's worst case, dense adjacency."""
-    eps_values = params.get("eps", [0.01, 0.025, 0.05, 0.1])
+    ``groups``, ``dim`` 256, ``eps`` the frozen head's tracked four): a collapsed set, where most rows
+    link to many others."""
+    eps_values = params.get("eps", TRACKED_EPS)
     prototypes = merged_prototypes(params["num_prototypes"], params["groups"], params.get("dim", 256))
     start = time.perf_counter()
     curve = unique_prototype_curve(prototypes, eps_values)
