@@ -27,11 +27,10 @@ from unittest import mock
 import torch
 import torch.nn.functional as F
 
-from experiments.frozen_head import TRACKED_EPS
 from experiments.koleo_reference import dinov2_koleo_loss
 from experiments.markdown import markdown_table, verdict_list, write_generated
 from hf_koleo.losses import dino_loss, ibot_patch_loss, koleo_proto_loss, masked_patch_slots
-from hf_koleo.prototypes import unique_prototype_curve
+from hf_koleo.prototypes import TRACKED_EPS, unique_prototype_curve
 
 
 def _resident_mib() -> float:
@@ -159,8 +158,8 @@ def merged_prototypes(num_prototypes: int, groups: int, dim: int = 256, seed: in
 
 def unique_curve_timing(params: dict[str, Any], context=None) -> dict[str, Any]:
     """Run kind: seconds of ``unique_prototype_curve`` on :func:`merged_prototypes` (``num_prototypes``,
-    ``groups``, ``dim`` 256, ``eps`` the frozen head's tracked four): a collapsed set, where most rows
-    link to many others."""
+    ``groups``, ``dim`` 256, ``eps`` the four the trainer tracks, ``hf_koleo.prototypes.TRACKED_EPS``):
+    a collapsed set, where most rows link to many others."""
     eps_values = params.get("eps", TRACKED_EPS)
     prototypes = merged_prototypes(params["num_prototypes"], params["groups"], params.get("dim", 256))
     start = time.perf_counter()

@@ -48,6 +48,7 @@ from hf_koleo.losses import batch_centre, centred_teacher_probs, dino_loss, ema_
 from hf_koleo.modeling_koleo_dino import ema_update_
 from hf_koleo.prototypes import (
     DEFAULT_EPS_VALUES,
+    TRACKED_EPS,
     distance_quantiles,
     marginal_entropy,
     nearest_neighbour_distances,
@@ -59,7 +60,6 @@ from .runner import Unfinished
 
 logger = logging.getLogger(__name__)
 
-TRACKED_EPS = (0.01, 0.025, 0.05, 0.1)
 TRACKED_QUANTILES = (0.0, 0.1, 0.5, 0.9)
 CLUSTER_KEYS = ("clusters_used", "nmi", "ari", "purity", "clusters_for_coverage_mean")
 # Fashion-MNIST pixel statistics (those of configs/fashion_mnist.yaml), to centre the raw pixels.

@@ -8,7 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .frozen_head import TRACKED_EPS
+from hf_koleo.prototypes import TRACKED_EPS
+
 from .markdown import k_axis, left_out_line, markdown_table, mean_std, pyplot, save_figure
 
 

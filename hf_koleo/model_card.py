@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .data.sources import EMBEDDED, looks_like_path
-from .prototypes import nearest_neighbour_distances, unique_prototype_curve
+from .prototypes import DEFAULT_EPS_VALUES, nearest_neighbour_distances, unique_prototype_curve
 
 TEMPLATE = Path(__file__).parent / "model_cards" / "koleo_backbone.md"
 PLOT_FILE = "prototype_collapse.png"
@@ -197,7 +197,7 @@ def build_model_card(
     evaluations=(),
     license: str = "apache-2.0",
     datasets: list[str] | None = None,
-    eps_values=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.4),
+    eps_values=DEFAULT_EPS_VALUES,
     project_url: str | None = None,
 ):
     """Render the card (and the plot, when the pretraining ``model`` is given) into ``output_dir``.

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 DEFAULT_EPS_VALUES = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.4)
 NN_DISTANCE_QUANTILES = (0.0, 0.01, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
 TRACKED_QUANTILES = (0.01, 0.1, 0.5, 0.9)  # logged with every prototype-statistics row
+TRACKED_EPS = (0.01, 0.025, 0.05, 0.1)  # unique counts logged while training (the trainer's default, the frozen head)
 
 
 def _unit_rows(prototypes: torch.Tensor) -> torch.Tensor:

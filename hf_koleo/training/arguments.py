@@ -21,6 +21,7 @@ import yaml
 
 from ..configuration_koleo_dino import KoLeoDinoConfig
 from ..data.augment import MultiCropConfig
+from ..prototypes import TRACKED_EPS
 
 TRACKERS = ("tensorboard", "trackio", "none", "all")
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -83,7 +84,7 @@ class PretrainingArguments(MultiCropConfig):
     proto_every_epochs: float = field(
         default=0.0, metadata={"help": "Prototype statistics every this many epochs; > 0 overrides proto_every."}
     )
-    proto_eps: list[float] = field(default_factory=lambda: [0.01, 0.025, 0.05, 0.1])
+    proto_eps: list[float] = field(default_factory=lambda: list(TRACKED_EPS))
     collapse_alarm_used: float = field(
         default=0.0001,
         metadata={
