@@ -10,7 +10,7 @@ from typing import Any
 
 from hf_koleo.prototypes import TRACKED_EPS
 
-from .markdown import k_axis, left_out_line, markdown_table, mean_std, pyplot, save_figure
+from .markdown import k_axis, left_out_line, markdown_table, mean_std, pyplot, sample_sd, save_figure
 
 
 def load_results(records: list[dict[str, Any]], spec) -> dict[str, Any]:
@@ -82,34 +82,43 @@ def k_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda row: (row["num_prototypes"], row["variant"], row["seed"]))
 
 
+def _by_setting(rows: list[dict[str, Any]]) -> dict[tuple[int, str], list[dict[str, Any]]]:
+    """A K sweep's rows by (K, variant), seeds in order."""
+    groups: dict[tuple[int, str], list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((row["num_prototypes"], row["variant"]), []).append(row)
+    return groups
+
+
 def write_k_report(spec, records: list[dict[str, Any]], left_out: dict[str, str], report_dir: Path) -> list[Path]:
-    """A K sweep (``configs/experiments/frozen_head_k.yaml``): ``frozen_head_k.md``, ``.json`` and one figure."""
+    """A K sweep (``configs/experiments/frozen_head_k.yaml``): ``frozen_head_k.md`` (one row per K and
+    variant, mean ± sd over its seeds), ``.json`` (one row per run) and one figure."""
     import json
 
     rows = k_rows(records)
     failed = {record["name"]: f"failed: {record['error']}" for record in records if record.get("status") == "failed"}
     left_out = {**left_out, **failed}
     environments = [record["environment"] for record in records if record.get("status") == "done"]
-    header = ["K", "variant", "unique@0.025", "unique@0.1", "used", "NMI", "ARI", "purity", "clusters/class (90 %)"]
-    header.append("train s")
+    header = ["K", "variant", "seeds", "unique@0.025", "unique@0.1", "used", "NMI", "ARI", "purity"]
+    header += ["clusters/class (90 %)", "train s"]
 
-    def cell(value, digits=3):
-        return "-" if value is None else f"{value:.{digits}f}"
+    def cells(group: list[dict[str, Any]], value, digits: int = 3, suffix: str = "") -> str:
+        values = [value(row) for row in group]
+        return "-" if None in values else mean_std(values, digits) + suffix
 
     table = [
         [
-            f"{row['num_prototypes']:,}",
-            row["variant"],
-            f"{row['unique']['0.025'] / row['num_prototypes']:.1%}",
-            f"{row['unique']['0.1'] / row['num_prototypes']:.1%}",
-            f"{row['used']:,}",
-            cell(row["nmi"]),
-            cell(row["ari"]),
-            cell(row["purity"]),
-            cell(row["clusters_for_coverage_mean"], 1),
-            f"{row['train_seconds']:.0f}",
+            f"{k:,}",
+            variant,
+            str(len(group)),
+            cells(group, lambda row: 100 * row["unique"]["0.025"] / row["num_prototypes"], 1, "%"),
+            cells(group, lambda row: 100 * row["unique"]["0.1"] / row["num_prototypes"], 1, "%"),
+            cells(group, lambda row: row["used"], 0),
+            *[cells(group, lambda row, key=key: row[key]) for key in ("nmi", "ari", "purity")],
+            cells(group, lambda row: row["clusters_for_coverage_mean"], 1),
+            cells(group, lambda row: row["train_seconds"], 0),
         ]
-        for row in rows
+        for (k, variant), group in _by_setting(rows).items()
     ]
     machines = "; ".join(dict.fromkeys(environment["machine"] for environment in environments)) or "-"
     lines = [f"# {spec.settings.get('title', spec.name)}", "", f"Machine: {machines}.", ""]
@@ -124,7 +133,8 @@ def write_k_report(spec, records: list[dict[str, Any]], left_out: dict[str, str]
 
 
 def plot_k(rows: list[dict[str, Any]], path: Path) -> Path:
-    """Unique share, prototypes used and NMI against K, one line per variant."""
+    """Unique share, prototypes used and NMI against K, one line per variant (the mean over seeds, their
+    sample sd as error bars)."""
     plt = pyplot()
 
     figure, axes = plt.subplots(1, 3, figsize=(13, 3.6))
@@ -135,13 +145,24 @@ def plot_k(rows: list[dict[str, Any]], path: Path) -> Path:
     )
     # one line per method: KoLeo-proto's exact search at small K and its candidate search above are one method
     method = {row["variant"]: row["variant"].split("_candidates")[0] for row in rows}
+    groups = _by_setting(rows)
     for axis, (label, value) in zip(axes, panels):
         for name in sorted(set(method.values())):
-            points = [(row["num_prototypes"], value(row)) for row in rows if method[row["variant"]] == name]
-            points = [(k, v) for k, v in points if v is not None]
+            points = [
+                (k, [value(row) for row in group])
+                for (k, variant), group in groups.items()
+                if method[variant] == name and None not in [value(row) for row in group]
+            ]
             searches = sorted(variant for variant in method if method[variant] == name and variant != name)
             legend = name + (" (candidate search at large K)" if searches else "")
-            axis.plot([k for k, _ in points], [v for _, v in points], "o-", label=legend)
+            axis.errorbar(
+                [k for k, _ in points],
+                [sum(values) / len(values) for _, values in points],
+                yerr=[sample_sd(values) for _, values in points],
+                fmt="o-",
+                capsize=3,
+                label=legend,
+            )
         k_axis(axis, [row["num_prototypes"] for row in rows])
         axis.set(title=label)
         axis.grid(alpha=0.3)

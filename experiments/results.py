@@ -5,8 +5,9 @@ frozen-head studies, the first GPU window). This module reads their committed re
 stale record is left out) and writes one machine-readable file, ``docs/results.json``: a headline row
 per run (dataset, method, K, seed, length, device, seconds, unique prototypes per eps, prototypes
 used, NMI / ARI of the teacher's arg-max, kNN top-1 and balanced, linear, few-shot) and one verdict
-per claim, with its evidence and the setting it holds in. The claims table is also written into the
-generated region ``claims`` of ``docs/results.md`` (the reading around it is written by hand).
+per claim, with its evidence and the setting it holds in, and the CPU hours the runs took. The claims
+table and the hours are also written into the generated regions ``claims`` and ``cpu_hours`` of
+``docs/results.md`` (the reading around them is written by hand).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .markdown import verdict_table, write_generated
+from .markdown import markdown_table, verdict_table, write_generated
 from .spec import load_spec
 from .store import Store
 from .study_report import claims as study_claims
@@ -286,17 +287,40 @@ def all_claims(sources, rows: list[dict[str, Any]]) -> list[dict[str, str]]:
     return verdicts
 
 
+def cpu_hours(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Per source and in all (``"total"``), the runs on a CPU and their hours of training on it (pretraining
+    or the frozen head's training; evaluation not included): what the answers cost on two cores."""
+    summary: dict[str, dict[str, float]] = {}
+    for row in rows:
+        if row.get("cpu_seconds") is None:
+            continue
+        for key in (row["source"], "total"):
+            entry = summary.setdefault(key, {"runs": 0, "hours": 0.0})
+            entry["runs"] += 1
+            entry["hours"] += row["cpu_seconds"] / 3600
+    if "total" in summary:
+        summary["total"] = summary.pop("total")  # last
+    return summary
+
+
+def cpu_hours_table(summary: dict[str, dict[str, float]]) -> list[str]:
+    rows = [[source, str(entry["runs"]), f"{entry['hours']:.1f}"] for source, entry in summary.items()]
+    return markdown_table(["source (configs/experiments/)", "runs on a CPU", "hours of training"], rows)
+
+
 def write_results(root: Path, docs: Path) -> list[Path]:
-    """``docs/results.json`` and the ``claims`` region of ``docs/results.md``."""
+    """``docs/results.json`` and the ``claims`` and ``cpu_hours`` regions of ``docs/results.md``."""
     sources = load_sources(root)
     rows = headline_runs(sources)
     verdicts = all_claims(sources, rows)
+    hours = cpu_hours(rows)
     data = docs / "results.json"
-    results = {"command": "python -m experiments results", "runs": rows, "claims": verdicts}
+    results = {"command": "python -m experiments results", "runs": rows, "claims": verdicts, "cpu_hours": hours}
     data.write_text(json.dumps(results, indent=1) + "\n")
     markdown = docs / "results.md"
-    write_generated(markdown, {"claims": verdict_table(verdicts)}, titles={"claims": "Claims"})
+    sections = {"claims": verdict_table(verdicts), "cpu_hours": cpu_hours_table(hours)}
+    write_generated(markdown, sections, titles={"claims": "Claims", "cpu_hours": "What it took"})
     return [data, markdown]
 
 
-__all__ = ["all_claims", "headline_runs", "load_sources", "write_results"]
+__all__ = ["all_claims", "cpu_hours", "headline_runs", "load_sources", "write_results"]

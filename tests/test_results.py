@@ -5,7 +5,7 @@ import shutil
 
 from conftest import ROOT
 
-from experiments.results import clusters_claim, recipe_claim, recipe_prevention
+from experiments.results import clusters_claim, cpu_hours, recipe_claim, recipe_prevention
 from experiments.spec import load_spec
 from experiments.store import Store
 
@@ -29,6 +29,23 @@ def test_results_gather_every_committed_record_and_write_the_claims_region(tmp_p
     text = (docs / "results.md").read_text()
     assert text.count("<!-- generated: claims -->") == 1
     assert all(f"| {claim} |" in text for claim in claims)
+    assert text.count("<!-- generated: cpu_hours -->") == 1
+    on_cpu = [row for row in results["runs"] if row.get("cpu_seconds") is not None]
+    assert results["cpu_hours"]["total"]["runs"] == len(on_cpu) > len(records)
+    assert f"| total | {len(on_cpu)} |" in text
+
+
+def test_cpu_hours_sum_each_source_and_all_leaving_out_device_runs():
+    rows = [
+        {"source": "cpu_study", "cpu_seconds": 5400.0},
+        {"source": "cpu_study", "cpu_seconds": 1800.0},
+        {"source": "frozen_head_k", "cpu_seconds": 3600.0},
+        {"source": "gpu_window", "cpu_seconds": None, "device_seconds": 500.0},
+    ]
+    hours = cpu_hours(rows)
+    assert list(hours) == ["cpu_study", "frozen_head_k", "total"]
+    assert hours["cpu_study"] == {"runs": 2, "hours": 2.0}
+    assert hours["total"] == {"runs": 3, "hours": 3.0}
 
 
 def test_cluster_verdicts_need_both_methods_and_say_which_way():
