@@ -10,14 +10,24 @@ from typing import Any
 
 from hf_koleo.prototypes import TRACKED_EPS
 
-from .markdown import k_axis, left_out_line, markdown_table, mean_std, pyplot, sample_sd, save_figure
+from .markdown import (
+    CLUSTER_COLUMNS,
+    cluster_cells,
+    k_axis,
+    left_out_line,
+    markdown_table,
+    mean_std,
+    pyplot,
+    sample_sd,
+    save_figure,
+)
 
 
 def load_results(records: list[dict[str, Any]], spec) -> dict[str, Any]:
     """The study's runs and backbones from its records, with how and where they were made.
 
     ``{"backbones": {name: description}, "runs": [{"backbone", "variant", "seed", **result}],
-    "seconds", "command", "machine", "quick", "variants", "seeds", "backbone_origin", "notes"}``.
+    "seconds", "command", "machine", "quick", "variants", "seeds", "backbone_origins", "notes"}``.
     """
     records = [record for record in records if record.get("status") == "done"]
     backbones, runs = {}, []
@@ -26,7 +36,7 @@ def load_results(records: list[dict[str, Any]], spec) -> dict[str, Any]:
         backbones.setdefault(record["axes"]["backbone"], result.pop("backbone"))
         runs.append({key: record["axes"][key] for key in ("backbone", "variant", "seed")} | result)
     environments = [record["environment"] for record in records]
-    origins = [record["params"]["backbone"].get("origin") for record in records]
+    origins = {record["axes"]["backbone"]: record["params"]["backbone"].get("origin") for record in records}
     notes = spec.settings.get("notes")
     variants = spec.settings["choices"]["variant"]
     return {
@@ -38,7 +48,7 @@ def load_results(records: list[dict[str, Any]], spec) -> dict[str, Any]:
         "quick": spec.quick,
         "variants": {name: overlay["head"]["koleo_proto_weight"] for name, overlay in variants.items()},
         "seeds": sorted({run["seed"] for run in runs}),
-        "backbone_origin": next((origin for origin in origins if origin), None),
+        "backbone_origins": {name: origin for name, origin in origins.items() if origin},
         "notes": Path(notes).read_text() if notes and Path(notes).exists() else None,
     }
 
@@ -127,9 +137,15 @@ def write_k_report(spec, records: list[dict[str, Any]], left_out: dict[str, str]
         lines += ["", left_out_line(left_out)]
     report_dir.mkdir(parents=True, exist_ok=True)
     markdown, data = report_dir / f"{spec.name}.md", report_dir / f"{spec.name}.json"
+    figures = [plot_k(rows, report_dir / "figures" / f"{spec.name}.png")] if rows else []
+    if figures:
+        lines += [
+            "",
+            f"![unique share, prototypes used and NMI against K (mean ± sd over seeds)](figures/{figures[0].name})",
+        ]
     markdown.write_text("\n".join(lines) + "\n")
     data.write_text(json.dumps({"runs": rows, "left_out": left_out}, indent=1) + "\n")
-    return [markdown, data, *([plot_k(rows, report_dir / "figures" / f"{spec.name}.png")] if rows else [])]
+    return [markdown, data, *figures]
 
 
 def plot_k(rows: list[dict[str, Any]], path: Path) -> Path:
@@ -147,11 +163,10 @@ def plot_k(rows: list[dict[str, Any]], path: Path) -> Path:
     method = {row["variant"]: row["variant"].split("_candidates")[0] for row in rows}
     groups = _by_setting(rows)
     for axis, (label, value) in zip(axes, panels):
+        at = {setting: [value(row) for row in group] for setting, group in groups.items()}
         for name in sorted(set(method.values())):
             points = [
-                (k, [value(row) for row in group])
-                for (k, variant), group in groups.items()
-                if method[variant] == name and None not in [value(row) for row in group]
+                (k, values) for (k, variant), values in at.items() if method[variant] == name and None not in values
             ]
             searches = sorted(variant for variant in method if method[variant] == name and variant != name)
             legend = name + (" (candidate search at large K)" if searches else "")
@@ -205,6 +220,8 @@ def summarise(results: dict[str, Any]) -> list[dict[str, Any]]:
                 "marginal_perplexity": [final["marginal_perplexity"] for final in finals],
                 "dino_loss": [final["dino_loss"] for final in finals],
                 "first_step_below_99": first_below,
+                # the teacher's arg-max on the evaluation images as clusters (records from before it: none)
+                "clusters": [final.get("clusters") for final in finals],
                 "seconds": [run["seconds"] for run in runs],
             }
         )
@@ -246,8 +263,8 @@ def render_markdown(results: dict[str, Any], figure_prefix: str = "figures/froze
             f"{head['student_temperature']:g} / {head['teacher_temperature']:g} | {head['centre_momentum']:g} / "
             f"{head['teacher_momentum']:g} | {head['eval_images']:,} | {backbone['setup_seconds']:.0f} |"
         )
-    if results.get("backbone_origin"):
-        lines += ["", f"The trained backbone came from: {results['backbone_origin']}."]
+    for name, origin in results.get("backbone_origins", {}).items():
+        lines += ["", f"The trained backbone `{name}` came from: {origin}."]
     lines += [
         "",
         "Variants: "
@@ -271,6 +288,17 @@ def render_markdown(results: dict[str, Any], figure_prefix: str = "figures/froze
             f"{mean_std(row['dino_loss'], 3)} | "
             f"{first} | {mean_std(row['seconds'], 0)} |"
         )
+    clustered = [row for row in summary if None not in row["clusters"]]
+    if clustered:
+        lines += [
+            "",
+            "## The teacher's arg-max as clusters of the evaluation images (mean ± std over seeds)",
+            "",
+            *markdown_table(
+                ["backbone", "variant", *[label for _, label, _ in CLUSTER_COLUMNS]],
+                [[row["backbone"], row["variant"], *cluster_cells(row["clusters"])] for row in clustered],
+            ),
+        ]
     lines += ["", "## Unique prototypes (eps 0.025) over training, per seed", ""]
     for (backbone, variant), runs in _grouped(results).items():
         steps = [row["step"] for row in runs[0]["history"]]

@@ -31,6 +31,21 @@ def mean_std(values: Sequence[float], digits: int = 1) -> str:
     return f"{mean:,.{digits}f} ± {sample_sd(values):,.{digits}f}"
 
 
+# The teacher's arg-max as clusters (hf_koleo.evaluation.clusters): (key in its scores, label, digits)
+CLUSTER_COLUMNS = (
+    ("clusters_used", "clusters used", 0),
+    ("nmi", "NMI", 3),
+    ("ari", "ARI", 3),
+    ("purity", "purity", 3),
+    ("clusters_for_coverage_mean", "clusters for 90 % of a class", 1),
+)
+
+
+def cluster_cells(scores: Sequence[dict]) -> list[str]:
+    """One cell per :data:`CLUSTER_COLUMNS`: mean ± sd over the runs' cluster scores."""
+    return [mean_std([score[key] for score in scores], digits) for key, _, digits in CLUSTER_COLUMNS]
+
+
 def left_out_line(left_out: dict[str, str]) -> str:
     """``Left out: name (why); ...`` for the records a report does not use."""
     return "Left out: " + "; ".join(f"{name} ({why})" for name, why in left_out.items()) + "."

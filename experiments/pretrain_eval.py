@@ -204,6 +204,7 @@ def pretrain_and_evaluate(params: dict[str, Any], context: RunContext) -> dict[s
         "prototype_history": prototype_history,
         "losses": losses,
         "final_prototypes": final_prototypes(json.loads((run_dir / "prototype_report.json").read_text())),
+        "collapse_alarms": summary.get("collapse_alarms") or [],  # every chunk's, as the trainer restores them
         "evaluation": evaluation,
     }
     if params.get("keep_backbone"):

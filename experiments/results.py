@@ -4,7 +4,8 @@ The project's answers to the paper live in several specs (the CPU recipe search,
 frozen-head studies, the first GPU window). This module reads their committed records (through each spec's plan, so a
 stale record is left out) and writes one machine-readable file, ``docs/results.json``: a headline row
 per run (dataset, method, K, seed, length, device, seconds, unique prototypes per eps, prototypes
-used, NMI / ARI of the teacher's arg-max, kNN top-1 and balanced, linear, few-shot) and one verdict
+used at the end of training, the teacher's arg-max on the scored split as clusters: clusters used, NMI,
+ARI; kNN top-1 and balanced, linear, few-shot) and one verdict
 per claim, with its evidence and the setting it holds in, and the CPU hours the runs took. The claims
 table and the hours are also written into the generated regions ``claims`` and ``cpu_hours`` of
 ``docs/results.md`` (the reading around them is written by hand).
@@ -42,7 +43,15 @@ def load_sources(root: Path) -> dict[str, tuple[Any, list[dict[str, Any]]]]:
 def _evaluation_row(evaluation: dict[str, Any]) -> dict[str, Any]:
     clusters = evaluation.get("clusters") or {}
     keys = ("knn_top1", "knn_balanced", "linear_top1", "linear_balanced", "shot1", "shot5")
-    return {**{key: evaluation.get(key) for key in keys}, "nmi": clusters.get("nmi"), "ari": clusters.get("ari")}
+    cluster_keys = ("clusters_used", "nmi", "ari")  # clusters: the teacher's arg-max on the scored split
+    return {**{key: evaluation.get(key) for key in keys}, **{key: clusters.get(key) for key in cluster_keys}}
+
+
+def _epochs_reached(result: dict[str, Any]) -> float | None:
+    """Passes over the training set of a run set by ``max_steps`` (its last statistics row's epoch)."""
+    history = result.get("prototype_history") or [{}]
+    epoch = history[-1].get("epoch")
+    return round(epoch, 1) if epoch is not None else None
 
 
 def pretrain_row(source: str, record: dict[str, Any]) -> dict[str, Any]:
@@ -59,12 +68,14 @@ def pretrain_row(source: str, record: dict[str, Any]) -> dict[str, Any]:
         "centring": settings["model"].get("centring", "ema"),
         "num_prototypes": settings["model"]["num_prototypes"],
         "seed": settings.get("seed", 0),
-        "epochs": settings.get("epochs"),
+        "epochs": settings.get("epochs") or _epochs_reached(result),
         "steps": result["pretraining"]["steps"],
         "device": result["device"],
         "cpu_seconds": result["pretraining"]["seconds"],
         "unique": teacher["unique_curve"],
         "used": teacher["utilisation"]["used"],
+        # steps of the run's collapse alarms; None for records made before runs kept them
+        "collapse_alarm_steps": [a["step"] for a in result["collapse_alarms"]] if "collapse_alarms" in result else None,
         "scored_on": scored_on,
         **_evaluation_row(evaluation.get("test", evaluation)),
         "validation_knn_top1": evaluation["knn_top1"] if source == "cpu_recipe" else None,
@@ -294,12 +305,12 @@ def cpu_hours(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     for row in rows:
         if row.get("cpu_seconds") is None:
             continue
-        for key in (row["source"], "total"):
-            entry = summary.setdefault(key, {"runs": 0, "hours": 0.0})
-            entry["runs"] += 1
-            entry["hours"] += row["cpu_seconds"] / 3600
-    if "total" in summary:
-        summary["total"] = summary.pop("total")  # last
+        entry = summary.setdefault(row["source"], {"runs": 0, "hours": 0.0})
+        entry["runs"] += 1
+        entry["hours"] += row["cpu_seconds"] / 3600
+    if summary:
+        entries = list(summary.values())
+        summary["total"] = {"runs": sum(e["runs"] for e in entries), "hours": sum(e["hours"] for e in entries)}
     return summary
 
 

@@ -20,7 +20,18 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .markdown import k_axis, left_out_line, markdown_table, mean_std, pyplot, sample_sd, save_figure, verdict_table
+from .markdown import (
+    CLUSTER_COLUMNS,
+    cluster_cells,
+    k_axis,
+    left_out_line,
+    markdown_table,
+    mean_std,
+    pyplot,
+    sample_sd,
+    save_figure,
+    verdict_table,
+)
 
 HEADLINE_EPS = "0.025"
 TABLE_EPS = ("0.01", "0.025", "0.05", "0.1")  # the eps the study logs every epoch
@@ -64,9 +75,14 @@ def write_report(spec, records: list[dict[str, Any]], left_out: dict[str, str], 
     outputs.update(spec.settings.get("outputs") or {})
     report_dir.mkdir(parents=True, exist_ok=True)
     markdown, headline = report_dir / outputs["markdown"], report_dir / outputs["json"]
-    markdown.write_text(render_markdown(results, spec.settings.get("title", "the study")))
+    figures = plot_results(results, report_dir / "figures", outputs["figures"])
+    text = render_markdown(results, spec.settings.get("title", "the study"))
+    if figures:
+        links = [f"![{path.stem.replace('_', ' ')}](figures/{path.name})" for path in figures]
+        text += "\n### Figures\n\n" + "\n\n".join(links) + "\n"
+    markdown.write_text(text)
     headline.write_text(json.dumps(results_json(results), indent=1) + "\n")
-    return [markdown, headline, *plot_results(results, report_dir / "figures", outputs["figures"])]
+    return [markdown, headline, *figures]
 
 
 def teacher_curve(run: dict[str, Any]) -> dict[str, int]:
@@ -256,6 +272,7 @@ def render_markdown(results: dict[str, Any], title: str = "the study") -> str:
         "",
     ]
     lines += verdict_table(claims(results))
+    lines += ["", "Only this study's runs count in these verdicts; [results.md](results.md) weighs every source's."]
     if results.get("left_out"):
         lines += ["", left_out_line(results["left_out"])]
     if recipe_rows(results):
@@ -284,7 +301,33 @@ def render_markdown(results: dict[str, Any], title: str = "the study") -> str:
         eps_header = [f"unique@{eps}" for eps in TABLE_EPS]
         header = ["K", "method", "seeds", "length", *eps_header, "used (arg-max)", "NN median"]
         lines += markdown_table([*header, *[label for _, label in METRICS]], rows)
+        lines += cluster_table(dataset, [r for r in runs if r["stage"] != "recipe"])
     return "\n".join(lines) + "\n"
+
+
+def cluster_table(dataset: str, runs: list[dict[str, Any]]) -> list[str]:
+    """The teacher's arg-max on the test images as a clustering, per group of ``dataset``'s runs; on an
+    imbalanced training set, whether its rarest classes own clusters (where they are the majority) and
+    what share of their images sit in them, and which classes own none (absorbed). ``[]`` when the
+    runs were evaluated without clusters."""
+    groups = {key: group for key, group in group_runs(runs).items() if key[0] == dataset}
+    if not groups or any("clusters" not in run["evaluation"] for group in groups.values() for run in group):
+        return []
+    counts = next(iter(groups.values()))[0]["evaluation"].get("rarest_classes", {})
+    rare = list(counts) if len(set(counts.values())) > 1 else []  # balanced: no rare class
+    rows = []
+    for (_, k, method, length), group in groups.items():
+        clusters = [run["evaluation"]["clusters"] for run in group]
+        cells = cluster_cells(clusters)
+        for label in rare:
+            own = mean_std([c["own_clusters"][label] for c in clusters], 0)
+            cells.append(f"{own} ({mean_std([100 * c['in_own_clusters'][label] for c in clusters], 0)} %)")
+        absorbed = [", ".join(label for label, n in c["own_clusters"].items() if n == 0) or "none" for c in clusters]
+        rows.append([f"{k:,}", method, str(len(group)), length, *cells, " / ".join(dict.fromkeys(absorbed))])
+    header = ["K", "method", "seeds", "length", *[label for _, label, _ in CLUSTER_COLUMNS]]
+    header += [f"class {label} ({counts[label]:,} training images): own clusters (its share in them)" for label in rare]
+    title = f"### {dataset}: the teacher's arg-max on the test images as clusters"
+    return ["", title, "", *markdown_table([*header, "classes owning no cluster (per seed)"], rows)]
 
 
 def results_json(results: dict[str, Any]) -> dict[str, Any]:

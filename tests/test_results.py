@@ -21,9 +21,13 @@ def test_results_gather_every_committed_record_and_write_the_claims_region(tmp_p
     spec = load_spec(ROOT / "configs" / "experiments" / "frozen_head.yaml")
     records, _ = Store(ROOT / spec.settings["records"]).records(spec.runs)
     rows = {row["name"]: row for row in results["runs"] if row["source"] == "frozen_head"}
-    assert len(rows) == len(records) == 10
+    assert len(rows) == len(records) >= 10
     for record in records:
         assert rows[record["name"]]["unique"] == record["result"]["history"][-1]["unique"]
+    study = {row["name"]: row for row in results["runs"] if row["source"] == "cpu_study"}
+    long = study["fashion_mnist-K16384-baseline-seed1-long"]  # set by max_steps: its epochs are the passes made
+    assert long["epochs"] == 34.0 and long["steps"] == 31875
+    assert long["clusters_used"] == 433 and long["used"] == 239  # test-split clusters beside end-of-training use
     claims = {claim["claim"]: claim for claim in results["claims"]}
     assert all(claim["verdict"] and claim["evidence"] for claim in claims.values())
     text = (docs / "results.md").read_text()

@@ -21,7 +21,8 @@ SPEC = Path(__file__).resolve().parents[1] / "configs" / "experiments" / "cpu_st
 
 def test_every_run_takes_the_cpu_recipe_and_its_own_data_k_method_and_seed(tmp_path):
     spec = load_spec(SPEC)
-    assert [run.stage for run in spec.runs] == ["pixels"] * 2 + ["main"] * 8 + ["seeds"] * 2 + ["long"] * 4
+    stages = ["pixels"] * 2 + ["main"] * 8 + ["seeds"] * 2 + ["long"] * 4 + ["long_lt"] * 2
+    assert [run.stage for run in spec.runs] == stages
     assert spec.settings["targets"]["knn"] == 84.6  # the issue's bar, not the GPU study's
     for run in spec.runs:
         if run.kind != "pretrain_eval":
@@ -31,7 +32,7 @@ def test_every_run_takes_the_cpu_recipe_and_its_own_data_k_method_and_seed(tmp_p
         # the recipe (configs/fashion_mnist_cpu.yaml), the same number of images for every run
         assert arguments.per_device_batch_size == 64 and arguments.local_crops_number == 0
         assert arguments.teacher_momentum == 0.99  # 10 epochs of images; the long stage the recipe's 34
-        assert arguments.max_steps == (31875 if run.stage == "long" else 9375)
+        assert arguments.max_steps == (31875 if run.stage.startswith("long") else 9375)
         assert model.num_prototypes == run.axes["num_prototypes"] and model.koleo_proto_search == "candidates"
         assert model.koleo_proto_weight == (0.1 if run.axes["method"] == "koleo_proto" else 0.0)
     seeds = [run.name for run in spec.runs if run.stage == "seeds"]
@@ -71,6 +72,7 @@ def test_the_quick_study_tables_hold_the_numbers_its_runs_wrote(tmp_path, monkey
                 (tmp_path / "work" / f"{dataset}-K64-{method}-seed0" / "prototype_report.json").read_text()
             )
             assert report["teacher/cls"]["unique_curve"] == teacher["unique_curve"]
+            assert isinstance(result["collapse_alarms"], list)  # the trainer's alarms (in the run summary)
             row = rows[method]
             assert row.startswith(f"| 64 | {method} | 1 | 4 steps | {teacher['unique_curve']['0.01']:,} |")
             assert f"| {teacher['utilisation']['used']:,} | {teacher['nn_distance_quantiles']['q0.5']:.3f} |" in row
@@ -78,5 +80,10 @@ def test_the_quick_study_tables_hold_the_numbers_its_runs_wrote(tmp_path, monkey
         pixels = store.read(f"pixels-{dataset}")["result"]["evaluation"]
         assert f"| {pixels['knn_top1']:.1f} | {pixels['knn_balanced']:.1f} |" in rows["raw pixels"]
     assert "features beat raw pixels" in "\n".join(markdown)  # one verdict per claim, measured or not
+    start = markdown.index("### fashion_mnist_lt: the teacher's arg-max on the test images as clusters") + 2
+    table = markdown[start : start + 4]  # header, rule, the two methods: as many cells as the header
+    assert len({line.count(" | ") for line in table}) == 1 and table[2].startswith("| 64 | baseline | 1 |")
+    clusters = store.read("fashion_mnist_lt-K64-baseline-seed0")["result"]["evaluation"]["clusters"]
+    assert f"| {clusters['clusters_used']:,} | {clusters['nmi']:.3f} |" in table[2]
     assert [path.name for path in written[:2]] == ["results_cpu.md", "results_cpu.json"]
     assert len([path for path in written if path.suffix == ".png"]) == 3
