@@ -82,6 +82,15 @@ def pretrain_row(source: str, record: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _input_name(record: dict[str, Any]) -> str:
+    """What a frozen head trained on, in a few words: its description up to the preprocessing
+    ("raw pixels of fashion_mnist:train: ..."), else the backbone's name and data."""
+    description = record["result"]["backbone"]["description"]
+    if ": " in description:
+        return description.split(": ", 1)[0]
+    return f"{record['axes']['backbone']} features of {record['params']['backbone']['data']}"
+
+
 def frozen_head_row(source: str, record: dict[str, Any]) -> dict[str, Any]:
     """The headline figures of a ``frozen_head`` record (the end of its history)."""
     result, final = record["result"], record["result"]["history"][-1]
@@ -89,7 +98,7 @@ def frozen_head_row(source: str, record: dict[str, Any]) -> dict[str, Any]:
     return {
         "source": source,
         "name": record["name"],
-        "dataset": f"{result['backbone']['description'].split(': ', 1)[0]} (frozen head)",  # not its preprocessing
+        "dataset": f"{_input_name(record)} (frozen head)",
         "method": record["axes"]["variant"],
         "centring": "ema",
         "num_prototypes": result["config"]["num_prototypes"],
