@@ -87,3 +87,15 @@ def test_two_training_steps_on_the_meta_device_never_touch_the_host(tmp_path, fu
         assert recorder.syncs == [], (step, recorder.syncs)
         assert batch["global_crops"].device == META and batch["labels"].device == META
     assert output.loss.device == META and guard.count.device == META
+
+
+def test_crop_sizes_must_fit_the_patch_only_for_the_crops_a_run_makes(tmp_path):
+    data = write_parquet(tmp_path / "data.parquet", 8)
+    run = [*TINY_RUN, "--data", str(data), "--output_dir", str(tmp_path / "run"), "--in_memory", "yes"]
+    patch_3 = ["--model.backbone_config.patch_size", "3", "--global_crops_size", "9"]  # local crops of 4: no fit
+    arguments, model_config = parse_pretraining_args([*run, *patch_3, "--local_crops_number", "2"])
+    with pytest.raises(ValueError, match="local_crops_size=4 must be a multiple of the patch size 3"):
+        ResidentPipeline(arguments, model_config, MetaAccelerator())
+    arguments, model_config = parse_pretraining_args([*run, *patch_3, "--local_crops_number", "0"])
+    batch = ResidentPipeline(arguments, model_config, MetaAccelerator()).next_batch(TrainerState())
+    assert "local_crops" not in batch and batch["global_crops"].shape[-2:] == (9, 9)

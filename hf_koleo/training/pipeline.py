@@ -63,7 +63,8 @@ class Pipeline:
         self, arguments: PretrainingArguments, model_config: KoLeoDinoConfig, accelerator: Accelerator
     ) -> None:
         patch = _patch_size(model_config)
-        for name in ("global_crops_size", "local_crops_size"):
+        sizes = ("global_crops_size", "local_crops_size") if arguments.local_crops_number else ("global_crops_size",)
+        for name in sizes:  # without local crops their size is never used
             if getattr(arguments, name) % patch:
                 raise ValueError(f"{name}={getattr(arguments, name)} must be a multiple of the patch size {patch}")
         self.arguments = arguments
