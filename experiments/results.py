@@ -160,7 +160,9 @@ def headline_runs(sources) -> list[dict[str, Any]]:
 
 
 def recipe_claim(sources) -> dict[str, str]:
-    """The CPU recipe's test kNN@20 within 60 minutes of 2 cores, against raw pixels."""
+    """The CPU recipe's test kNN@20 within 60 minutes of 2 cores, against raw pixels. The recipe is the
+    run released with its model card (``keep_backbone``): other 34-epoch runs (KoLeo-proto, candidates
+    tried at that length since) are not picked by their test score."""
     claim = {"claim": "features beat raw pixels (the CPU recipe, <= 60 min of 2 CPU cores)"}
     _, records = sources.get("cpu_recipe", (None, []))
     winners = [
@@ -168,26 +170,24 @@ def recipe_claim(sources) -> dict[str, str]:
         for r in records
         if r.get("status") == "done"
         and r["stage"] == "recipe"
+        and r["params"].get("keep_backbone")
         and not r["result"]["settings"]["model"].get("koleo_proto_weight")  # the recipe itself, no KoLeo-proto
     ]
     pixels = [r for r in records if r.get("status") == "done" and r["kind"] == "evaluate_pixels"]
     if not winners or not pixels:
         return {**claim, "verdict": "not measured", "evidence": "no recipe run or no pixel baseline yet"}
 
-    def score(record: dict[str, Any]) -> tuple[bool, float]:  # within the time target first, then the best kNN
-        result = record["result"]
-        in_time = result["pretraining"]["seconds"] / 60 <= RECIPE_TARGET["minutes"]
-        return in_time, result["evaluation"]["test"]["knn_top1"]
-
-    best = max(winners, key=score)
-    run, pixel_knn = best["result"], pixels[0]["result"]["evaluation"]["knn_top1"]
-    knn, minutes = run["evaluation"]["test"]["knn_top1"], run["pretraining"]["seconds"] / 60
+    # every seed of the released recipe counts: the mean kNN, the longest time
+    knn = sum(r["result"]["evaluation"]["test"]["knn_top1"] for r in winners) / len(winners)
+    minutes = max(r["result"]["pretraining"]["seconds"] for r in winners) / 60
+    pixel_knn = pixels[0]["result"]["evaluation"]["knn_top1"]
     met = knn >= RECIPE_TARGET["knn"] and minutes <= RECIPE_TARGET["minutes"]
+    runs = ", ".join(r["name"] for r in winners)
     return {
         **claim,
         "verdict": "confirmed" if met and knn > pixel_knn else "not confirmed",
         "evidence": f"kNN@20 {knn:.1f} on fashion_mnist:test after {minutes:.0f} min of pretraining "
-        f"({best['name']}) against raw pixels {pixel_knn:.1f}; target >= {RECIPE_TARGET['knn']:g} "
+        f"({runs}) against raw pixels {pixel_knn:.1f}; target >= {RECIPE_TARGET['knn']:g} "
         f"within {RECIPE_TARGET['minutes']:.0f} min",
     }
 

@@ -73,6 +73,26 @@ def test_the_recipe_claim_is_not_measured_without_its_run_and_the_pixels():
     assert recipe_claim({})["verdict"] == "not measured"
 
 
+def test_the_recipe_claim_scores_the_released_recipe_not_the_best_test_score():
+    def run(name, knn, minutes, released):
+        result = {
+            "settings": {"model": {}},
+            "pretraining": {"seconds": 60 * minutes},
+            "evaluation": {"knn_top1": 0.0, "test": {"knn_top1": knn}},
+        }
+        params = {"keep_backbone": True} if released else {}
+        return {"name": name, "status": "done", "stage": "recipe", "kind": "pretrain_eval", "params": params,
+                "result": result}  # fmt: skip
+
+    pixels = {"status": "done", "stage": "pixels", "kind": "evaluate_pixels", "params": {},
+              "result": {"evaluation": {"knn_top1": 84.6}}}  # fmt: skip
+    sources = {"cpu_recipe": (None, [run("released", 84.9, 45, True), run("tried_since", 86.0, 30, False), pixels])}
+    claim = recipe_claim(sources)
+    assert claim["verdict"] == "confirmed" and "84.9" in claim["evidence"] and "(released)" in claim["evidence"]
+    sources["cpu_recipe"][1][0]["result"]["pretraining"]["seconds"] = 61 * 60  # over the hour
+    assert recipe_claim(sources)["verdict"] == "not confirmed"
+
+
 def test_the_recipe_twin_decides_prevention_only_where_its_baseline_merged():
     def row(method, unique, epochs=34, k=4096):
         return {"source": "cpu_recipe", "method": method, "epochs": epochs, "num_prototypes": k,
