@@ -54,6 +54,15 @@ def _epochs_reached(result: dict[str, Any]) -> float | None:
     return round(epoch, 1) if epoch is not None else None
 
 
+def _model_name(model: dict[str, Any]) -> str:
+    """The pretrained model apart from KoLeo-proto (``patch 7, hidden 128 x 4``, ``+ iBOT``): runs are
+    compared with their twin of the same model only."""
+    backbone = model.get("backbone_config") or {}
+    size = f"hidden {backbone.get('hidden_size')} x {backbone.get('num_hidden_layers')}"
+    name = f"patch {backbone.get('patch_size')}, {size}"
+    return name + (" + iBOT" if model.get("ibot_loss_weight") else "")
+
+
 def pretrain_row(source: str, record: dict[str, Any]) -> dict[str, Any]:
     """The headline figures of a ``pretrain_eval`` record (its test-split evaluation when it has one)."""
     result, settings = record["result"], record["result"]["settings"]
@@ -67,6 +76,7 @@ def pretrain_row(source: str, record: dict[str, Any]) -> dict[str, Any]:
         "method": "koleo_proto" if settings["model"].get("koleo_proto_weight", 0) > 0 else "baseline",
         "centring": settings["model"].get("centring", "ema"),
         "num_prototypes": settings["model"]["num_prototypes"],
+        "model": _model_name(settings["model"]),
         "seed": settings.get("seed", 0),
         "epochs": settings.get("epochs") or _epochs_reached(result),
         "steps": result["pretraining"]["steps"],
@@ -207,9 +217,10 @@ def clusters_claim(rows: list[dict[str, Any]]) -> dict[str, str]:
             continue
         method = "koleo_proto" if row["method"].startswith("koleo_proto") else row["method"]
         # like with like: the same source, data, K, length (a 4-epoch search run is no baseline of a 34-epoch run)
-        # and centring (a Sinkhorn-Knopp run is no baseline of an EMA-centred KoLeo-proto run)
+        # and centring (a Sinkhorn-Knopp run is no baseline of an EMA-centred KoLeo-proto run), the same model
         length = (row.get("epochs"), row.get("steps"))
-        key = (row["source"], row["dataset"], row["num_prototypes"], *length, row.get("centring", "ema"))
+        centring = row.get("centring", "ema")
+        key = (row["source"], row["dataset"], row["num_prototypes"], *length, centring, row.get("model"))
         pairs.setdefault(key, {}).setdefault(method, []).append(row["nmi"])
     gaps = [
         (
@@ -217,7 +228,7 @@ def clusters_claim(rows: list[dict[str, Any]]) -> dict[str, str]:
             f"{dataset} {_length(k, epochs, steps)}",
             sum(m["koleo_proto"]) / len(m["koleo_proto"]) - sum(m["baseline"]) / len(m["baseline"]),
         )
-        for (source, dataset, k, epochs, steps, _), m in sorted(pairs.items(), key=lambda item: item[0][:3])
+        for (source, dataset, k, epochs, steps, *_), m in sorted(pairs.items(), key=lambda item: item[0][:3])
         if "koleo_proto" in m and "baseline" in m
     ]
     if not gaps:
@@ -245,7 +256,8 @@ def _share(row: dict[str, Any]) -> float:
 
 def _recipe_evidence(row: dict[str, Any], label: str) -> str:
     return (
-        f"the CPU recipe{label} ({row['epochs']} epochs, K = {row['num_prototypes']:,}): {row['unique']['0.025']:,} "
+        f"the CPU recipe{label} ({row['epochs']} epochs, K = {row['num_prototypes']:,}, {row.get('model')}): "
+        f"{row['unique']['0.025']:,} "
         f"unique at eps 0.025 ({_share(row):.1%})"
     )
 
@@ -277,7 +289,8 @@ def recipe_prevention(rows: list[dict[str, Any]], verdict: dict[str, str], targe
         for base in _recipe_long_runs(rows, "baseline")
         if _share(base) <= 0.9
         for twin in _recipe_long_runs(rows, "koleo_proto")
-        if (twin["num_prototypes"], twin["epochs"]) == (base["num_prototypes"], base["epochs"])
+        if (twin["num_prototypes"], twin["epochs"], twin.get("model"))
+        == (base["num_prototypes"], base["epochs"], base.get("model"))
     ]
     if not pairs:
         return verdict
