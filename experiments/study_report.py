@@ -281,12 +281,12 @@ def render_markdown(results: dict[str, Any], title: str = "the study") -> str:
             ["candidate", "length", "val kNN@20", "val linear", f"unique@{HEADLINE_EPS}", "pretraining s"],
             recipe_rows(results),
         )
-    for dataset in sorted({run["dataset"] for run in runs if run["stage"] != "recipe"}):
+    groups = group_runs([run for run in runs if run["stage"] != "recipe"])
+    for dataset in sorted({key[0] for key in groups}):
         lines += ["", f"### {dataset}", ""]
         rows = []
-        for (name, k, method, length), group in group_runs([r for r in runs if r["stage"] != "recipe"]).items():
-            if name != dataset:
-                continue
+        of_dataset = {key: group for key, group in groups.items() if key[0] == dataset}
+        for (_, k, method, length), group in of_dataset.items():
             curve_cells = [mean_std([teacher_curve(run)[eps] for run in group], 0) for eps in TABLE_EPS]
             prototype_cells = [mean_std([_teacher(run, "used") for run in group], 0)]
             prototype_cells.append(mean_std([_teacher(run, "nn") for run in group], 3))
@@ -301,16 +301,15 @@ def render_markdown(results: dict[str, Any], title: str = "the study") -> str:
         eps_header = [f"unique@{eps}" for eps in TABLE_EPS]
         header = ["K", "method", "seeds", "length", *eps_header, "used (arg-max)", "NN median"]
         lines += markdown_table([*header, *[label for _, label in METRICS]], rows)
-        lines += cluster_table(dataset, [r for r in runs if r["stage"] != "recipe"])
+        lines += cluster_table(dataset, of_dataset)
     return "\n".join(lines) + "\n"
 
 
-def cluster_table(dataset: str, runs: list[dict[str, Any]]) -> list[str]:
-    """The teacher's arg-max on the test images as a clustering, per group of ``dataset``'s runs; on an
-    imbalanced training set, whether its rarest classes own clusters (where they are the majority) and
-    what share of their images sit in them, and which classes own none (absorbed). ``[]`` when the
-    runs were evaluated without clusters."""
-    groups = {key: group for key, group in group_runs(runs).items() if key[0] == dataset}
+def cluster_table(dataset: str, groups: dict[tuple[str, int, str, str], list[dict[str, Any]]]) -> list[str]:
+    """The teacher's arg-max on the test images as a clustering, per group of ``dataset``'s runs
+    (:func:`group_runs`); on an imbalanced training set, whether its rarest classes own clusters (where
+    they are the majority) and what share of their images sit in them, and which classes own none
+    (absorbed). ``[]`` when the runs were evaluated without clusters."""
     if not groups or any("clusters" not in run["evaluation"] for group in groups.values() for run in group):
         return []
     counts = next(iter(groups.values()))[0]["evaluation"].get("rarest_classes", {})
