@@ -74,23 +74,31 @@ def test_the_recipe_claim_is_not_measured_without_its_run_and_the_pixels():
 
 
 def test_the_recipe_claim_scores_the_released_recipe_not_the_best_test_score():
-    def run(name, knn, minutes, released):
+    def run(name, knn, minutes, stage="recipe", released=False, seed=0, patch=14):
         result = {
-            "settings": {"model": {}},
+            "settings": {"model": {"patch_size": patch}, "seed": seed, "output_dir": name},
             "pretraining": {"seconds": 60 * minutes},
             "evaluation": {"knn_top1": 0.0, "test": {"knn_top1": knn}},
         }
         params = {"keep_backbone": True} if released else {}
-        return {"name": name, "status": "done", "stage": "recipe", "kind": "pretrain_eval", "params": params,
+        return {"name": name, "status": "done", "stage": stage, "kind": "pretrain_eval", "params": params,
                 "result": result}  # fmt: skip
 
     pixels = {"status": "done", "stage": "pixels", "kind": "evaluate_pixels", "params": {},
               "result": {"evaluation": {"knn_top1": 84.6}}}  # fmt: skip
-    sources = {"cpu_recipe": (None, [run("released", 84.9, 45, True), run("tried_since", 86.0, 30, False), pixels])}
+    runs = [
+        run("released", 85.9, 25, stage="release", released=True, seed=1),
+        run("same_recipe_seed0", 86.3, 24),  # the same settings, another seed: counts
+        run("tried_since", 87.0, 30, patch=4),  # a better test score, other settings: does not
+        run("released_before", 84.9, 45, released=True, patch=7),  # an earlier release: does not
+    ]
+    sources = {"cpu_recipe": (None, [*runs, pixels])}
     claim = recipe_claim(sources)
-    assert claim["verdict"] == "confirmed" and "84.9" in claim["evidence"] and "(released)" in claim["evidence"]
-    sources["cpu_recipe"][1][0]["result"]["pretraining"]["seconds"] = 61 * 60  # over the hour
+    assert claim["verdict"] == "confirmed" and "86.1 (mean of 2 seeds)" in claim["evidence"]
+    assert "(released, same_recipe_seed0)" in claim["evidence"] and "after 25 min" in claim["evidence"]
+    runs[1]["result"]["pretraining"]["seconds"] = 61 * 60  # one seed over the hour
     assert recipe_claim(sources)["verdict"] == "not confirmed"
+    assert recipe_claim({"cpu_recipe": (None, [*runs[1:], pixels])})["verdict"] == "not measured"
 
 
 def test_the_recipe_twin_decides_prevention_only_where_its_baseline_merged():
