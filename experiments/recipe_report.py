@@ -40,6 +40,7 @@ def recipe_runs(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     else ""
                 ),
                 "seed": record["axes"].get("seed"),
+                "machine": _short_machine(record.get("environment", {}).get("machine", "")),
                 "epochs": settings.get("epochs"),
                 "batch": settings["per_device_batch_size"],
                 "minutes": end["minutes"],
@@ -57,16 +58,24 @@ def recipe_runs(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda row: -row["knn_top1"])
 
 
+def _short_machine(description: str) -> str:
+    """``AMD EPYC`` from ``x86_64 AMD EPYC (AVX2 kernels), 2 cores, ...``: minutes compare only on one."""
+    name = description.split(",")[0].removeprefix("x86_64 ").split(" (")[0]
+    return name.replace("(R)", "").replace(" Processor", "") or "?"
+
+
 def render_markdown(runs: list[dict[str, Any]], title: str, left_out: dict[str, str]) -> str:
     if not runs:
         return f"No run of {title} has finished yet.\n"
-    header = ["candidate", "epochs", "batch", "minutes", "img/s", "val kNN@20", "val balanced", "unique@0.025"]
-    header += ["used", "perplexity"]
+    header = ["candidate", "seed", "epochs", "batch", "machine", "minutes", "img/s", "val kNN@20", "val balanced"]
+    header += ["unique@0.025", "used", "perplexity"]
     table = [
         [
             run["candidate"],
+            str(run["seed"]),
             f"{run['epochs']:g}",
             str(run["batch"]),
+            run["machine"],
             f"{run['minutes']:.1f}",
             f"{run['images_per_second']:.0f}",
             f"{run['knn_top1']:.1f}",
@@ -78,7 +87,7 @@ def render_markdown(runs: list[dict[str, Any]], title: str, left_out: dict[str, 
         for run in runs
     ]
     devices = ", ".join(sorted({run["device"] for run in runs}))
-    lines = [f"{len(runs)} runs on {devices}, best first; minutes of pretraining (evaluation not included).", ""]
+    lines = [f"{len(runs)} runs on {devices}, best first; minutes of pretraining (evaluation not included), comparable on one machine only.", ""]
     lines += markdown_table(header, table)
     if left_out:
         lines += ["", left_out_line(left_out)]

@@ -287,14 +287,15 @@ def recipe_collapse(rows: list[dict[str, Any]], verdict: dict[str, str]) -> dict
 def recipe_prevention(rows: list[dict[str, Any]], verdict: dict[str, str], target: float = 0.99) -> dict[str, str]:
     """The prevention claim, with the CPU recipe's KoLeo-proto twin of a baseline that merged (same K
     and epochs) as evidence beside the study's."""
-    pairs = [
-        (base, twin)
-        for base in _recipe_long_runs(rows, "baseline")
-        if _share(base) <= 0.9
-        for twin in _recipe_long_runs(rows, "koleo_proto")
-        if (twin["num_prototypes"], twin["epochs"], twin.get("model"))
-        == (base["num_prototypes"], base["epochs"], base.get("model"))
-    ]
+    def setting(row):
+        return row["num_prototypes"], row["epochs"], row.get("model")
+
+    merged = [base for base in _recipe_long_runs(rows, "baseline") if _share(base) <= 0.9]
+    pairs = []
+    for twin in _recipe_long_runs(rows, "koleo_proto"):
+        bases = [base for base in merged if setting(base) == setting(twin)]
+        same_seed = [base for base in bases if base.get("seed") == twin.get("seed")]
+        pairs += [(base, twin) for base in (same_seed or bases)[:1]]  # its own seed's baseline where there is one
     if not pairs:
         return verdict
     evidence = "; ".join(

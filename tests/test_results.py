@@ -102,9 +102,9 @@ def test_the_recipe_claim_scores_the_released_recipe_not_the_best_test_score():
 
 
 def test_the_recipe_twin_decides_prevention_only_where_its_baseline_merged():
-    def row(method, unique, epochs=34, k=4096):
+    def row(method, unique, epochs=34, k=4096, seed=0):
         return {"source": "cpu_recipe", "method": method, "epochs": epochs, "num_prototypes": k,
-                "unique": {"0.025": unique}}  # fmt: skip
+                "unique": {"0.025": unique}, "seed": seed}  # fmt: skip
 
     unmeasured = {"claim": "KoLeo-proto prevents it", "verdict": "not measured", "evidence": "no run"}
     assert recipe_prevention([row("baseline", 4000), row("koleo_proto", 4096)], unmeasured) == unmeasured  # no merge
@@ -114,5 +114,9 @@ def test_the_recipe_twin_decides_prevention_only_where_its_baseline_merged():
     assert "its baseline kept 5.7%" in held["evidence"]
     failed = recipe_prevention([row("baseline", 233), row("koleo_proto", 3900)], unmeasured)
     assert failed["verdict"] == "not confirmed"
+    # a twin is set beside its own seed's baseline where there is one, once
+    seeds = [row("baseline", 503), row("baseline", 547, seed=1), row("koleo_proto", 4096, seed=1)]
+    paired = recipe_prevention(seeds, unmeasured)["evidence"]
+    assert paired.count("where its baseline kept") == 1 and "kept 13.4%" in paired
     study = {**unmeasured, "verdict": "confirmed", "evidence": "fashion_mnist K = 16,384: 100 %"}
     assert recipe_prevention([row("baseline", 233), row("koleo_proto", 3900)], study)["verdict"] == "not confirmed"
