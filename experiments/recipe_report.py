@@ -87,7 +87,8 @@ def render_markdown(runs: list[dict[str, Any]], title: str, left_out: dict[str, 
         for run in runs
     ]
     devices = ", ".join(sorted({run["device"] for run in runs}))
-    lines = [f"{len(runs)} runs on {devices}, best first; minutes of pretraining (evaluation not included), comparable on one machine only.", ""]
+    minutes = "minutes of pretraining (evaluation not included), comparable on one machine only"
+    lines = [f"{len(runs)} runs on {devices}, best first; {minutes}.", ""]
     lines += markdown_table(header, table)
     if left_out:
         lines += ["", left_out_line(left_out)]
