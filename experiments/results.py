@@ -287,6 +287,7 @@ def recipe_collapse(rows: list[dict[str, Any]], verdict: dict[str, str]) -> dict
 def recipe_prevention(rows: list[dict[str, Any]], verdict: dict[str, str], target: float = 0.99) -> dict[str, str]:
     """The prevention claim, with the CPU recipe's KoLeo-proto twin of a baseline that merged (same K
     and epochs) as evidence beside the study's."""
+
     def setting(row):
         return row["num_prototypes"], row["epochs"], row.get("model")
 
