@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .markdown import left_out_line, markdown_table, pyplot, save_figure
+from .store import cpu_model
 
 
 def recipe_runs(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -40,7 +41,7 @@ def recipe_runs(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     else ""
                 ),
                 "seed": record["axes"].get("seed"),
-                "machine": _short_machine(record.get("environment", {}).get("machine", "")),
+                "machine": cpu_model(record.get("environment", {}).get("machine", "")),  # minutes compare on one
                 "epochs": settings.get("epochs"),
                 "batch": settings["per_device_batch_size"],
                 "minutes": end["minutes"],
@@ -56,12 +57,6 @@ def recipe_runs(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             }
         )
     return sorted(rows, key=lambda row: -row["knn_top1"])
-
-
-def _short_machine(description: str) -> str:
-    """``AMD EPYC`` from ``x86_64 AMD EPYC (AVX2 kernels), 2 cores, ...``: minutes compare only on one."""
-    name = description.split(",")[0].removeprefix("x86_64 ").split(" (")[0]
-    return name.replace("(R)", "").replace(" Processor", "") or "?"
 
 
 def render_markdown(runs: list[dict[str, Any]], title: str, left_out: dict[str, str]) -> str:

@@ -180,7 +180,7 @@ def recipe_claim(sources) -> dict[str, str]:
     released = [r for r in done if r["stage"] == "release" and r["params"].get("keep_backbone")]
     recipes = [_trained(r) for r in released]
     winners = [r for r in done if r["kind"] == "pretrain_eval" and _trained(r) in recipes]
-    pixels = [r for r in records if r.get("status") == "done" and r["kind"] == "evaluate_pixels"]
+    pixels = [r for r in done if r["kind"] == "evaluate_pixels"]
     if not winners or not pixels:
         return {**claim, "verdict": "not measured", "evidence": "no recipe run or no pixel baseline yet"}
 

@@ -55,6 +55,13 @@ def machine_description() -> str:
     )
 
 
+def cpu_model(description: str) -> str:
+    """The CPU's short name in a :func:`machine_description` (``AMD EPYC`` from ``x86_64 AMD EPYC (AVX2
+    kernels), 2 cores, ...``; ``?`` when there is none): a table's "which machine" column."""
+    name = description.split(",")[0].split(" ", 1)[-1].split(" (")[0]
+    return name.replace("(R)", "").replace(" Processor", "") or "?"
+
+
 def device_name() -> str:
     """The accelerator this process runs on: the GPU's name, or ``CPU``."""
     return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"

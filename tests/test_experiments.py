@@ -13,7 +13,7 @@ import experiments.runner as runner
 from experiments.registry import REPORTS, RUN_KINDS, report, run_kind
 from experiments.runner import Unfinished, run_pending
 from experiments.spec import digest, load_spec
-from experiments.store import Store
+from experiments.store import Store, cpu_model, machine_description
 
 ROOT = Path(__file__).resolve().parents[1]
 SPECS = ROOT / "configs" / "experiments"
@@ -244,3 +244,10 @@ def test_the_k_sweep_scores_the_teachers_clusters_and_reports_them_against_k(tmp
         assert row["used"] == final["used"] == final["clusters"]["clusters_used"]  # one arg-max, the same images
         assert f"| {row['num_prototypes']:,} | {row['variant']} |" in markdown.read_text()
     assert figure.stat().st_size > 10_000
+
+
+def test_cpu_model_reads_the_cpu_back_from_a_machine_description():
+    assert cpu_model("x86_64 AMD EPYC (AVX2 kernels), 2 cores, 24 GiB; torch 2.13.0+cpu (1 threads)") == "AMD EPYC"
+    assert cpu_model("x86_64 Intel(R) Xeon(R) Processor (AVX512 kernels), 2 cores") == "Intel Xeon"
+    assert cpu_model("aarch64 CPU, 2 cores") == "CPU" and cpu_model("") == "?"
+    assert cpu_model(machine_description()) not in ("", "?")  # this machine's own line
