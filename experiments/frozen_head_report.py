@@ -13,9 +13,13 @@ from hf_koleo.prototypes import TRACKED_EPS
 from .markdown import (
     CLUSTER_COLUMNS,
     cluster_cells,
+    distinct,
+    failed_left_out,
+    group_by,
     k_axis,
-    left_out_line,
+    left_out_lines,
     markdown_table,
+    mean,
     mean_std,
     pyplot,
     sample_sd,
@@ -43,8 +47,8 @@ def load_results(records: list[dict[str, Any]], spec) -> dict[str, Any]:
         "backbones": backbones,
         "runs": runs,
         "seconds": sum(record["seconds"] for record in records),
-        "command": "; ".join(dict.fromkeys(environment.get("command", "?") for environment in environments)),
-        "machine": "; ".join(dict.fromkeys(environment["machine"] for environment in environments)),
+        "command": distinct(environment.get("command", "?") for environment in environments),
+        "machine": distinct(environment["machine"] for environment in environments),
         "quick": spec.quick,
         "variants": {name: overlay["head"]["koleo_proto_weight"] for name, overlay in variants.items()},
         "seeds": sorted({run["seed"] for run in runs}),
@@ -56,14 +60,10 @@ def load_results(records: list[dict[str, Any]], spec) -> dict[str, Any]:
 def write_report(spec, records: list[dict[str, Any]], left_out: dict[str, str], report_dir: Path) -> list[Path]:
     """``frozen_head.md`` and ``figures/frozen_head_*.png`` in ``report_dir``."""
     results = load_results(records, spec)
-    failed = {record["name"]: f"failed: {record['error']}" for record in records if record.get("status") == "failed"}
-    left_out = {**left_out, **failed}
     report_dir.mkdir(parents=True, exist_ok=True)
     markdown = report_dir / "frozen_head.md"
-    text = render_markdown(results)
-    if left_out:
-        text += "\n" + left_out_line(left_out) + "\n"
-    markdown.write_text(text)
+    left_out_text = "".join(f"{line}\n" for line in left_out_lines(failed_left_out(records, left_out)))
+    markdown.write_text(render_markdown(results) + left_out_text)
     return [markdown, *plot_study(results, report_dir / "figures" / "frozen_head")]
 
 
@@ -85,7 +85,7 @@ def k_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "used": final["used"],
                 "assignment_perplexity": final["assignment_perplexity"],
                 "nn_distance_median": final["nn_distance"]["q0.5"],
-                **{key: clusters.get(key) for key in ("nmi", "ari", "purity", "clusters_for_coverage_mean")},
+                **{key: clusters.get(key) for key, _, _ in CLUSTER_COLUMNS[1:]},
                 "train_seconds": result["train_seconds"],
             }
         )
@@ -94,10 +94,7 @@ def k_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def _by_setting(rows: list[dict[str, Any]]) -> dict[tuple[int, str], list[dict[str, Any]]]:
     """A K sweep's rows by (K, variant), seeds in order."""
-    groups: dict[tuple[int, str], list[dict[str, Any]]] = {}
-    for row in rows:
-        groups.setdefault((row["num_prototypes"], row["variant"]), []).append(row)
-    return groups
+    return group_by(rows, lambda row: (row["num_prototypes"], row["variant"]))
 
 
 def write_k_report(spec, records: list[dict[str, Any]], left_out: dict[str, str], report_dir: Path) -> list[Path]:
@@ -106,8 +103,7 @@ def write_k_report(spec, records: list[dict[str, Any]], left_out: dict[str, str]
     import json
 
     rows = k_rows(records)
-    failed = {record["name"]: f"failed: {record['error']}" for record in records if record.get("status") == "failed"}
-    left_out = {**left_out, **failed}
+    left_out = failed_left_out(records, left_out)
     environments = [record["environment"] for record in records if record.get("status") == "done"]
     header = ["K", "variant", "seeds", "unique@0.025", "unique@0.1", "used", "NMI", "ARI", "purity"]
     header += ["clusters/class (90 %)", "train s"]
@@ -124,17 +120,14 @@ def write_k_report(spec, records: list[dict[str, Any]], left_out: dict[str, str]
             cells(group, lambda row: 100 * row["unique"]["0.025"] / row["num_prototypes"], 1, "%"),
             cells(group, lambda row: 100 * row["unique"]["0.1"] / row["num_prototypes"], 1, "%"),
             cells(group, lambda row: row["used"], 0),
-            *[cells(group, lambda row, key=key: row[key]) for key in ("nmi", "ari", "purity")],
-            cells(group, lambda row: row["clusters_for_coverage_mean"], 1),
+            *[cells(group, lambda row, key=key: row[key], digits) for key, _, digits in CLUSTER_COLUMNS[1:]],
             cells(group, lambda row: row["train_seconds"], 0),
         ]
         for (k, variant), group in _by_setting(rows).items()
     ]
-    machines = "; ".join(dict.fromkeys(environment["machine"] for environment in environments)) or "-"
+    machines = distinct((environment["machine"] for environment in environments), "-")
     lines = [f"# {spec.settings.get('title', spec.name)}", "", f"Machine: {machines}.", ""]
-    lines += markdown_table(header, table)
-    if left_out:
-        lines += ["", left_out_line(left_out)]
+    lines += markdown_table(header, table) + left_out_lines(left_out)
     report_dir.mkdir(parents=True, exist_ok=True)
     markdown, data = report_dir / f"{spec.name}.md", report_dir / f"{spec.name}.json"
     figures = [plot_k(rows, report_dir / "figures" / f"{spec.name}.png")] if rows else []
@@ -172,7 +165,7 @@ def plot_k(rows: list[dict[str, Any]], path: Path) -> Path:
             legend = name + (" (candidate search at large K)" if searches else "")
             axis.errorbar(
                 [k for k, _ in points],
-                [sum(values) / len(values) for _, values in points],
+                [mean(values) for _, values in points],
                 yerr=[sample_sd(values) for _, values in points],
                 fmt="o-",
                 capsize=3,
@@ -186,10 +179,7 @@ def plot_k(rows: list[dict[str, Any]], path: Path) -> Path:
 
 
 def _grouped(results: dict[str, Any]) -> dict[tuple[str, str], list[dict[str, Any]]]:
-    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for run in results["runs"]:
-        groups.setdefault((run["backbone"], run["variant"]), []).append(run)
-    return groups
+    return group_by(results["runs"], lambda run: (run["backbone"], run["variant"]))
 
 
 def summarise(results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -353,10 +343,6 @@ def comparison(summary: list[dict[str, Any]]) -> list[str]:
         baseline, koleo = rows.get((backbone, "baseline")), rows.get((backbone, "koleo_proto"))
         if baseline is None or koleo is None:
             continue
-
-        def mean(values: list[float]) -> float:
-            return sum(values) / len(values)
-
         num_prototypes = baseline["num_prototypes"]
         sentences.append(
             f"- **{backbone}, baseline vs KoLeo-proto**: unique@0.025 "
@@ -402,7 +388,6 @@ def plot_study(results: dict[str, Any], figure_prefix: str | Path) -> list[Path]
     groups = _grouped(results)
     backbones = list(results["backbones"])
     paths = [Path(f"{figure_prefix}_unique_vs_step.png"), Path(f"{figure_prefix}_eps_curve.png")]
-    paths[0].parent.mkdir(parents=True, exist_ok=True)
     figure, axes = plt.subplots(3, len(backbones), figsize=(6 * len(backbones), 10), squeeze=False)
     eps_figure, eps_axes = plt.subplots(1, len(backbones), figsize=(6 * len(backbones), 3.8), squeeze=False)
     for column, backbone in enumerate(backbones):

@@ -32,7 +32,7 @@ import torch
 from accelerate import Accelerator
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from experiments.markdown import markdown_table, write_generated
+from experiments.markdown import distinct, markdown_table, write_generated
 from experiments.neighbour_churn import DEFAULT_CANDIDATES, DEFAULT_REFRESH_DTYPE
 from hf_koleo import koleo_proto_loss
 from hf_koleo.training.arguments import parse_pretraining_args
@@ -283,7 +283,7 @@ def koleo_on_device(params: dict[str, Any], context=None) -> dict[str, Any]:
 
 
 def render_loop_markdown(name: str, results: dict[str, Any]) -> list[str]:
-    """A markdown table of :func:`measure_loop` results."""
+    """A markdown table of one loop configuration's results (:func:`_loop_tables`)."""
     if "error" in results:
         return [f"### {name}", "", f"`{' '.join(results['argv'])}`", "", f"**Failed**: {results['error']}", ""]
     lines = [
@@ -348,8 +348,8 @@ def load_results(records: list[dict[str, Any]]) -> dict[str, Any]:
     """``{"device", "loops": {config: table}, "overhead", "koleo_proto", "peer", "peer_compiled"}`` from the
     suite's records."""
     single = {"host_overhead": "overhead", "koleo_on_device": "koleo_proto", "step_vs_peer": "peer"}
-    devices = [record["environment"]["device"] for record in records]
-    results: dict[str, Any] = {"device": "; ".join(dict.fromkeys(devices)) or "-", "loops": _loop_tables(records)}
+    devices = distinct((record["environment"]["device"] for record in records), "-")
+    results: dict[str, Any] = {"device": devices, "loops": _loop_tables(records)}
     for record in records:
         if record["kind"] in single:
             done = record["status"] == "done"
@@ -407,9 +407,8 @@ def write_report(spec, records: list[dict[str, Any]], left_out: dict[str, str], 
     ``<spec name>.md``), or with ``outputs.region`` only that generated region of it."""
     outputs = {"markdown": f"{spec.name}.md", **(spec.settings.get("outputs") or {})}
     path = report_dir / outputs["markdown"]
-    commands = "; ".join(dict.fromkeys(record["environment"].get("command", "?") for record in records))
     loads = sorted({tuple(record["environment"].get("load_average") or ()) for record in records})
-    text = render_loop_suite_markdown(load_results(records), commands or "-", spec.settings.get("title"))
+    text = render_records(records, spec.settings.get("title"))
     if loads:
         text += "\nLoad average (1, 5, 15 min) when each run ended: " + "; ".join(map(str, loads)) + ".\n"
     if outputs.get("region"):
@@ -456,6 +455,12 @@ _SENTENCES = (
 )
 
 
+def render_records(records: list[dict[str, Any]], title: str | None = None) -> str:
+    """:func:`render_loop_suite_markdown` of the records, naming the commands that made them."""
+    commands = distinct((record["environment"].get("command", "?") for record in records), "-")
+    return render_loop_suite_markdown(load_results(records), commands, title)
+
+
 def render_loop_suite_markdown(results: dict[str, Any], command: str, title: str | None = None) -> str:
     lines = [
         f"## {title or 'Training loop on the accelerator'}",
@@ -477,13 +482,10 @@ def render_loop_suite_markdown(results: dict[str, Any], command: str, title: str
             "",
         ]
     if results.get("candidate_search"):
-        lists = "; ".join(
-            dict.fromkeys(
-                # records made before the lists were recorded ran the defaults
-                f"{row.get('candidates', DEFAULT_CANDIDATES)} candidates, "
-                f"{row.get('refresh_dtype', DEFAULT_REFRESH_DTYPE)} refresh"
-                for row in results["candidate_search"]
-            )
+        lists = distinct(  # records made before the lists were recorded ran the defaults
+            f"{row.get('candidates', DEFAULT_CANDIDATES)} candidates, "
+            f"{row.get('refresh_dtype', DEFAULT_REFRESH_DTYPE)} refresh"
+            for row in results["candidate_search"]
         )
         lines += [
             f"The candidate search beside the exact one over the same steps ({lists}):",

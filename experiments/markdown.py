@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
@@ -14,21 +17,37 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list
     return lines + ["| " + " | ".join(row) + " |" for row in rows]
 
 
+def mean(values: Sequence[float]) -> float:
+    """The arithmetic mean, summed in order (``statistics.fmean`` can differ in the last bit)."""
+    return sum(float(value) for value in values) / len(values)
+
+
 def sample_sd(values: Sequence[float]) -> float:
     """The sample standard deviation; 0 for fewer than two values."""
-    values = [float(value) for value in values]
     if len(values) < 2:
         return 0.0
-    mean = sum(values) / len(values)
-    return math.sqrt(sum((value - mean) ** 2 for value in values) / (len(values) - 1))
+    centre = mean(values)
+    return math.sqrt(sum((float(value) - centre) ** 2 for value in values) / (len(values) - 1))
 
 
 def mean_std(values: Sequence[float], digits: int = 1) -> str:
     """``mean ± sample sd`` of the values (the mean alone for one value), thousands separated."""
-    mean = sum(float(value) for value in values) / len(values)
     if len(values) == 1:
-        return f"{mean:,.{digits}f}"
-    return f"{mean:,.{digits}f} ± {sample_sd(values):,.{digits}f}"
+        return f"{mean(values):,.{digits}f}"
+    return f"{mean(values):,.{digits}f} ± {sample_sd(values):,.{digits}f}"
+
+
+def group_by(items: Iterable[T], key: Callable[[T], Hashable]) -> dict[Hashable, list[T]]:
+    """``{key(item): [items]}``, groups and their items in the order they come."""
+    groups: dict[Hashable, list[T]] = {}
+    for item in items:
+        groups.setdefault(key(item), []).append(item)
+    return groups
+
+
+def distinct(values: Iterable[str], empty: str = "") -> str:
+    """The values joined with ``"; "``, each once, in order (``empty`` for none): machines, commands."""
+    return "; ".join(dict.fromkeys(values)) or empty
 
 
 # The teacher's arg-max as clusters (hf_koleo.evaluation.clusters): (key in its scores, label, digits)
@@ -46,9 +65,17 @@ def cluster_cells(scores: Sequence[dict]) -> list[str]:
     return [mean_std([score[key] for score in scores], digits) for key, _, digits in CLUSTER_COLUMNS]
 
 
-def left_out_line(left_out: dict[str, str]) -> str:
-    """``Left out: name (why); ...`` for the records a report does not use."""
-    return "Left out: " + "; ".join(f"{name} ({why})" for name, why in left_out.items()) + "."
+def failed_left_out(records: Sequence[dict], left_out: dict[str, str]) -> dict[str, str]:
+    """``left_out`` and every failed record (``{name: "failed: error"}``): for a report without failed rows."""
+    failed = {record["name"]: f"failed: {record['error']}" for record in records if record.get("status") == "failed"}
+    return {**left_out, **failed}
+
+
+def left_out_lines(left_out: dict[str, str]) -> list[str]:
+    """``["", "Left out: name (why); ..."]`` for the records a report does not use; none: ``[]``."""
+    if not left_out:
+        return []
+    return ["", "Left out: " + "; ".join(f"{name} ({why})" for name, why in left_out.items()) + "."]
 
 
 def verdict_list(verdicts: Sequence[dict[str, str]]) -> list[str]:

@@ -257,8 +257,7 @@ def run_history(run_dir: Path) -> tuple[list[dict[str, Any]], list[list[float]]]
     """Per-epoch prototype statistics and ``[epoch, loss]`` pairs from the run's ``metrics.jsonl``."""
     prototype_rows: dict[int, dict[str, Any]] = {}
     losses: dict[int, list[float]] = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
+    for row in read_metrics(run_dir):
         if any(key.startswith(PROTOTYPE_PREFIX) for key in row):
             prototype_rows[row["step"]] = {
                 key: value for key, value in row.items() if key.startswith(PROTOTYPE_PREFIX) or key in ("step", "epoch")

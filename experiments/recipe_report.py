@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .markdown import left_out_line, markdown_table, pyplot, save_figure
+from .markdown import left_out_lines, markdown_table, pyplot, save_figure
 from .store import cpu_model
 
 
@@ -84,9 +84,7 @@ def render_markdown(runs: list[dict[str, Any]], title: str, left_out: dict[str, 
     devices = ", ".join(sorted({run["device"] for run in runs}))
     minutes = "minutes of pretraining (evaluation not included), comparable on one machine only"
     lines = [f"{len(runs)} runs on {devices}, best first; {minutes}.", ""]
-    lines += markdown_table(header, table)
-    if left_out:
-        lines += ["", left_out_line(left_out)]
+    lines += markdown_table(header, table) + left_out_lines(left_out)
     return "\n".join(lines) + "\n"
 
 

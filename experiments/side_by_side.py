@@ -39,8 +39,8 @@ from hf_koleo.hub import export_checkpoint
 from hf_koleo.training.checkpoint import list_checkpoints
 from hf_koleo.training.run_outputs import read_metrics
 
-from .loop_benchmark import load_results, render_loop_suite_markdown
-from .markdown import left_out_line, markdown_table
+from .loop_benchmark import render_records
+from .markdown import left_out_lines, markdown_table
 from .pretrain_eval import evaluate_run, evaluation_settings, final_prototypes, run_history
 from .runner import RunContext
 from .spec import merge_settings
@@ -247,10 +247,8 @@ def write_report(spec, records: list[dict[str, Any]], left_out: dict[str, str], 
             )
     loops = [record for record in records if record["kind"] != "side_by_side"]
     if loops:
-        commands = "; ".join(dict.fromkeys(record["environment"].get("command", "?") for record in loops))
-        lines += render_loop_suite_markdown(load_results(loops), commands).splitlines()
-    if left_out:
-        lines += ["", left_out_line(left_out)]
+        lines += render_records(loops).splitlines()
+    lines += left_out_lines(left_out)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
     return [path]

@@ -124,7 +124,7 @@ class Store:
         return record.get("status", "done")
 
     def write(
-        self, run: RunSpec, result: dict[str, Any] | None, seconds: float, error: BaseException | str | None = None
+        self, run: RunSpec, result: dict[str, Any] | None, seconds: float, error: str | None = None
     ) -> dict[str, Any]:
         """Record a finished run (``result``) or a failed one (``error``); returns the record."""
         record = {
@@ -140,7 +140,7 @@ class Store:
             "params": run.params,
         }
         if error is not None:
-            record["error"] = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+            record["error"] = error
         else:
             record["result"] = result
         write_json(self.path(run.name), record)

@@ -23,9 +23,11 @@ from typing import Any
 from .markdown import (
     CLUSTER_COLUMNS,
     cluster_cells,
+    group_by,
     k_axis,
-    left_out_line,
+    left_out_lines,
     markdown_table,
+    mean,
     mean_std,
     pyplot,
     sample_sd,
@@ -102,11 +104,10 @@ def _order(run: dict[str, Any]) -> tuple:
 
 def group_runs(runs: list[dict[str, Any]]) -> dict[tuple[str, int, str, str], list[dict[str, Any]]]:
     """Runs by (dataset, K, method, training length), seeds in order: only runs of one length are pooled."""
-    groups: dict[tuple[str, int, str, str], list[dict[str, Any]]] = {}
-    for run in sorted(runs, key=_order):
-        key = (run["dataset"], run["num_prototypes"], run["method"], _length(run["settings"]))
-        groups.setdefault(key, []).append(run)
-    return groups
+    return group_by(
+        sorted(runs, key=_order),
+        lambda run: (run["dataset"], run["num_prototypes"], run["method"], _length(run["settings"])),
+    )
 
 
 def _values(runs: list[dict[str, Any]], key: str) -> list[float]:
@@ -115,10 +116,6 @@ def _values(runs: list[dict[str, Any]], key: str) -> list[float]:
 
 def _unique_fractions(runs: list[dict[str, Any]], eps: str = HEADLINE_EPS) -> list[float]:
     return [teacher_curve(run)[eps] / run["num_prototypes"] for run in runs]
-
-
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values)
 
 
 def _beats_pixels(results: dict[str, Any], groups, targets: dict[str, float]) -> dict[str, str]:
@@ -132,12 +129,12 @@ def _beats_pixels(results: dict[str, Any], groups, targets: dict[str, float]) ->
         keys = [key for key in groups if key[:3] == ("fashion_mnist", recipe["num_prototypes"], "koleo_proto")]
         chosen, how = (keys[0], groups[keys[0]]) if keys else (None, None), "the recipe"
     else:
-        chosen = max(balanced.items(), key=lambda item: _mean(_values(item[1], "knn_top1")), default=(None, None))
+        chosen = max(balanced.items(), key=lambda item: mean(_values(item[1], "knn_top1")), default=(None, None))
         how = f"best of {len(balanced)} groups on the test split (optimistic)"
     (key, runs) = chosen
     if runs is None or pixels is None:
         return {**claim, "verdict": "not measured", "evidence": "no run" if runs is None else "no pixel baseline"}
-    knn = _mean(_values(runs, "knn_top1"))
+    knn = mean(_values(runs, "knn_top1"))
     return {
         **claim,
         "verdict": "confirmed" if knn >= targets["knn"] and knn > pixels else "not confirmed",
@@ -157,7 +154,7 @@ def claims(results: dict[str, Any]) -> list[dict[str, str]]:
     baselines = {
         key: runs for key, runs in groups.items() if key[2] == "baseline" and key[1] >= targets["collapse_min_k"]
     }
-    collapsed = {key: runs for key, runs in baselines.items() if _mean(_unique_fractions(runs)) <= targets["collapsed"]}
+    collapsed = {key: runs for key, runs in baselines.items() if mean(_unique_fractions(runs)) <= targets["collapsed"]}
     if not baselines:
         verdicts.append({"claim": "the baseline partially collapses", "verdict": "not measured", "evidence": "no run"})
     else:
@@ -180,7 +177,7 @@ def claims(results: dict[str, Any]) -> list[dict[str, str]]:
     for dataset, k, _, length in collapsed:
         koleo = groups.get((dataset, k, "koleo_proto", length))
         if koleo:
-            prevented.append((dataset, f"{k:,}, {length}", _mean(_unique_fractions(koleo)), _unique_fractions(koleo)))
+            prevented.append((dataset, f"{k:,}, {length}", mean(_unique_fractions(koleo)), _unique_fractions(koleo)))
     if not prevented:
         reason = "no collapsed baseline to compare with" if not collapsed else "no KoLeo-proto run beside it"
         verdicts.append({"claim": "KoLeo-proto prevents it", "verdict": "not measured", "evidence": reason})
@@ -204,7 +201,7 @@ def claims(results: dict[str, Any]) -> list[dict[str, str]]:
             koleo = _values(groups[(dataset, k, "koleo_proto", length)], "knn_balanced")
             base = _values(runs, "knn_balanced")
             spread, seeds = max(sample_sd(base), sample_sd(koleo)), min(len(base), len(koleo))
-            gains.append((f"{k:,}, {length}", _mean(koleo) - _mean(base), spread, seeds))
+            gains.append((f"{k:,}, {length}", mean(koleo) - mean(base), spread, seeds))
     if not gains:
         verdicts.append(
             {"claim": "KoLeo-proto helps on long-tailed data", "verdict": "not measured", "evidence": "no run"}
@@ -273,13 +270,12 @@ def render_markdown(results: dict[str, Any], title: str = "the study") -> str:
     ]
     lines += verdict_table(claims(results))
     lines += ["", "Only this study's runs count in these verdicts; [results.md](results.md) weighs every source's."]
-    if results.get("left_out"):
-        lines += ["", left_out_line(results["left_out"])]
-    if recipe_rows(results):
+    lines += left_out_lines(results.get("left_out"))
+    recipe = recipe_rows(results)
+    if recipe:
         lines += ["", "### Recipe (candidates scored on a validation split, never on the test split)", ""]
         lines += markdown_table(
-            ["candidate", "length", "val kNN@20", "val linear", f"unique@{HEADLINE_EPS}", "pretraining s"],
-            recipe_rows(results),
+            ["candidate", "length", "val kNN@20", "val linear", f"unique@{HEADLINE_EPS}", "pretraining s"], recipe
         )
     groups = group_runs([run for run in runs if run["stage"] != "recipe"])
     for dataset in sorted({key[0] for key in groups}):
@@ -403,7 +399,7 @@ def plot_results(results: dict[str, Any], figures_dir: str | Path, prefix: str =
         curve = teacher_curve(runs[0])
         axes[0][datasets.index(dataset)].plot(
             [float(eps) for eps in curve],
-            [_mean([teacher_curve(run)[eps] / k for run in runs]) for eps in curve],
+            [mean([teacher_curve(run)[eps] / k for run in runs]) for eps in curve],
             "o" + styles[length],
             color=colours[method],
             alpha=0.4 + 0.6 * ks.index(k) / max(1, len(ks) - 1),
@@ -427,7 +423,7 @@ def plot_results(results: dict[str, Any], figures_dir: str | Path, prefix: str =
                     if points:
                         axis.errorbar(
                             [k for k, _ in points],
-                            [_mean(values) for _, values in points],
+                            [mean(values) for _, values in points],
                             yerr=[sample_sd(values) for _, values in points],
                             marker="o" if length == lengths[0] else "s",
                             capsize=3,
