@@ -89,21 +89,30 @@ def render_markdown(runs: list[dict[str, Any]], title: str, left_out: dict[str, 
 
 
 def plot_curves(runs: list[dict[str, Any]], path: Path) -> Path:
+    """Validation kNN@20 against pretraining minutes: each run with a curve as a line (one line style per
+    machine, as minutes compare on one machine only), the runs scored at their end as grey points."""
     plt = pyplot()
 
-    figure, axis = plt.subplots(figsize=(6.5, 4))
-    for run in sorted(runs, key=lambda run: run["candidate"]):
-        points = run["curve"]
-        axis.plot(
-            [p["minutes"] for p in points],
-            [p["knn_top1"] for p in points],
-            marker="o",
-            label=f"{run['candidate']} ({run['epochs']:g} epochs)",
-        )
-    axis.set_xlabel("pretraining minutes (2 CPU cores)")
+    figure, axis = plt.subplots(figsize=(10, 4.5))
+    ends = [run["curve"][0] for run in runs if len(run["curve"]) == 1]
+    if ends:
+        label = f"{len(ends)} short candidates (end of run)"
+        axis.scatter([p["minutes"] for p in ends], [p["knn_top1"] for p in ends], s=12, color="0.6", label=label)
+    machines = sorted({run["machine"] for run in runs})
+    for run in sorted(runs, key=lambda run: (run["candidate"], run["seed"] or 0)):
+        if len(run["curve"]) > 1:
+            axis.plot(
+                [p["minutes"] for p in run["curve"]],
+                [p["knn_top1"] for p in run["curve"]],
+                marker="o",
+                markersize=3,
+                linestyle=("-", "--", ":", "-.")[machines.index(run["machine"]) % 4],
+                label=f"{run['candidate']} ({run['epochs']:g} epochs, seed {run['seed']}, {run['machine']})",
+            )
+    axis.set_xlabel("pretraining minutes (one line style per machine)")
     axis.set_ylabel("kNN@20 top-1 on fashion_mnist:val")
     axis.grid(alpha=0.3)
-    axis.legend(fontsize=7)
+    axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return save_figure(figure, path)
 
 
