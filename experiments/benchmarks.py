@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from experiments.koleo_reference import dinov2_koleo_loss
-from experiments.markdown import markdown_table, verdict_list, write_generated
+from experiments.markdown import distinct, markdown_table, verdict_list, write_generated
 from hf_koleo.losses import dino_loss, ibot_patch_loss, koleo_proto_loss, masked_patch_slots
 from hf_koleo.prototypes import TRACKED_EPS, unique_prototype_curve
 
@@ -592,7 +592,7 @@ KIND_SECTIONS = {
 
 def load_results(records: list[dict[str, Any]]) -> dict[str, Any]:
     """The suite's results from its records: lists for the tables, one row for data and features."""
-    results: dict[str, Any] = {"machine": "; ".join(dict.fromkeys(r["environment"]["machine"] for r in records))}
+    results: dict[str, Any] = {"machine": distinct(r["environment"]["machine"] for r in records)}
     for record in records:
         section = KIND_SECTIONS[record["kind"]]
         row = record["result"] if record["status"] == "done" else {**record["params"], "error": record["error"]}

@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .markdown import markdown_table, verdict_table, write_generated
+from .markdown import markdown_table, mean, verdict_table, write_generated
 from .spec import load_spec
 from .store import Store
 from .study_report import claims as study_claims
@@ -185,7 +185,7 @@ def recipe_claim(sources) -> dict[str, str]:
         return {**claim, "verdict": "not measured", "evidence": "no recipe run or no pixel baseline yet"}
 
     # every seed of the released recipe counts: the mean kNN, the longest time
-    knn = sum(r["result"]["evaluation"]["test"]["knn_top1"] for r in winners) / len(winners)
+    knn = mean([r["result"]["evaluation"]["test"]["knn_top1"] for r in winners])
     minutes = max(r["result"]["pretraining"]["seconds"] for r in winners) / 60
     pixel_knn = pixels[0]["result"]["evaluation"]["knn_top1"]
     met = knn >= RECIPE_TARGET["knn"] and minutes <= RECIPE_TARGET["minutes"]
@@ -229,7 +229,7 @@ def clusters_claim(rows: list[dict[str, Any]]) -> dict[str, str]:
         (
             source,
             f"{dataset} {_length(k, epochs, steps)}",
-            sum(m["koleo_proto"]) / len(m["koleo_proto"]) - sum(m["baseline"]) / len(m["baseline"]),
+            mean(m["koleo_proto"]) - mean(m["baseline"]),
         )
         for (source, dataset, k, epochs, steps, *_), m in sorted(pairs.items(), key=lambda item: item[0][:3])
         if "koleo_proto" in m and "baseline" in m

@@ -23,6 +23,7 @@ from typing import Any
 from .markdown import (
     CLUSTER_COLUMNS,
     cluster_cells,
+    failed_left_out,
     group_by,
     k_axis,
     left_out_lines,
@@ -55,11 +56,11 @@ def load_results(records: list[dict[str, Any]], left_out: dict[str, str] | None 
     result. A failed run is left out with its error. With the ``spec``, the recipe's own group
     (``koleo_proto`` at the recipe's K) is the one the "beats pixels" claim tests.
     """
-    runs, pixels, left_out = [], {}, dict(left_out or {})
+    runs, pixels, left_out = [], {}, failed_left_out(records, left_out or {})
     for record in records:
         if record.get("status") == "failed":
-            left_out[record["name"]] = f"failed: {record['error']}"
-        elif record["kind"] == "evaluate_pixels":
+            continue
+        if record["kind"] == "evaluate_pixels":
             pixels[record["axes"]["dataset"]] = record["result"]["evaluation"]
         else:
             runs.append({"name": record["name"], "stage": record["stage"], **record["axes"], **record["result"]})
