@@ -86,7 +86,8 @@ def test_the_recipe_claim_scores_the_released_recipe_not_the_best_test_score():
 
     pixels = {"status": "done", "stage": "pixels", "kind": "evaluate_pixels", "params": {},
               "result": {"evaluation": {"knn_top1": 84.6}}}  # fmt: skip
-    runs = [
+    runs = [  # in plan order: the last release is the shipped recipe
+        run("released_earlier", 84.0, 50, stage="release", released=True, patch=28),
         run("released", 85.9, 25, stage="release", released=True, seed=1),
         run("same_recipe_seed0", 86.3, 24),  # the same settings, another seed: counts
         run("tried_since", 87.0, 30, patch=4),  # a better test score, other settings: does not
@@ -96,9 +97,12 @@ def test_the_recipe_claim_scores_the_released_recipe_not_the_best_test_score():
     claim = recipe_claim(sources)
     assert claim["verdict"] == "confirmed" and "86.1 (mean of 2 seeds)" in claim["evidence"]
     assert "(released, same_recipe_seed0)" in claim["evidence"] and "after 25 min" in claim["evidence"]
-    runs[1]["result"]["pretraining"]["seconds"] = 61 * 60  # one seed over the hour
+    runs[2]["result"]["pretraining"]["seconds"] = 61 * 60  # one seed over the hour
     assert recipe_claim(sources)["verdict"] == "not confirmed"
-    assert recipe_claim({"cpu_recipe": (None, [*runs[1:], pixels])})["verdict"] == "not measured"
+    assert recipe_claim({"cpu_recipe": (None, [*runs[2:], pixels])})["verdict"] == "not measured"
+    # until the last release is done, the one released before it is the recipe
+    earlier = recipe_claim({"cpu_recipe": (None, [runs[0], *runs[2:], pixels])})
+    assert "84.0 on fashion_mnist:test" in earlier["evidence"] and "(released_earlier)" in earlier["evidence"]
 
 
 def test_the_recipe_twin_decides_prevention_only_where_its_baseline_merged():
