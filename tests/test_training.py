@@ -101,6 +101,7 @@ def test_yaml_config_with_cli_overrides_and_unknown_keys(tmp_path):
         "fashion_mnist",
         "fashion_mnist_cpu",
         "fashion_mnist_cpu_16_tokens",
+        "fashion_mnist_cpu_hidden_128",
         "fashion_mnist_fast",
         "fashion_mnist_gpu",
         "fashion_mnist_lt",
