@@ -169,6 +169,12 @@ def headline_runs(sources) -> list[dict[str, Any]]:
     return rows
 
 
+def is_shipped_release(stage: str, params: dict[str, Any]) -> bool:
+    """Whether a run of the CPU recipe plan is a release with its model card (stage ``release``,
+    ``keep_backbone``); the last such run of the plan is what configs/fashion_mnist_cpu.yaml trains."""
+    return stage == "release" and bool(params.get("keep_backbone"))
+
+
 def recipe_claim(sources) -> dict[str, str]:
     """The CPU recipe's test kNN@20 within 60 minutes of 2 cores, against raw pixels. The recipe is the
     last one released with its model card in the plan (stage ``release``, ``keep_backbone``: what
@@ -179,7 +185,7 @@ def recipe_claim(sources) -> dict[str, str]:
     claim = {"claim": "features beat raw pixels (the CPU recipe, <= 60 min of 2 CPU cores)"}
     _, records = sources.get("cpu_recipe", (None, []))
     done = [r for r in records if r.get("status") == "done"]
-    released = [r for r in done if r["stage"] == "release" and r["params"].get("keep_backbone")]
+    released = [r for r in done if is_shipped_release(r["stage"], r["params"])]
     shipped = _trained(released[-1]) if released else None
     winners = [r for r in done if r["kind"] == "pretrain_eval" and _trained(r) == shipped]
     pixels = [r for r in done if r["kind"] == "evaluate_pixels"]
@@ -363,4 +369,4 @@ def write_results(root: Path, docs: Path) -> list[Path]:
     return [data, markdown]
 
 
-__all__ = ["all_claims", "cpu_hours", "headline_runs", "load_sources", "write_results"]
+__all__ = ["all_claims", "cpu_hours", "headline_runs", "is_shipped_release", "load_sources", "write_results"]

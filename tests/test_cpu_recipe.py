@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from experiments.recipe_report import recipe_runs
+from experiments.results import is_shipped_release
 from experiments.runner import run_pending
 from experiments.spec import load_spec
 from experiments.store import Store
@@ -46,7 +47,7 @@ def test_the_recipe_config_is_the_recipe_run_of_the_search(tmp_path):
     from experiments.pretrain_eval import run_settings
 
     # the last release stage with an exported backbone is the shipped recipe (the claim scores it too)
-    run = [run for run in load_spec(SPEC).runs if run.stage == "release" and run.params.get("keep_backbone")][-1]
+    run = [run for run in load_spec(SPEC).runs if is_shipped_release(run.stage, run.params)][-1]
     searched = run_settings(run.params, tmp_path)
     shipped = yaml.safe_load((SPEC.parents[1] / "fashion_mnist_cpu.yaml").read_text())
     differences = {key for key in {*searched, *shipped} if searched.get(key) != shipped.get(key)}
