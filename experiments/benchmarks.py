@@ -13,6 +13,7 @@ cannot import beside the CPU torch wheel.
 from __future__ import annotations
 
 import copy
+import functools
 import importlib.abc
 import importlib.machinery
 import resource
@@ -203,19 +204,15 @@ def step_profile(params: dict[str, Any], context=None) -> dict[str, Any]:
     from torch.profiler import ProfilerActivity, profile
 
     arguments, model_config = _dino_only(params["argv"])
-    device = torch.device("cpu")
-    torch.manual_seed(0)
-    batch, n_steps = params["batch"], params.get("steps", 3)
-    size, local = arguments.global_crops_size, arguments.local_crops_size
-    global_crops = torch.randn(batch, 2, 3, size, size)
-    local_crops = torch.randn(batch, arguments.local_crops_number, 3, local, local)
+    n_steps = params.get("steps", 3)
+    sizes = arguments.global_crops_size, arguments.local_crops_size, arguments.local_crops_number
     result = {}
-    for name, step in (("ours", _make_ours(model_config, device)), ("lightly", _make_lightly(model_config, device))):
+    for name, step in _peer_steps(model_config, params["batch"], *sizes, torch.device("cpu")).items():
         for _ in range(2):
-            step(global_crops, local_crops)
+            step()
         with profile(activities=[ProfilerActivity.CPU]) as profiler:
             for _ in range(n_steps):
-                step(global_crops, local_crops)
+                step()
         events = sorted(profiler.key_averages(), key=lambda event: -event.self_cpu_time_total)
         result[name] = {
             "ms_per_step": sum(event.self_cpu_time_total for event in events) / 1000 / n_steps,
@@ -380,6 +377,46 @@ def _make_lightly(model_config, device: torch.device, compile: bool = False):
     return step
 
 
+def _peer_steps(model_config, batch, global_size, local_size, n_local, device, compile=False):
+    """``{"ours": step, "lightly": step}``, each a call of one training step on the same random crops."""
+    torch.manual_seed(0)
+    global_crops = torch.randn(batch, 2, 3, global_size, global_size, device=device)
+    local_crops = torch.randn(batch, n_local, 3, local_size, local_size, device=device)
+    steps = {"ours": _make_ours(model_config, device, compile), "lightly": _make_lightly(model_config, device, compile)}
+    return {name: functools.partial(step, global_crops, local_crops) for name, step in steps.items()}
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on ``device`` (nothing to wait for on a CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(device: torch.device, function: Callable[[], Any], repeats: int = 1) -> float:
+    """Seconds per call, the device waited for before and after."""
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        function()
+    synchronize(device)
+    return (time.perf_counter() - start) / repeats
+
+
+def alternate(
+    calls: dict[str, Callable[[], Any]], rounds: int, warmup: int, device: torch.device
+) -> dict[str, list[float]]:
+    """Seconds of each call in each of ``rounds`` rounds (``{name: [seconds]}``), the calls taking turns
+    after ``warmup`` untimed rounds, so that a machine's drift weighs on all of them alike."""
+    for _ in range(warmup):
+        for call in calls.values():
+            call()
+    seconds: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, call in calls.items():
+            seconds[name].append(timed(device, call))
+    return seconds
+
+
 def compare_training_steps(
     model_config,
     batch: int,
@@ -401,23 +438,8 @@ def compare_training_steps(
     modules each), the warm-up paying the compilation.
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    torch.manual_seed(0)
-    global_crops = torch.randn(batch, 2, 3, global_size, global_size, device=device)
-    local_crops = torch.randn(batch, n_local, 3, local_size, local_size, device=device)
-    steps = {"ours": _make_ours(model_config, device, compile), "lightly": _make_lightly(model_config, device, compile)}
-    for _ in range(warmup):
-        for step in steps.values():
-            step(global_crops, local_crops)
-    seconds: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(rounds):
-        for name, step in steps.items():
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
-            step(global_crops, local_crops)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            seconds[name].append(time.perf_counter() - start)
+    steps = _peer_steps(model_config, batch, global_size, local_size, n_local, device, compile)
+    seconds = alternate(steps, rounds, warmup, device)
     ratios = [lightly / ours for ours, lightly in zip(seconds["ours"], seconds["lightly"])]
     return {
         "batch": batch,
@@ -441,15 +463,9 @@ def compare_feature_extraction(backbone_dir: str, batch: int = 64, rounds: int =
     stock = Dinov2Model(AutoConfig.from_pretrained(backbone_dir)).eval()
     size = exported.config.image_size
     pixels = torch.randn(batch, 3, size, size)
-    seconds: dict[str, list[float]] = {"exported": [], "stock": []}
     with torch.no_grad():
-        for model in (exported, stock):
-            model(pixel_values=pixels)
-        for _ in range(rounds):
-            for name, model in (("exported", exported), ("stock", stock)):
-                start = time.perf_counter()
-                model(pixel_values=pixels)
-                seconds[name].append(time.perf_counter() - start)
+        calls = {"exported": lambda: exported(pixel_values=pixels), "stock": lambda: stock(pixel_values=pixels)}
+        seconds = alternate(calls, rounds, 1, torch.device("cpu"))
     return {
         "batch": batch,
         "image_size": size,
@@ -460,8 +476,28 @@ def compare_feature_extraction(backbone_dir: str, batch: int = 64, rounds: int =
     }
 
 
-def _cell(result: dict, key: str, fmt: str) -> str:
-    return result["error"] if "error" in result else format(result[key], fmt)
+def _measured(row: dict | None) -> bool:
+    return bool(row) and "error" not in row
+
+
+def _timing_cells(row: dict) -> list[str]:
+    """Median seconds and peak extra MiB of a timing row; a failed row's error in both."""
+    if "error" in row:
+        return [row["error"], row["error"]]
+    return [f"{row['seconds_median']:.3f}", f"{row['peak_extra_mib']:.0f}"]
+
+
+def _koleo_runs(results: dict[str, Any]) -> dict[tuple[int, str], dict]:
+    return {(row["num_prototypes"], row["implementation"]): row for row in results.get("koleo", [])}
+
+
+def _data_headroom(results: dict[str, Any]) -> tuple[dict, dict, float] | None:
+    """The data row, the first measured step and pipeline img/s over that step's; None unless both were measured."""
+    steps = [row for row in results.get("step", []) if _measured(row)]
+    data = results.get("data")
+    if not (_measured(data) and steps):
+        return None
+    return data, steps[0], data["images_per_second"] / steps[0]["ours_images_per_second"]
 
 
 def benchmark_sections(results: dict[str, Any]) -> dict[str, list[str]]:
@@ -471,98 +507,55 @@ def benchmark_sections(results: dict[str, Any]) -> dict[str, list[str]]:
     (:func:`load_results`); a row that failed holds its parameters and ``error``.
     """
     sections: dict[str, list[str]] = {}
-    by_size: dict[int, dict[str, dict]] = {}
-    for row in results.get("koleo", []):
-        by_size.setdefault(row["num_prototypes"], {})[row["implementation"]] = row
+    koleo = _koleo_runs(results)
     rows = []
-    missing = {"error": "-"}
-    for size, pair in by_size.items():
-        blocked, dense = pair.get("blocked", missing), pair.get("dense", missing)
+    for size in dict.fromkeys(size for size, _ in koleo):
+        blocked, dense = (koleo.get((size, name), {"error": "-"}) for name in ("blocked", "dense"))
         ratio = "-"
-        if "error" not in dense and "error" not in blocked:
+        if _measured(blocked) and _measured(dense):
             ratio = f"{blocked['seconds_median'] / dense['seconds_median']:.2f}"
-        rows.append(
-            [
-                str(size),
-                _cell(blocked, "seconds_median", ".3f"),
-                _cell(blocked, "peak_extra_mib", ".0f"),
-                _cell(dense, "seconds_median", ".3f"),
-                _cell(dense, "peak_extra_mib", ".0f"),
-                ratio,
-            ]
-        )
+        rows.append([str(size), *_timing_cells(blocked), *_timing_cells(dense), ratio])
     dinov2 = KOLEO_IMPLEMENTATIONS["dense"]
     if rows:
         sections["koleo"] = markdown_table(
             ["K", "ours (blocked) s", "ours peak MiB", f"{dinov2} s", f"{dinov2} peak MiB", "time ours ÷ DINOv2"], rows
         )
     if results.get("dino_ibot"):
-        rows = [
-            [
-                str(row["num_prototypes"]),
-                str(row["batch"]),
-                _cell(row, "seconds_median", ".3f"),
-                _cell(row, "peak_extra_mib", ".0f"),
-            ]
-            for row in results["dino_ibot"]
-        ]
+        rows = [[str(row["num_prototypes"]), str(row["batch"]), *_timing_cells(row)] for row in results["dino_ibot"]]
         sections["dino_ibot"] = markdown_table(["K", "batch", "s", "peak MiB"], rows)
-    measured_steps = [row for row in results.get("step", []) if "error" not in row]
     if results.get("step"):
-        rows = [
-            [str(row.get("K", row.get("num_prototypes"))), str(row["batch"]), row["error"], "", ""]
-            if "error" in row
-            else [
-                str(row["K"]),
-                str(row["batch"]),
-                f"{row['ours_images_per_second']:.1f}",
-                f"{row['lightly_images_per_second']:.1f}",
-                f"{row['speedup_median']:.2f}×",
-            ]
-            for row in results["step"]
-        ]
-        sections["step"] = markdown_table(
-            ["K", "batch", "ours img/s", "lightly img/s", "median ratio (ours / lightly)"], rows
-        )
-    data = results.get("data")
-    if data and "error" not in data and measured_steps:
-        step = measured_steps[0]
-        headroom = data["images_per_second"] / step["ours_images_per_second"]
+        rows = []
+        for row in results["step"]:
+            if "error" in row:
+                cells = [row["error"], "", ""]
+            else:
+                images_per_second = row["ours_images_per_second"], row["lightly_images_per_second"]
+                cells = [*(f"{value:.1f}" for value in images_per_second), f"{row['speedup_median']:.2f}×"]
+            rows.append([str(row.get("K", row.get("num_prototypes"))), str(row["batch"]), *cells])
+        header = ["K", "batch", "ours img/s", "lightly img/s", "median ratio (ours / lightly)"]
+        sections["step"] = markdown_table(header, rows)
+    if headroom := _data_headroom(results):
+        data, step, ratio = headroom
+        pipeline = f"{data['images_per_second']:.0f} (workers {data['num_workers']}, batch {data['batch_size']})"
         sections["data"] = markdown_table(
             ["pipeline img/s (stream → decode → multi-crop → photometric)", "step img/s", "headroom"],
-            [
-                [
-                    f"{data['images_per_second']:.0f} (workers {data['num_workers']}, batch {data['batch_size']})",
-                    f"{step['ours_images_per_second']:.1f} (K = {step['K']})",
-                    f"{headroom:.1f}×",
-                ]
-            ],
+            [[pipeline, f"{step['ours_images_per_second']:.1f} (K = {step['K']})", f"{ratio:.1f}×"]],
         )
     features = results.get("features")
-    if features and "error" not in features:
+    if _measured(features):
+        rates = [f"{features[key]:.1f}" for key in ("exported_images_per_second", "stock_images_per_second")]
         sections["features"] = markdown_table(
-            ["exported img/s", "stock img/s", "ratio"],
-            [
-                [
-                    f"{features['exported_images_per_second']:.1f}",
-                    f"{features['stock_images_per_second']:.1f}",
-                    f"{features['ratio']:.2f}×",
-                ]
-            ],
+            ["exported img/s", "stock img/s", "ratio"], [[*rates, f"{features['ratio']:.2f}×"]]
         )
     if results.get("unique_curve"):
         eps_values = list(next(row["unique"] for row in results["unique_curve"] if "unique" in row))
-        rows = [
-            [f"{row['num_prototypes']:,}", f"{row['groups']:,}", row["error"], *[""] * len(eps_values)]
-            if "error" in row
-            else [
-                f"{row['num_prototypes']:,}",
-                f"{row['groups']:,}",
-                f"{row['seconds']:.1f}",
-                *[f"{row['unique'][eps]:,}" for eps in eps_values],
-            ]
-            for row in results["unique_curve"]
-        ]
+        rows = []
+        for row in results["unique_curve"]:
+            if "error" in row:
+                cells = [row["error"], *[""] * len(eps_values)]
+            else:
+                cells = [f"{row['seconds']:.1f}", *[f"{row['unique'][eps]:,}" for eps in eps_values]]
+            rows.append([f"{row['num_prototypes']:,}", f"{row['groups']:,}", *cells])
         header = ["K", "groups", "s", *[f"unique@{eps}" for eps in eps_values]]
         sections["unique_curve"] = markdown_table(header, rows)
     sections["targets"] = verdict_list(check_targets(results))
@@ -618,34 +611,28 @@ def check_targets(results: dict[str, Any]) -> list[dict[str, str]]:
     def verdict(claim: str, met: bool, evidence: str) -> dict[str, str]:
         return {"claim": claim, "verdict": "met" if met else "NOT met", "evidence": evidence}
 
-    def measured(row) -> bool:
-        return bool(row) and "error" not in row
-
-    koleo = {(row["num_prototypes"], row["implementation"]): row for row in results.get("koleo", [])}
+    koleo = _koleo_runs(results)
     verdicts = []
     if koleo:
         largest = max(size for size, _ in koleo)
         blocked = koleo.get((largest, "blocked"))
-        if measured(blocked):
+        if _measured(blocked):
             mib = blocked["peak_extra_mib"]
-            verdicts.append(
-                verdict(
-                    f"KoLeo-proto at K = {largest}", mib < 1024, f"{mib:.0f} MiB extra peak memory (target < 1024 MiB)"
-                )
-            )
-    if measured(koleo.get((8192, "blocked"))) and measured(koleo.get((8192, "dense"))):
+            claim = f"KoLeo-proto at K = {largest}"
+            verdicts.append(verdict(claim, mib < 1024, f"{mib:.0f} MiB extra peak memory (target < 1024 MiB)"))
+    if _measured(koleo.get((8192, "blocked"))) and _measured(koleo.get((8192, "dense"))):
         ours, dense = koleo[(8192, "blocked")]["seconds_median"], koleo[(8192, "dense")]["seconds_median"]
         claim = "KoLeo-proto at K = 8192 no slower than the DINOv2 algorithm"
         verdicts.append(verdict(claim, ours <= dense, f"{ours:.3f} s vs {dense:.3f} s"))
-    steps = [row for row in results.get("step", []) if measured(row)]
-    for row in steps:
-        claim = f"Full step at K = {row['K']} >= 1.2x the lightly-based step"
-        verdicts.append(verdict(claim, row["speedup_median"] >= 1.2, f"{row['speedup_median']:.2f}x"))
-    if measured(results.get("data")) and steps:
-        headroom = results["data"]["images_per_second"] / steps[0]["ours_images_per_second"]
+    for row in results.get("step", []):
+        if _measured(row):
+            claim = f"Full step at K = {row['K']} >= 1.2x the lightly-based step"
+            verdicts.append(verdict(claim, row["speedup_median"] >= 1.2, f"{row['speedup_median']:.2f}x"))
+    if found := _data_headroom(results):
+        _, _, headroom = found
         claim = "Data pipeline >= 2x the step's demand (demo config)"
         verdicts.append(verdict(claim, headroom >= 2, f"{headroom:.1f}x"))
-    if measured(results.get("features")):
+    if _measured(results.get("features")):
         ratio = results["features"]["ratio"]
         claim = "Exported backbone feature extraction = stock Dinov2Model"
         verdicts.append(verdict(claim, 0.95 <= ratio <= 1.05, f"{ratio:.2f}x"))

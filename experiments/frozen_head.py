@@ -49,6 +49,7 @@ from hf_koleo.modeling_koleo_dino import ema_update_
 from hf_koleo.prototypes import (
     DEFAULT_EPS_VALUES,
     TRACKED_EPS,
+    count_unique_prototypes,
     distance_quantiles,
     marginal_entropy,
     nearest_neighbour_distances,
@@ -56,7 +57,7 @@ from hf_koleo.prototypes import (
     utilisation,
 )
 
-from .runner import Unfinished
+from .runner import RunContext, Unfinished
 
 logger = logging.getLogger(__name__)
 
@@ -170,9 +171,9 @@ class FeatureBankViews:
         return self.clean_features[indices]
 
 
-def load_pixel_views(source: str, limit: int | None = None, image_size: int = 28) -> PixelViews:
+def load_pixel_views(source: str, limit: int | None = None) -> PixelViews:
     """The first ``limit`` images of a data source (e.g. ``fashion_mnist:train``) as :class:`PixelViews`."""
-    decoded = load_decoded(source, image_size)
+    decoded = load_decoded(source, 28)
     stop = len(decoded) if limit is None else min(limit, len(decoded))
     return PixelViews(decoded.images[:stop, :1].contiguous(), decoded.extents[:stop], decoded.labels[:stop])
 
@@ -198,7 +199,6 @@ def build_backbone_views(
     n_views: int,
     seed: int = 0,
     batch_size: int = 256,
-    augmentation: ViewAugmentation | None = None,
     use_cache: bool = True,
 ) -> FeatureBankViews:
     """Run a frozen backbone once over ``n_views`` augmented views and the clean view of each image.
@@ -215,7 +215,7 @@ def build_backbone_views(
     from transformers import AutoImageProcessor, AutoModel
 
     model_dir = Path(model_dir)
-    augmentation = augmentation or ViewAugmentation()
+    augmentation = ViewAugmentation()
     key = json.dumps([_model_fingerprint(model_dir), source, n_images, n_views, seed, asdict(augmentation)])
     cache_path = cache_dir() / "frozen_head" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.safetensors"
     if use_cache and cache_path.exists():
@@ -281,13 +281,6 @@ class FrozenHeadConfig:
     init_std: float = 0.02  # KoLeoDinoConfig.initializer_range
 
 
-def build_head(in_features: int, config: FrozenHeadConfig) -> DINOHead:
-    """A 3-layer :class:`DINOHead` initialised as ``KoLeoDinoForPreTraining`` does (truncated normal)."""
-    return DINOHead(
-        in_features, config.num_prototypes, config.hidden_size, config.bottleneck_size, init_std=config.init_std
-    )
-
-
 @dataclass
 class HeadState:
     """What a head-only DINO run carries from step to step."""
@@ -300,9 +293,12 @@ class HeadState:
 
 
 def init_state(in_features: int, config: FrozenHeadConfig) -> HeadState:
-    """Student head, its EMA teacher (an exact copy), AdamW and a zero centre, seeded by ``config.seed``."""
+    """A 3-layer student head initialised as ``KoLeoDinoForPreTraining`` does (truncated normal), its EMA
+    teacher (an exact copy), AdamW and a zero centre, seeded by ``config.seed``."""
     torch.manual_seed(config.seed)
-    student = build_head(in_features, config)
+    student = DINOHead(
+        in_features, config.num_prototypes, config.hidden_size, config.bottleneck_size, init_std=config.init_std
+    )
     teacher = copy.deepcopy(student).requires_grad_(False)
     optimizer = torch.optim.AdamW(student.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     neighbours = None
@@ -367,18 +363,19 @@ def head_metrics(
     """
     prototypes = state.teacher.prototypes
     logits = state.teacher(clean_inputs)
-    use = utilisation(logits.argmax(dim=1), config.num_prototypes)
+    assignments = logits.argmax(dim=1)
+    use = utilisation(assignments, config.num_prototypes)
     probs = centred_teacher_probs(logits, state.centre, config.teacher_temperature)
     metrics = {
         "unique": {f"{eps:g}": count for eps, count in unique_prototype_curve(prototypes, TRACKED_EPS).items()},
-        "student_unique@0.025": unique_prototype_curve(state.student.prototypes, [0.025])[0.025],
+        "student_unique@0.025": count_unique_prototypes(state.student.prototypes, 0.025),
         "nn_distance": distance_quantiles(nearest_neighbour_distances(prototypes), TRACKED_QUANTILES),
         "used": use["used"],
         "assignment_perplexity": use["assignment_perplexity"],
         "marginal_perplexity": math.exp(marginal_entropy(probs)),
     }
     if labels is not None:
-        scores = cluster_metrics(logits.argmax(dim=1), labels)
+        scores = cluster_metrics(assignments, labels)
         metrics["clusters"] = {key: scores[key] for key in CLUSTER_KEYS}
     if state.neighbours is not None and bool(state.neighbours.boundary.any()):  # searched at least once
         unit_vectors = F.normalize(state.student.prototypes, p=2, dim=-1)
@@ -542,7 +539,7 @@ def backbone_views(backbone: dict[str, Any]) -> tuple[Views, dict[str, Any]]:
     return _VIEWS[key]
 
 
-def frozen_head_run(params: dict[str, Any], context=None) -> dict[str, Any]:
+def frozen_head_run(params: dict[str, Any], context: RunContext) -> dict[str, Any]:
     """Run kind ``frozen_head``: one head on one frozen backbone's views.
 
     ``params``: ``backbone`` (see :func:`backbone_views`) and ``head`` (:class:`FrozenHeadConfig`
@@ -550,18 +547,14 @@ def frozen_head_run(params: dict[str, Any], context=None) -> dict[str, Any]:
     the head settings.
     """
     views, info = backbone_views(params["backbone"])
-    config = FrozenHeadConfig(**params["head"])
-    name = context.run.name if context is not None else "frozen head"
+    config, name = FrozenHeadConfig(**params["head"]), context.run.name
 
     def report(row: dict[str, Any]) -> None:
         logger.info(
             "%s step %d: unique %s used %d loss %s", name, row["step"], row["unique"], row["used"], row["dino_loss"]
         )
 
-    checkpoint, seconds_left = None, math.inf
-    if context is not None:
-        checkpoint, seconds_left = context.work_dir / "head_checkpoint.pt", context.seconds_left
-    result = run_frozen_head(views, config, report, checkpoint, seconds_left)
+    result = run_frozen_head(views, config, report, context.work_dir / "head_checkpoint.pt", context.seconds_left)
     return {"backbone": {**info, "head": asdict(config)}, **result}
 
 

@@ -5,6 +5,7 @@ Reads the study's records (run kind ``frozen_head``) and renders them; nothing h
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,12 @@ from .markdown import (
     save_figure,
 )
 
+FIGURES = "figures/frozen_head"  # the study's figures, relative to its report folder
+
+
+def _done(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [record for record in records if record.get("status") == "done"]
+
 
 def load_results(records: list[dict[str, Any]], spec) -> dict[str, Any]:
     """The study's runs and backbones from its records, with how and where they were made.
@@ -33,7 +40,7 @@ def load_results(records: list[dict[str, Any]], spec) -> dict[str, Any]:
     ``{"backbones": {name: description}, "runs": [{"backbone", "variant", "seed", **result}],
     "seconds", "command", "machine", "quick", "variants", "seeds", "backbone_origins", "notes"}``.
     """
-    records = [record for record in records if record.get("status") == "done"]
+    records = _done(records)
     backbones, runs = {}, []
     for record in records:
         result = dict(record["result"])
@@ -47,7 +54,7 @@ def load_results(records: list[dict[str, Any]], spec) -> dict[str, Any]:
         "backbones": backbones,
         "runs": runs,
         "seconds": sum(record["seconds"] for record in records),
-        "command": distinct(environment.get("command", "?") for environment in environments),
+        "command": distinct(environment["command"] for environment in environments),
         "machine": distinct(environment["machine"] for environment in environments),
         "quick": spec.quick,
         "variants": {name: overlay["head"]["koleo_proto_weight"] for name, overlay in variants.items()},
@@ -64,15 +71,13 @@ def write_report(spec, records: list[dict[str, Any]], left_out: dict[str, str], 
     markdown = report_dir / "frozen_head.md"
     left_out_text = "".join(f"{line}\n" for line in left_out_lines(failed_left_out(records, left_out)))
     markdown.write_text(render_markdown(results) + left_out_text)
-    return [markdown, *plot_study(results, report_dir / "figures" / "frozen_head")]
+    return [markdown, *plot_study(results, report_dir / FIGURES)]
 
 
 def k_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per finished run of a K sweep: K, variant, seed and its end-of-run metrics."""
     rows = []
-    for record in records:
-        if record.get("status") != "done":
-            continue
+    for record in _done(records):
         result, final = record["result"], record["result"]["history"][-1]
         clusters = final.get("clusters") or {}
         rows.append(
@@ -100,11 +105,8 @@ def _by_setting(rows: list[dict[str, Any]]) -> dict[tuple[int, str], list[dict[s
 def write_k_report(spec, records: list[dict[str, Any]], left_out: dict[str, str], report_dir: Path) -> list[Path]:
     """A K sweep (``configs/experiments/frozen_head_k.yaml``): ``frozen_head_k.md`` (one row per K and
     variant, mean ± sd over its seeds), ``.json`` (one row per run) and one figure."""
-    import json
-
     rows = k_rows(records)
     left_out = failed_left_out(records, left_out)
-    environments = [record["environment"] for record in records if record.get("status") == "done"]
     header = ["K", "variant", "seeds", "unique@0.025", "unique@0.1", "used", "NMI", "ARI", "purity"]
     header += ["clusters/class (90 %)", "train s"]
 
@@ -125,7 +127,7 @@ def write_k_report(spec, records: list[dict[str, Any]], left_out: dict[str, str]
         ]
         for (k, variant), group in _by_setting(rows).items()
     ]
-    machines = distinct((environment["machine"] for environment in environments), "-")
+    machines = distinct((record["environment"]["machine"] for record in _done(records)), "-")
     lines = [f"# {spec.settings.get('title', spec.name)}", "", f"Machine: {machines}.", ""]
     lines += markdown_table(header, table) + left_out_lines(left_out)
     report_dir.mkdir(parents=True, exist_ok=True)
@@ -206,9 +208,7 @@ def summarise(results: dict[str, Any]) -> list[dict[str, Any]]:
                 "unique": {f"{eps:g}": [final["unique"][f"{eps:g}"] for final in finals] for eps in TRACKED_EPS},
                 "nn_distance_min": [final["nn_distance"]["q0"] for final in finals],
                 "nn_distance_median": [final["nn_distance"]["q0.5"] for final in finals],
-                "used": [final["used"] for final in finals],
-                "marginal_perplexity": [final["marginal_perplexity"] for final in finals],
-                "dino_loss": [final["dino_loss"] for final in finals],
+                **{key: [final[key] for final in finals] for key in ("used", "marginal_perplexity", "dino_loss")},
                 "first_step_below_99": first_below,
                 # the teacher's arg-max on the evaluation images as clusters (records from before it: none)
                 "clusters": [final.get("clusters") for final in finals],
@@ -218,7 +218,7 @@ def summarise(results: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def render_markdown(results: dict[str, Any], figure_prefix: str = "figures/frozen_head") -> str:
+def render_markdown(results: dict[str, Any]) -> str:
     """``docs/frozen_head.md``: setup, end-of-run table, unique@0.025 over steps, figures, reading."""
     summary = summarise(results)
     lines = [
@@ -247,13 +247,13 @@ def render_markdown(results: dict[str, Any], figure_prefix: str = "figures/froze
         head = backbone["head"]
         lines.append(
             f"| {name} | {backbone['description']} ({backbone['dim']}-d) | {backbone['n_images']:,} | "
-            f"{backbone.get('mean_cosine_to_mean', float('nan')):.2f} | "
+            f"{backbone['mean_cosine_to_mean']:.2f} | "
             f"{head['hidden_size']} / {head['bottleneck_size']} / {head['num_prototypes']:,} | {head['batch_size']} | "
             f"{head['steps']:,} | {head['learning_rate']:g}, {head['weight_decay']:g} | "
             f"{head['student_temperature']:g} / {head['teacher_temperature']:g} | {head['centre_momentum']:g} / "
             f"{head['teacher_momentum']:g} | {head['eval_images']:,} | {backbone['setup_seconds']:.0f} |"
         )
-    for name, origin in results.get("backbone_origins", {}).items():
+    for name, origin in results["backbone_origins"].items():
         lines += ["", f"The trained backbone `{name}` came from: {origin}."]
     lines += [
         "",
@@ -292,23 +292,23 @@ def render_markdown(results: dict[str, Any], figure_prefix: str = "figures/froze
     lines += ["", "## Unique prototypes (eps 0.025) over training, per seed", ""]
     for (backbone, variant), runs in _grouped(results).items():
         steps = [row["step"] for row in runs[0]["history"]]
-        shown = sorted({steps[index] for index in range(0, len(steps), max(1, len(steps) // 8))} | {steps[-1]})
+        shown = sorted({*steps[:: max(1, len(steps) // 8)], steps[-1]})
+        table = []
+        for run in runs:
+            by_step = {row["step"]: row["unique"]["0.025"] for row in run["history"]}
+            table.append([str(run["seed"]), *(f"{by_step[step]:,}" for step in shown)])
         lines += [
             f"**{backbone} / {variant}**",
             "",
-            "| seed | " + " | ".join(f"{step:,}" for step in shown) + " |",
-            "|---|" + "---|" * len(shown),
+            *markdown_table(["seed", *(f"{step:,}" for step in shown)], table),
+            "",
         ]
-        for run in runs:
-            by_step = {row["step"]: row["unique"]["0.025"] for row in run["history"]}
-            lines.append(f"| {run['seed']} | " + " | ".join(f"{by_step[step]:,}" for step in shown) + " |")
-        lines.append("")
     lines += [
         "## Figures",
         "",
-        f"![unique prototypes and used prototypes vs step]({figure_prefix}_unique_vs_step.png)",
+        f"![unique prototypes and used prototypes vs step]({FIGURES}_unique_vs_step.png)",
         "",
-        f"![unique prototypes vs eps at the end]({figure_prefix}_eps_curve.png)",
+        f"![unique prototypes vs eps at the end]({FIGURES}_eps_curve.png)",
         "",
         "## What the numbers say",
         "",
@@ -319,7 +319,7 @@ def render_markdown(results: dict[str, Any], figure_prefix: str = "figures/froze
         "",
         ISSUE_CONTEXT,
     ]
-    if results.get("notes"):
+    if results["notes"]:
         lines += ["", "## Reading (written after the run)", "", results["notes"].strip()]
     return "\n".join(lines) + "\n"
 
@@ -395,7 +395,7 @@ def plot_study(results: dict[str, Any], figure_prefix: str | Path) -> list[Path]
         for (name, variant), runs in groups.items():
             if name != backbone:
                 continue
-            colour = colours.get(variant, None)
+            colour = colours.get(variant)
             for index, run in enumerate(runs):
                 steps = [row["step"] for row in run["history"]]
                 label = variant if index == 0 else None
@@ -405,11 +405,10 @@ def plot_study(results: dict[str, Any], figure_prefix: str | Path) -> list[Path]
                         steps, values, style, color=colour, alpha=0.8, label=f"{label} (eps {eps})" if label else None
                     )
                 axes[1, column].plot(steps, [row["used"] for row in run["history"]], color=colour, label=label)
-                for quantile, style in (("q0.5", "-"), ("q0", ":")):
+                for quantile, style, statistic in (("q0.5", "-", "median"), ("q0", ":", "min")):
                     values = [row["nn_distance"][quantile] for row in run["history"]]
-                    name = {"q0.5": "median", "q0": "min"}[quantile]
                     axes[2, column].plot(
-                        steps, values, style, color=colour, label=f"{label} ({name})" if label else None
+                        steps, values, style, color=colour, label=f"{label} ({statistic})" if label else None
                     )
                 curve = run["final_eps_curve"]
                 eps_axes[0, column].plot(

@@ -20,9 +20,8 @@ Every timing waits for the device (``torch.cuda.synchronize``) before reading th
 
 from __future__ import annotations
 
-import logging
+import math
 import statistics
-import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ import torch
 from accelerate import Accelerator
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from experiments.benchmarks import synchronize, timed
 from experiments.markdown import distinct, markdown_table, write_generated
 from experiments.neighbour_churn import DEFAULT_CANDIDATES, DEFAULT_REFRESH_DTYPE
 from hf_koleo import koleo_proto_loss
@@ -43,13 +43,6 @@ from hf_koleo.training.pipeline import Pipeline
 from hf_koleo.training.run_setup import build_run
 from hf_koleo.training.trainer import NonFiniteGuard, train_step
 
-logger = logging.getLogger(__name__)
-
-
-def _wait(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
 
 @dataclass
 class Loop:
@@ -60,7 +53,6 @@ class Loop:
     optimizer: Any
     data: Pipeline
     values: Any
-    batch_size: int
     state: TrainerState
     guard: NonFiniteGuard
     compiled: bool = False
@@ -76,17 +68,8 @@ class Loop:
         values = schedule_values(arguments, 0, 1000, 100.0, arguments.peak_lr(1))
         values.last_layer_lr = values.lr  # measured past the freeze: every parameter updates
         apply_schedules(run.optimizer, values)
-        return cls(
-            run.accelerator,
-            run.model,
-            run.optimizer,
-            run.data,
-            values,
-            batch_size,
-            run.state,
-            NonFiniteGuard(),
-            compiled=arguments.compile,
-        )
+        guard = NonFiniteGuard()
+        return cls(run.accelerator, run.model, run.optimizer, run.data, values, run.state, guard, arguments.compile)
 
     @property
     def device(self) -> torch.device:
@@ -101,22 +84,12 @@ class Loop:
         self.step_index += 1
 
 
-def _timed(device: torch.device, function, repeats: int) -> float:
-    """Seconds per call, the device waited for before and after."""
-    _wait(device)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        function()
-    _wait(device)
-    return (time.perf_counter() - start) / repeats
-
-
 def host_syncs(loop: Loop, steps: int = 3) -> list[str]:
     """Every synchronising operation in ``steps`` data + training steps, [] being the goal: on a fresh
     loop the first step is among them (nothing may be copied lazily). :class:`HostSyncRecorder` on any
     device (host reads, blocking copies, host tensors in device operations) and, on a GPU, each
     warning of ``torch.cuda.set_sync_debug_mode("warn")`` besides."""
-    _wait(loop.device)
+    synchronize(loop.device)
     cuda = loop.device.type == "cuda"
     device = None if loop.device.type == "cpu" else loop.device  # on an accelerator, host work is no sync
     with warnings.catch_warnings(record=True) as caught, HostSyncRecorder(device) as recorder:
@@ -153,7 +126,7 @@ def matmul_gflops(device: torch.device, size: int = 1024, repeats: int = 10, dty
     the yardstick of the step's achieved rate (an MFU for machines without a datasheet figure)."""
     left, right = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
     left @ right  # warm-up
-    return 2 * size**3 / _timed(device, lambda: left @ right, repeats) / 1e9
+    return 2 * size**3 / timed(device, lambda: left @ right, repeats) / 1e9
 
 
 # The dtype a step's matrix multiplies run in under each of accelerate's mixed-precision settings.
@@ -179,10 +152,10 @@ def measure_batch(argv: list[str], batch_size: int, steps: int, warmup: int = 3)
     syncs = None if loop.compiled else host_syncs(loop)
     for _ in range(warmup):
         loop.step(loop.next_batch())
-    data_seconds = _timed(loop.device, loop.next_batch, steps)
+    data_seconds = timed(loop.device, loop.next_batch, steps)
     fixed = loop.next_batch()
-    step_seconds = _timed(loop.device, lambda: loop.step(fixed), steps)
-    end_to_end_seconds = _timed(loop.device, lambda: loop.step(loop.next_batch()), steps)
+    step_seconds = timed(loop.device, lambda: loop.step(fixed), steps)
+    end_to_end_seconds = timed(loop.device, lambda: loop.step(loop.next_batch()), steps)
     syncs = host_syncs(loop) if syncs is None else syncs
     flops = step_flops(loop, fixed)
     # The yardstick in the step's own precision: against float32 a bf16 step on an H200 read "86 %"
@@ -220,7 +193,7 @@ def loop_batch(params: dict[str, Any], context=None) -> dict[str, Any]:
 def host_overhead(params: dict[str, Any], context=None) -> dict[str, Any]:
     """Run kind: :func:`measure_host_overhead` for a pretraining config (``argv``), ``batch_size`` (2)."""
     argv = [*params["argv"], *MEASURE_ARGV]
-    return {**measure_host_overhead(argv, params.get("batch_size", 2), params.get("steps", 20)), "argv": params["argv"]}
+    return {"argv": params["argv"], **measure_host_overhead(argv, params.get("batch_size", 2), params.get("steps", 20))}
 
 
 # Every op of the data path and the step kept, their work shrunk to nothing: what is left is the host's
@@ -255,10 +228,9 @@ def measure_host_overhead(argv: list[str], batch_size: int = 2, steps: int = 20)
     with _OpCounter() as step_ops:
         loop.step(fixed)
     return {
-        "argv": argv,
         "batch_size": batch_size,
-        "data_ms": 1000 * _timed(loop.device, loop.next_batch, steps),
-        "step_ms": 1000 * _timed(loop.device, lambda: loop.step(fixed), steps),
+        "data_ms": 1000 * timed(loop.device, loop.next_batch, steps),
+        "step_ms": 1000 * timed(loop.device, lambda: loop.step(fixed), steps),
         "data_ops": data_ops.count,
         "step_ops": step_ops.count,
     }
@@ -277,50 +249,46 @@ def koleo_on_device(params: dict[str, Any], context=None) -> dict[str, Any]:
     call()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    seconds = [_timed(device, call, 1) for _ in range(repeats)]
+    seconds = [timed(device, call) for _ in range(repeats)]
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
     return {"num_prototypes": num_prototypes, "dim": dim, "ms": 1000 * statistics.median(seconds), "peak_mib": peak}
 
 
-def render_loop_markdown(name: str, results: dict[str, Any]) -> list[str]:
-    """A markdown table of one loop configuration's results (:func:`_loop_tables`)."""
-    if "error" in results:
-        return [f"### {name}", "", f"`{' '.join(results['argv'])}`", "", f"**Failed**: {results['error']}", ""]
-    lines = [
-        f"### {name} ({results['device']})",
-        "",
-        f"`{' '.join(results['argv'])}`",
-        "",
+# (header, key, format) of the loop table's columns that show a row's value as it is
+LOOP_COLUMNS = (
+    ("batch", "batch_size", ""),
+    ("data img/s", "data_images_per_second", ",.0f"),
+    ("step ms", "step_ms", ".1f"),
+    ("step img/s", "step_images_per_second", ",.0f"),
+    ("end-to-end img/s", "end_to_end_images_per_second", ",.0f"),
+    ("data ÷ step", "data_over_step", ".2f"),
+    ("end-to-end ÷ step", "end_to_end_over_step", ".2f"),
+)
+
+
+def _loop_row(row: dict[str, Any]) -> list[str]:
+    scaling = row.get("step_time_ratio_to_previous")
+    dtype = row.get("machine_matmul_dtype", "float32")  # older records measured in float32 only
+    found = [sync for sync in row["host_syncs"] if not sync.startswith(SYNC_DEBUG_NOTICE)]  # records before the fix
+    return [
+        *(format(row[key], fmt) for _, key, fmt in LOOP_COLUMNS),
+        f"{scaling:.2f}x for {row['batch_ratio_to_previous']:g}x batch" if scaling else "–",
+        f"{row['achieved_gflops']:.0f} of {row['machine_matmul_gflops']:.0f} {dtype} ({100 * row['mfu']:.0f} %)",
+        "; ".join(found)[:120] if found else "none",
     ]
-    header = ["batch", "data img/s", "step ms", "step img/s", "end-to-end img/s", "data ÷ step", "end-to-end ÷ step"]
+
+
+def render_loop_markdown(name: str, loop: dict[str, Any]) -> list[str]:
+    """One loop configuration's heading, command and table (a loop of :func:`_loop_tables`)."""
+    header = [label for label, _, _ in LOOP_COLUMNS]
     header += ["step time vs previous batch", "matmul GFLOP/s (MFU)", "host syncs"]
-    rows = []
-    for row in results["rows"]:
-        if "error" in row:
-            rows.append([str(row["batch_size"]), f"failed: {row['error'][:100]}", *["–"] * (len(header) - 2)])
-            continue
-        scaling = row.get("step_time_ratio_to_previous")
-        scaling_cell = f"{scaling:.2f}x for {row['batch_ratio_to_previous']:g}x batch" if scaling else "–"
-        found = [sync for sync in row["host_syncs"] if not sync.startswith(SYNC_DEBUG_NOTICE)]  # records before the fix
-        syncs = "none" if not found else "; ".join(found)[:120]
-        rows.append(
-            [
-                str(row["batch_size"]),
-                f"{row['data_images_per_second']:,.0f}",
-                f"{row['step_ms']:.1f}",
-                f"{row['step_images_per_second']:,.0f}",
-                f"{row['end_to_end_images_per_second']:,.0f}",
-                f"{row['data_over_step']:.2f}",
-                f"{row['end_to_end_over_step']:.2f}",
-                scaling_cell,
-                f"{row['achieved_gflops']:.0f} of {row['machine_matmul_gflops']:.0f} "
-                f"{row.get('machine_matmul_dtype', 'float32')} ({100 * row['mfu']:.0f} %)"
-                if "mfu" in row
-                else "–",
-                syncs,
-            ]
-        )
-    return [*lines, *markdown_table(header, rows), ""]
+    rows = [
+        [str(row["batch_size"]), f"failed: {row['error'][:100]}", *["–"] * (len(header) - 2)]
+        if "error" in row
+        else _loop_row(row)
+        for row in loop["rows"]
+    ]
+    return [f"### {name} ({loop['device']})", "", f"`{' '.join(loop['argv'])}`", "", *markdown_table(header, rows), ""]
 
 
 def _loop_tables(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -333,9 +301,10 @@ def _loop_tables(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         loop = loops.setdefault(
             name, {"argv": record["params"]["argv"], "device": record["environment"]["device"], "rows": []}
         )
-        row = record["result"] if record["status"] == "done" else {"batch_size": record["params"]["batch_size"],
-                                                                   "error": record["error"]}  # fmt: skip
-        loop["rows"].append(dict(row))
+        if record["status"] == "done":
+            loop["rows"].append(dict(record["result"]))  # a copy: the scaling below is added to it
+        else:
+            loop["rows"].append({"batch_size": record["params"]["batch_size"], "error": record["error"]})
     for loop in loops.values():
         measured = [row for row in loop["rows"] if "error" not in row]
         for smaller, larger in zip(measured, measured[1:]):
@@ -429,7 +398,7 @@ def _overhead_sentence(overhead: dict[str, Any]) -> str:
 
 
 def _koleo_sentence(koleo: dict[str, Any]) -> str:
-    memory = f", peak {koleo['peak_mib']:.0f} MiB." if koleo["peak_mib"] == koleo["peak_mib"] else " (no GPU memory)."
+    memory = " (no GPU memory)." if math.isnan(koleo["peak_mib"]) else f", peak {koleo['peak_mib']:.0f} MiB."
     return (
         f"KoLeo-proto forward + backward, K = {koleo['num_prototypes']:,}, d = {koleo['dim']}: {koleo['ms']:.1f} ms"
         + memory

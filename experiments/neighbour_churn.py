@@ -27,7 +27,6 @@ import torch.nn.functional as F
 
 from hf_koleo.koleo_neighbours import NeighbourCandidates, nearest_candidates, neighbour_refresh
 from hf_koleo.training.arguments import parse_pretraining_args
-from hf_koleo.training.checkpoint import TrainerState
 from hf_koleo.training.optimization import apply_schedules, schedule_values
 from hf_koleo.training.run_setup import build_run
 from hf_koleo.training.trainer import NonFiniteGuard, train_step
@@ -40,7 +39,7 @@ def neighbour_churn(params: dict[str, Any], context=None) -> dict[str, Any]:
     argv = [*params["argv"], "--model.koleo_proto_search", "exact", "--report_to", "none"]
     arguments, model_config = parse_pretraining_args(argv)
     run = build_run(arguments, model_config, resume=False)
-    state, guard = TrainerState(), NonFiniteGuard()
+    guard = NonFiniteGuard()
     steps_per_epoch = arguments.steps_per_epoch(1, run.data.dataset_size)
     total_steps = arguments.total_steps(steps_per_epoch)
     prototypes = run.unwrapped.student_head.prototypes
@@ -51,7 +50,7 @@ def neighbour_churn(params: dict[str, Any], context=None) -> dict[str, Any]:
         searches.before_step(step, unit_vectors)  # refreshed on the prototypes the step starts from
         values = schedule_values(arguments, step, total_steps, steps_per_epoch, arguments.peak_lr(1))
         apply_schedules(run.optimizer, values)
-        batch = run.data.next_batch(state)
+        batch = run.data.next_batch(run.state)
         train_step(run.accelerator, run.model, run.optimizer, batch, values, step, arguments.clip_grad, guard)
         run.unwrapped.update_teacher(values.teacher_momentum)
         unit_vectors = F.normalize(prototypes.detach(), dim=1)
@@ -77,7 +76,7 @@ class CandidateSearches:
 
     def __init__(self, params: dict[str, Any], num_prototypes: int, dim: int) -> None:
         self.periods = params.get("periods", [])
-        self.settings = params.get("certify", [{}])  # {}: neither movers nor repair
+        settings = params.get("certify", [{}])  # {}: neither movers nor repair
         self.lists = {
             "candidates": params.get("candidates", DEFAULT_CANDIDATES),
             "refresh_dtype": params.get("refresh_dtype", DEFAULT_REFRESH_DTYPE),
@@ -87,9 +86,9 @@ class CandidateSearches:
         self.caches = {
             (period, label(setting)): NeighbourCandidates(num_prototypes, dim, width, dtype, **_lists(setting))
             for period in self.periods
-            for setting in self.settings
+            for setting in settings
         }
-        self.updates = {label(setting): setting.get("update", 0) for setting in self.settings}
+        self.updates = {label(setting): setting.get("update", 0) for setting in settings}
         self.seen: dict[tuple[int, str], dict[str, list[float]]] = {
             key: {"exact": [], "certified": [], "seconds": [], "update_seconds": []} for key in self.caches
         }
@@ -97,11 +96,10 @@ class CandidateSearches:
     def before_step(self, step: int, unit_vectors: torch.Tensor) -> None:
         for period in self.periods:
             if step % period == 0:
-                keys = [key for key in self.caches if key[0] == period]
-                first = self.caches[keys[0]]
+                first, *others = [cache for (at, _), cache in self.caches.items() if at == period]
                 first.refresh(unit_vectors)  # one search per period; the settings share its lists
-                for key in keys[1:]:
-                    self.caches[key].load_state_dict(first.state_dict())
+                for cache in others:
+                    cache.load_state_dict(first.state_dict())
         for (period, name), cache in self.caches.items():
             if neighbour_refresh(step, period, self.updates[name]) == "update":
                 start = time.perf_counter()
@@ -117,23 +115,21 @@ class CandidateSearches:
             self.seen[key]["certified"].append(float(certified.float().mean()))
 
     def summary(self) -> dict[str, Any]:
-        if not self.caches:
-            return {}
-        return {"candidate_search": [self._row(period, name, seen) for (period, name), seen in self.seen.items()]}
-
-    def _row(self, period: int, name: str, seen: dict[str, list[float]]) -> dict[str, Any]:
-        row = {
-            "period": period,
-            "setting": name,
-            **self.lists,
-            "exact_mean": statistics.fmean(seen["exact"]),
-            "exact_min": min(seen["exact"]),
-            "certified_mean": statistics.fmean(seen["certified"]),
-            "choose_ms": 1000 * statistics.median(seen["seconds"]),
-        }
-        if seen["update_seconds"]:
-            row["update_ms"] = 1000 * statistics.median(seen["update_seconds"])
-        return row
+        rows = []
+        for (period, name), seen in self.seen.items():
+            row = {
+                "period": period,
+                "setting": name,
+                **self.lists,
+                "exact_mean": statistics.fmean(seen["exact"]),
+                "exact_min": min(seen["exact"]),
+                "certified_mean": statistics.fmean(seen["certified"]),
+                "choose_ms": 1000 * statistics.median(seen["seconds"]),
+            }
+            if seen["update_seconds"]:
+                row["update_ms"] = 1000 * statistics.median(seen["update_seconds"])
+            rows.append(row)
+        return {"candidate_search": rows} if rows else {}
 
 
 def label(setting: dict[str, int]) -> str:

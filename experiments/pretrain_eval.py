@@ -55,13 +55,13 @@ def evaluation_settings(params: dict[str, Any]) -> dict[str, Any]:
     return settings
 
 
-def _subset(features: FeatureSet, index: torch.Tensor) -> FeatureSet:
-    patch = None if features.patch_mean is None else features.patch_mean[index]
-    return FeatureSet(features.cls[index], patch, features.labels[index])
+def _first(features: FeatureSet, count: int | None) -> FeatureSet:
+    """The first ``count`` images' features (all of them when ``count`` is None)."""
+    patch = None if features.patch_mean is None else features.patch_mean[:count]
+    return FeatureSet(features.cls[:count], patch, features.labels[:count])
 
 
 def _features(model_dir: str, dataset: dict, settings: dict, limit_train: int | None):
-    """Training and test features of ``dataset`` under the evaluation ``settings``."""
     return extract_train_test(
         model_dir,
         dataset["train"],
@@ -91,8 +91,8 @@ def evaluate_run(model_dir: str, dataset: dict, settings: dict) -> dict[str, Any
         result["clusters"] = cluster_metrics(assignments, test.labels)
     if "linear" not in settings.get("protocols", FULL_PROTOCOLS):
         return result  # a recipe search scores kNN only
-    probe_index = torch.arange(len(train.labels))[: settings.get("limit_linear") or len(train.labels)]
-    linear = linear_protocol(_subset(train, probe_index), test, epochs=settings["linear_epochs"])["test"]
+    probe_train = _first(train, settings.get("limit_linear") or None)
+    linear = linear_protocol(probe_train, test, epochs=settings["linear_epochs"])["test"]
     few = few_shot_protocol(
         train, test, shots=(1, 5), n_draws=settings["fewshot_draws"], epochs=settings["linear_epochs"]
     )["by_shots"]
@@ -108,19 +108,20 @@ def evaluate_run(model_dir: str, dataset: dict, settings: dict) -> dict[str, Any
 
 def evaluate_backbone_of(run_dir: Path, params: dict[str, Any]) -> dict[str, Any]:
     """The evaluation ``params["evaluation"]`` asks for (:func:`evaluate_run` on the dataset's test split,
-    then once on ``test_dataset`` when the dataset is a validation split)."""
+    then once on ``test_dataset`` when the dataset is a validation split; the ``curve`` when asked)."""
     settings = evaluation_settings(params)
     checkpoints = list_checkpoints(run_dir)
     settings["checkpoint"] = str(checkpoints[-1]) if checkpoints else None  # the teacher's clusters
-    evaluation = evaluate_run(str(run_dir / "backbone"), params["dataset"], settings)
+    backbone = str(run_dir / "backbone")
+    evaluation = evaluate_run(backbone, params["dataset"], settings)
     if settings.get("test_dataset"):  # chosen on a validation split, then tested once with every protocol
-        evaluation["test"] = evaluate_run(
-            str(run_dir / "backbone"), settings["test_dataset"], {**settings, "protocols": FULL_PROTOCOLS}
-        )
+        evaluation["test"] = evaluate_run(backbone, settings["test_dataset"], {**settings, "protocols": FULL_PROTOCOLS})
+    if settings.get("curve"):
+        evaluation["curve"] = checkpoint_curve(run_dir, params, settings)
     return evaluation
 
 
-def checkpoint_curve(run_dir: Path, params: dict[str, Any]) -> list[dict[str, Any]]:
+def checkpoint_curve(run_dir: Path, params: dict[str, Any], settings: dict[str, Any]) -> list[dict[str, Any]]:
     """kNN@20 of every kept checkpoint's teacher against the pretraining seconds it took to reach it.
 
     ``evaluation.curve: true`` with ``pretrain.save_every`` (say one epoch) and a ``keep_last`` that keeps
@@ -128,10 +129,9 @@ def checkpoint_curve(run_dir: Path, params: dict[str, Any]) -> list[dict[str, An
     all). The seconds are the logged windows' (images / img/s) up to the checkpoint's step: training
     only, no evaluation and no checkpoint writing.
     """
-    settings = evaluation_settings(params)
     pretraining = params["pretrain"]
     images_per_step = pretraining["per_device_batch_size"] * pretraining.get("gradient_accumulation_steps", 1)
-    seconds_at = _training_seconds(run_dir, images_per_step)
+    windows = _training_windows(run_dir, images_per_step)
     curve = []
     for checkpoint in list_checkpoints(run_dir):
         model = load_pretraining_model(checkpoint)
@@ -143,7 +143,7 @@ def checkpoint_curve(run_dir: Path, params: dict[str, Any]) -> list[dict[str, An
         curve.append(
             {
                 "step": step,
-                "seconds": seconds_at(step),
+                "seconds": sum(seconds for end, seconds in windows if end <= step),
                 "knn_top1": knn["accuracy"],
                 "knn_balanced": knn["balanced_accuracy"],
                 **{key: clusters[key] for key in ("clusters_used", "nmi", "ari", "purity")},
@@ -153,19 +153,15 @@ def checkpoint_curve(run_dir: Path, params: dict[str, Any]) -> list[dict[str, An
     return curve
 
 
-def _training_seconds(run_dir: Path, images_per_step: int):
-    """``step -> seconds`` of training up to ``step``, from the logged windows of ``metrics.jsonl``."""
+def _training_windows(run_dir: Path, images_per_step: int) -> list[tuple[int, float]]:
+    """``(last step, seconds of training)`` of each logged window of ``metrics.jsonl``."""
     windows, previous = [], 0
     for row in read_metrics(run_dir):
         if "images_per_second" in row and "loss" in row:
             images = (row["step"] - previous) * images_per_step
             windows.append((row["step"], images / max(row["images_per_second"], 1e-9)))
             previous = row["step"]
-
-    def seconds_at(step: int) -> float:
-        return sum(seconds for end, seconds in windows if end <= step)
-
-    return seconds_at
+    return windows
 
 
 def run_settings(params: dict[str, Any], output_dir: Path) -> dict[str, Any]:
@@ -194,16 +190,11 @@ def pretrain_and_evaluate(params: dict[str, Any], context: RunContext) -> dict[s
     if summary.get("stopped"):
         raise Unfinished(f"stopped at step {summary['steps']} of {summary['total_steps']} (budget)")
     evaluation = evaluate_backbone_of(run_dir, params)
-    if evaluation_settings(params).get("curve"):
-        evaluation["curve"] = checkpoint_curve(run_dir, params)
-    prototype_history, losses = run_history(run_dir)
     result = {
         "settings": settings,
         "device": timing["device"],
         "pretraining": timing,
-        "prototype_history": prototype_history,
-        "losses": losses,
-        "final_prototypes": final_prototypes(json.loads((run_dir / "prototype_report.json").read_text())),
+        **run_outputs(run_dir, json.loads((run_dir / "prototype_report.json").read_text())),
         "collapse_alarms": summary.get("collapse_alarms") or [],  # every chunk's, as the trainer restores them
         "evaluation": evaluation,
     }
@@ -229,10 +220,10 @@ def export_with_card(params: dict[str, Any], context: RunContext) -> Path:
     """
     settings, run_dir = evaluation_settings(params), context.work_dir
     dataset = settings.get("test_dataset") or params["dataset"]
+    scores = run_dir / "evaluation" / "backbone.json"
     pixels = run_dir.parent / "evaluation" / f"pixels-{_slug(dataset['train'])}.json"
-    evaluation_files = []
-    for model, path in ((str(run_dir / "backbone"), run_dir / "evaluation" / "backbone.json"), (PIXELS, pixels)):
-        if not (model == PIXELS and path.exists()):
+    for model, path in ((str(run_dir / "backbone"), scores), (PIXELS, pixels)):
+        if model != PIXELS or not path.exists():
             result = evaluate_backbone(
                 "all",
                 model,
@@ -244,17 +235,17 @@ def export_with_card(params: dict[str, Any], context: RunContext) -> Path:
                 settings.get("device", "cpu"),
             )
             write_result(result, path)
-        evaluation_files.append(path)
     checkpoint = list_checkpoints(run_dir)[-1]
-    return prepare_upload_folder(checkpoint, run_dir / "release", f"hf_koleo/{context.run.name}", evaluation_files)
+    return prepare_upload_folder(checkpoint, run_dir / "release", f"hf_koleo/{context.run.name}", [scores, pixels])
 
 
 def _slug(source: str) -> str:
     return "".join(character if character.isalnum() else "_" for character in source)
 
 
-def run_history(run_dir: Path) -> tuple[list[dict[str, Any]], list[list[float]]]:
-    """Per-epoch prototype statistics and ``[epoch, loss]`` pairs from the run's ``metrics.jsonl``."""
+def run_outputs(run_dir: Path, report: dict[str, Any]) -> dict[str, Any]:
+    """Per-epoch prototype statistics and ``[epoch, loss]`` pairs from the run's ``metrics.jsonl``, and the
+    headline entries of its prototype ``report`` (``prototype_report.json``) for each head (teacher and student)."""
     prototype_rows: dict[int, dict[str, Any]] = {}
     losses: dict[int, list[float]] = {}
     for row in read_metrics(run_dir):
@@ -264,16 +255,15 @@ def run_history(run_dir: Path) -> tuple[list[dict[str, Any]], list[list[float]]]
             }
         elif "loss" in row:
             losses[row["step"]] = [row["epoch"], row["loss"]]
-    return [prototype_rows[step] for step in sorted(prototype_rows)], [losses[step] for step in sorted(losses)]
-
-
-def final_prototypes(report: dict[str, Any]) -> dict[str, Any]:
-    """The headline entries of ``prototype_report.json`` for each head (teacher and student)."""
     keep = ("unique_prototypes", "unique_curve", "nn_distance_quantiles", "utilisation", "marginal_entropy")
     return {
-        head: {key: entry[key] for key in keep if key in entry}
-        for head, entry in report.items()
-        if isinstance(entry, dict) and "unique_curve" in entry
+        "prototype_history": [prototype_rows[step] for step in sorted(prototype_rows)],
+        "losses": [losses[step] for step in sorted(losses)],
+        "final_prototypes": {
+            head: {key: entry[key] for key in keep if key in entry}
+            for head, entry in report.items()
+            if isinstance(entry, dict) and "unique_curve" in entry
+        },
     }
 
 

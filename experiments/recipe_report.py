@@ -22,32 +22,30 @@ def recipe_runs(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for record in records:
         if record.get("status") != "done" or record["kind"] != "pretrain_eval":
             continue
-        result, settings = record["result"], record["result"]["settings"]
+        result = record["result"]
+        settings, evaluation = result["settings"], result["evaluation"]
         teacher = result["final_prototypes"]["teacher/cls"]
-        end = {"minutes": result["pretraining"]["seconds"] / 60, "knn_top1": result["evaluation"]["knn_top1"]}
+        candidate = record["axes"]["candidate"]
+        if settings["model"].get("koleo_proto_weight"):
+            candidate += " + KoLeo-proto"
+        if settings["model"].get("centring") == "sinkhorn_knopp" and "sinkhorn" not in candidate:
+            candidate += " + Sinkhorn-Knopp"  # unless the candidate's own name says so
+        end = {"minutes": result["pretraining"]["seconds"] / 60, "knn_top1": evaluation["knn_top1"]}
         curve = [
-            {"minutes": point["seconds"] / 60, "knn_top1": point["knn_top1"]}
-            for point in result["evaluation"].get("curve", [])
+            {"minutes": point["seconds"] / 60, "knn_top1": point["knn_top1"]} for point in evaluation.get("curve", [])
         ]
         rows.append(
             {
                 "name": record["name"],
-                "candidate": record["axes"]["candidate"]
-                + (" + KoLeo-proto" if settings["model"].get("koleo_proto_weight") else "")
-                + (
-                    " + Sinkhorn-Knopp"  # unless the candidate's own name says so
-                    if settings["model"].get("centring") == "sinkhorn_knopp"
-                    and "sinkhorn" not in record["axes"]["candidate"]
-                    else ""
-                ),
+                "candidate": candidate,
                 "seed": record["axes"].get("seed"),
                 "machine": cpu_model(record.get("environment", {}).get("machine", "")),  # minutes compare on one
                 "epochs": settings.get("epochs"),
                 "batch": settings["per_device_batch_size"],
                 "minutes": end["minutes"],
                 "images_per_second": result["pretraining"]["images_per_second"],
-                "knn_top1": result["evaluation"]["knn_top1"],
-                "knn_balanced": result["evaluation"]["knn_balanced"],
+                "knn_top1": evaluation["knn_top1"],
+                "knn_balanced": evaluation["knn_balanced"],
                 "used": teacher["utilisation"]["used"],
                 "perplexity": teacher["utilisation"]["assignment_perplexity"],
                 "unique@0.025": teacher["unique_curve"]["0.025"],
@@ -59,32 +57,30 @@ def recipe_runs(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda row: -row["knn_top1"])
 
 
+COLUMNS = (  # (header, the cell of a row of recipe_runs)
+    ("candidate", lambda run: run["candidate"]),
+    ("seed", lambda run: str(run["seed"])),
+    ("epochs", lambda run: f"{run['epochs']:g}"),
+    ("batch", lambda run: str(run["batch"])),
+    ("machine", lambda run: run["machine"]),
+    ("minutes", lambda run: f"{run['minutes']:.1f}"),
+    ("img/s", lambda run: f"{run['images_per_second']:.0f}"),
+    ("val kNN@20", lambda run: f"{run['knn_top1']:.1f}"),
+    ("val balanced", lambda run: f"{run['knn_balanced']:.1f}"),
+    ("unique@0.025", lambda run: f"{run['unique@0.025']:,}"),
+    ("used", lambda run: f"{run['used']:,} / {run['num_prototypes']:,}"),
+    ("perplexity", lambda run: f"{run['perplexity']:.1f}"),
+)
+
+
 def render_markdown(runs: list[dict[str, Any]], title: str, left_out: dict[str, str]) -> str:
     if not runs:
         return f"No run of {title} has finished yet.\n"
-    header = ["candidate", "seed", "epochs", "batch", "machine", "minutes", "img/s", "val kNN@20", "val balanced"]
-    header += ["unique@0.025", "used", "perplexity"]
-    table = [
-        [
-            run["candidate"],
-            str(run["seed"]),
-            f"{run['epochs']:g}",
-            str(run["batch"]),
-            run["machine"],
-            f"{run['minutes']:.1f}",
-            f"{run['images_per_second']:.0f}",
-            f"{run['knn_top1']:.1f}",
-            f"{run['knn_balanced']:.1f}",
-            f"{run['unique@0.025']:,}",
-            f"{run['used']:,} / {run['num_prototypes']:,}",
-            f"{run['perplexity']:.1f}",
-        ]
-        for run in runs
-    ]
+    table = [[cell(run) for _, cell in COLUMNS] for run in runs]
     devices = ", ".join(sorted({run["device"] for run in runs}))
     minutes = "minutes of pretraining (evaluation not included), comparable on one machine only"
     lines = [f"{len(runs)} runs on {devices}, best first; {minutes}.", ""]
-    lines += markdown_table(header, table) + left_out_lines(left_out)
+    lines += markdown_table([header for header, _ in COLUMNS], table) + left_out_lines(left_out)
     return "\n".join(lines) + "\n"
 
 

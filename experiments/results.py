@@ -1,14 +1,13 @@
 """``python -m experiments results``: every study's committed records -> docs/results.json and the claims table.
 
-The project's answers to the paper live in several specs (the CPU recipe search, the CPU study, the
-frozen-head studies, the first GPU window). This module reads their committed records (through each spec's plan, so a
-stale record is left out) and writes one machine-readable file, ``docs/results.json``: a headline row
-per run (dataset, method, K, seed, length, device, seconds, unique prototypes per eps, prototypes
-used at the end of training, the teacher's arg-max on the scored split as clusters: clusters used, NMI,
-ARI; kNN top-1 and balanced, linear, few-shot) and one verdict
-per claim, with its evidence and the setting it holds in, and the CPU hours the runs took. The claims
-table and the hours are also written into the generated regions ``claims`` and ``cpu_hours`` of
-``docs/results.md`` (the reading around them is written by hand).
+The project's answers to the paper live in several specs (the CPU recipe search, the CPU study, the frozen-head
+studies, the first GPU window). This module reads their committed records (through each spec's plan, so a stale
+record is left out) and writes one machine-readable file, ``docs/results.json``: a headline row per run (dataset,
+method, K, seed, length, device, seconds, unique prototypes per eps, prototypes used at the end of training, the
+teacher's arg-max on the scored split as clusters: clusters used, NMI, ARI; kNN top-1 and balanced, linear, few-shot)
+and one verdict per claim, with its evidence and the setting it holds in, and the CPU hours the runs took. The claims
+table and the hours are also written into the generated regions ``claims`` and ``cpu_hours`` of ``docs/results.md``
+(the reading around them is written by hand).
 """
 
 from __future__ import annotations
@@ -26,6 +25,7 @@ from .study_report import load_results
 SPECS = Path(__file__).resolve().parents[1] / "configs" / "experiments"
 SOURCES = ("cpu_recipe", "cpu_study", "frozen_head", "frozen_head_k", "gpu_window")
 RECIPE_TARGET = {"knn": 84.6, "minutes": 60.0}  # the CPU recipe against raw pixels, on 2 cores
+MERGED, PREVENTED = 0.9, 0.99  # shares of K unique: a recipe baseline that merged, a KoLeo-proto twin that held
 
 
 def load_sources(root: Path) -> dict[str, tuple[Any, list[dict[str, Any]]]]:
@@ -234,11 +234,7 @@ def clusters_claim(rows: list[dict[str, Any]]) -> dict[str, str]:
         key = (row["source"], row["dataset"], row["num_prototypes"], *length, centring, row.get("model"))
         pairs.setdefault(key, {}).setdefault(method, []).append(row["nmi"])
     gaps = [
-        (
-            source,
-            f"{dataset} {_length(k, epochs, steps)}",
-            mean(m["koleo_proto"]) - mean(m["baseline"]),
-        )
+        (source, f"{dataset} {_length(k, epochs, steps)}", mean(m["koleo_proto"]) - mean(m["baseline"]))
         for (source, dataset, k, epochs, steps, *_), m in sorted(pairs.items(), key=lambda item: item[0][:3])
         if "koleo_proto" in m and "baseline" in m
     ]
@@ -266,11 +262,8 @@ def _share(row: dict[str, Any]) -> float:
 
 
 def _recipe_evidence(row: dict[str, Any], label: str) -> str:
-    return (
-        f"the CPU recipe{label} ({row['epochs']} epochs, K = {row['num_prototypes']:,}, {row.get('model')}): "
-        f"{row['unique']['0.025']:,} "
-        f"unique at eps 0.025 ({_share(row):.1%})"
-    )
+    setting = f"{row['epochs']} epochs, K = {row['num_prototypes']:,}, {row.get('model')}"
+    return f"the CPU recipe{label} ({setting}): {row['unique']['0.025']:,} unique at eps 0.025 ({_share(row):.1%})"
 
 
 def _with_recipe(verdict: dict[str, str], holds: bool, evidence: str) -> dict[str, str]:
@@ -286,20 +279,19 @@ def recipe_collapse(rows: list[dict[str, Any]], verdict: dict[str, str]) -> dict
     runs = _recipe_long_runs(rows, "baseline")
     if not runs:
         return verdict
-    evidence = "; ".join(_recipe_evidence(row, "") for row in runs)
-    if verdict["verdict"] == "not measured":
-        return _with_recipe(verdict, any(_share(row) <= 0.9 for row in runs), evidence)
-    return {**verdict, "evidence": f"{verdict['evidence']}; {evidence}"}
+    # the recipe's runs decide only where the study measured nothing; beside its verdict they are evidence alone
+    holds = verdict["verdict"] != "not measured" or any(_share(row) <= MERGED for row in runs)
+    return _with_recipe(verdict, holds, "; ".join(_recipe_evidence(row, "") for row in runs))
 
 
-def recipe_prevention(rows: list[dict[str, Any]], verdict: dict[str, str], target: float = 0.99) -> dict[str, str]:
+def recipe_prevention(rows: list[dict[str, Any]], verdict: dict[str, str]) -> dict[str, str]:
     """The prevention claim, with the CPU recipe's KoLeo-proto twin of a baseline that merged (same K
     and epochs) as evidence beside the study's."""
 
     def setting(row):
         return row["num_prototypes"], row["epochs"], row.get("model")
 
-    merged = [base for base in _recipe_long_runs(rows, "baseline") if _share(base) <= 0.9]
+    merged = [base for base in _recipe_long_runs(rows, "baseline") if _share(base) <= MERGED]
     pairs = []
     for twin in _recipe_long_runs(rows, "koleo_proto"):
         bases = [base for base in merged if setting(base) == setting(twin)]
@@ -311,24 +303,17 @@ def recipe_prevention(rows: list[dict[str, Any]], verdict: dict[str, str], targe
         f"{_recipe_evidence(twin, ' with KoLeo-proto 0.1')} where its baseline kept {_share(base):.1%}"
         for base, twin in pairs
     )
-    return _with_recipe(
-        verdict, all(_share(twin) >= target for _, twin in pairs), f"{evidence} (target >= {target:.0%})"
-    )
+    held = all(_share(twin) >= PREVENTED for _, twin in pairs)
+    return _with_recipe(verdict, held, f"{evidence} (target >= {PREVENTED:.0%})")
 
 
 def all_claims(sources, rows: list[dict[str, Any]]) -> list[dict[str, str]]:
     verdicts = [recipe_claim(sources)]
     if "cpu_study" in sources:
         spec, records = sources["cpu_study"]
-        verdicts += study_claims(load_results(records, {}, spec))[1:]  # its own "beats pixels" is the recipe's
-        from_recipe = {
-            "the baseline partially collapses": recipe_collapse,
-            "KoLeo-proto prevents it": recipe_prevention,
-        }
-        verdicts = [
-            from_recipe[verdict["claim"]](rows, verdict) if verdict["claim"] in from_recipe else verdict
-            for verdict in verdicts
-        ]
+        # its own "beats pixels" is the recipe's
+        _, collapse, prevention, long_tail = study_claims(load_results(records, {}, spec))
+        verdicts += [recipe_collapse(rows, collapse), recipe_prevention(rows, prevention), long_tail]
     verdicts.append(clusters_claim(rows))
     return verdicts
 

@@ -22,6 +22,7 @@ Parameters::
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -41,7 +42,7 @@ from hf_koleo.training.run_outputs import read_metrics
 
 from .loop_benchmark import render_records
 from .markdown import left_out_lines, markdown_table
-from .pretrain_eval import evaluate_run, evaluation_settings, final_prototypes, run_history
+from .pretrain_eval import evaluate_run, evaluation_settings, run_outputs
 from .runner import RunContext
 from .spec import merge_settings
 
@@ -55,20 +56,22 @@ def _settings(params: dict[str, Any], method: str, output_dir: Path, **overrides
     return {**settings, **overrides}
 
 
-def train_together(configs: dict[str, dict[str, Any]], folder: Path) -> dict[str, int]:
-    """``scripts/pretrain.py`` for every config at once, each in its own process; exit codes by name."""
+def train_together(params: dict[str, Any], folder: Path, **overrides) -> None:
+    """``scripts/pretrain.py`` for every method at once, each in its own process and ``folder/<method>``,
+    with the ``overrides`` of its settings."""
     folder.mkdir(parents=True, exist_ok=True)
+    methods = params["methods"]
     # This checkout's hf_koleo, whatever is installed (a device machine has no install at all); the
     # host's cores shared out, so the processes' CPU work does not oversubscribe them.
     environment = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // len(configs)))),
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // len(methods)))),
     }
     processes = {}
-    for name, settings in configs.items():
+    for name in methods:
         config_path = folder / f"{name}.yaml"
-        config_path.write_text(yaml.safe_dump(settings, sort_keys=False))
+        config_path.write_text(yaml.safe_dump(_settings(params, name, folder / name, **overrides), sort_keys=False))
         log = open(folder / f"{name}.log", "w")  # noqa: SIM115 - closed with the process below
         command = [sys.executable, str(ROOT / "scripts" / "pretrain.py"), "--config", str(config_path)]
         process = subprocess.Popen(command, cwd=ROOT, env=environment, stdout=log, stderr=subprocess.STDOUT)
@@ -81,7 +84,6 @@ def train_together(configs: dict[str, dict[str, Any]], folder: Path) -> dict[str
     if failed:
         tails = {name: (folder / f"{name}.log").read_text()[-600:] for name in failed}
         raise RuntimeError(f"pretraining failed: exit codes {failed}; log tails {tails}")
-    return codes
 
 
 def _images_per_second(run_dir: Path) -> float:
@@ -99,15 +101,12 @@ def _backbone(run_dir: Path) -> tuple[Path, bool]:
 
 
 def side_by_side(params: dict[str, Any], context: RunContext) -> dict[str, Any]:
-    """Run kind: see the module docstring."""
     started = time.perf_counter()
     seconds = min(params.get("seconds", math.inf), context.seconds_left)
     methods = list(params["methods"])
     probe_steps = params.get("probe_steps", 40)
     probe = context.work_dir / "probe"
-    train_together(
-        {name: _settings(params, name, probe / name, epochs=0, max_steps=probe_steps) for name in methods}, probe
-    )
+    train_together(params, probe, epochs=0, max_steps=probe_steps)
     speeds = {name: _images_per_second(probe / name) for name in methods}
     if not all(speed > 0 for speed in speeds.values()):  # NaN: no window logged after the first
         raise ValueError(f"the probe logged no speed in {probe_steps} steps: set probe_steps above 2 x log_every")
@@ -118,29 +117,21 @@ def side_by_side(params: dict[str, Any], context: RunContext) -> dict[str, Any]:
     train_seconds = seconds - (time.perf_counter() - started) - overhead - params.get("evaluation_seconds", 60)
     epochs = max(1, min(params.get("max_epochs", 100), math.floor(min(speeds.values()) * train_seconds / dataset_size)))
     runs = context.work_dir / "runs"
-    train_together(
-        {
-            name: _settings(params, name, runs / name, epochs=epochs, max_steps=0, max_time=max(train_seconds, 1.0))
-            for name in methods
-        },
-        runs,
-    )
+    train_together(params, runs, epochs=epochs, max_steps=0, max_time=max(train_seconds, 1.0))
     evaluation = {**evaluation_settings(params), "protocols": ["knn"]}
     results = {}
     for name in methods:
         run_dir = runs / name
         backbone, cut = _backbone(run_dir)
-        history, losses = run_history(run_dir)
         report_path = run_dir / "prototype_report.json"
         if not report_path.exists():  # a cut run: the report its exported checkpoint carries
             report_path = backbone / "prototype_report.json"
+        outputs = run_outputs(run_dir, json.loads(report_path.read_text()) if report_path.exists() else {})
         results[name] = {
             "images_per_second": _images_per_second(run_dir),
             "cut_by_max_time": cut,
-            "epochs_reached": max((row["epoch"] for row in history), default=0.0),
-            "prototype_history": history,
-            "losses": losses,
-            "final_prototypes": final_prototypes(json.loads(report_path.read_text())) if report_path.exists() else {},
+            "epochs_reached": max((row["epoch"] for row in outputs["prototype_history"]), default=0.0),
+            **outputs,
             "evaluation": evaluate_run(str(backbone), params["dataset"], evaluation),
         }
     return {
@@ -157,7 +148,8 @@ def side_by_side(params: dict[str, Any], context: RunContext) -> dict[str, Any]:
 TEACHER = "prototypes/teacher_cls/"
 
 
-def _method_row(name: str, run: dict[str, Any], epochs: int, num_prototypes: int | None) -> list[str]:
+def _method_row(name: str, run: dict[str, Any], epochs: int, num_prototypes: int | None) -> dict[str, str]:
+    """The method's cells of the pair's table, by column."""
     if run["cut_by_max_time"]:
         epochs = f"{run.get('epochs_reached', 0):.1f} of {epochs} (cut)"
     history = run["prototype_history"]
@@ -165,34 +157,26 @@ def _method_row(name: str, run: dict[str, Any], epochs: int, num_prototypes: int
     last = history[-1] if history else {}
     knn = run["evaluation"]
     share = f" ({100 * unique[-1] / num_prototypes:.1f} %)" if unique and num_prototypes else ""
-    return [
-        name,
-        f"{epochs}",
-        f"{run['images_per_second']:,.0f}",
-        f"{unique[-1]:,}{share}" if unique else "-",
-        f"{min(unique):,}" if unique else "-",
-        f"{last.get(TEACHER + 'used', float('nan')):,.0f}",
-        f"{last.get(TEACHER + 'nn_distance_q0.5', float('nan')):.3f}",
-        f"{knn['knn_top1']:.1f} / {knn['knn_balanced']:.1f}",  # percent
-    ]
+    return {
+        "method": name,
+        "epochs": f"{epochs}",
+        "img/s": f"{run['images_per_second']:,.0f}",
+        "unique@0.025 at the end": f"{unique[-1]:,}{share}" if unique else "-",
+        "lowest": f"{min(unique):,}" if unique else "-",
+        "used": f"{last.get(TEACHER + 'used', float('nan')):,.0f}",
+        "NN median": f"{last.get(TEACHER + 'nn_distance_q0.5', float('nan')):.3f}",
+        "kNN@20 top-1 / bal.": f"{knn['knn_top1']:.1f} / {knn['knn_balanced']:.1f}",  # percent
+    }
 
 
 def render_pair(record: dict[str, Any]) -> list[str]:
-    """One side-by-side record: a row per method, then unique prototypes per epoch."""
+    """One side-by-side record: a row per method, then unique prototypes per epoch (a line if it failed)."""
+    if record["status"] != "done":
+        return [f"{record['name']}: failed: {record['error']}", ""]
     result, params = record["result"], record["params"]
     num_prototypes = params["pretrain"].get("model", {}).get("num_prototypes")
-    header = [
-        "method",
-        "epochs",
-        "img/s",
-        "unique@0.025 at the end",
-        "lowest",
-        "used",
-        "NN median",
-        "kNN@20 top-1 / bal.",
-    ]
     rows = [_method_row(name, run, result["epochs"], num_prototypes) for name, run in result["runs"].items()]
-    lines = [
+    return [
         f"### {record['name']} on {record['environment']['device']}",
         "",
         f"Probe (together, {params.get('probe_steps', 40)} steps): "
@@ -200,14 +184,14 @@ def render_pair(record: dict[str, Any]) -> list[str]:
         + f"; {result['epochs']} epoch(s) of {result['dataset_size']:,} images planned in "
         f"{result['train_seconds_planned']:.0f} s; the whole run took {result['seconds']:.0f} s.",
         "",
-        *markdown_table(header, rows),
+        *markdown_table(list(rows[0]), [list(row.values()) for row in rows]),
         "",
         "The teacher's prototypes per logged epoch: unique at eps 0.025 / 0.1, nearest-neighbour distance "
         "q0.01 / median (merging shows there first), prototypes its arg-max used:",
         "",
         *markdown_table(*_epoch_table(result["runs"])),
+        "",
     ]
-    return [*lines, ""]
 
 
 def _epoch_table(runs: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
@@ -215,21 +199,18 @@ def _epoch_table(runs: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     header = ["epoch"]
     for name in runs:
         header += [f"{name} unique@0.025 / 0.1", f"{name} NN q0.01 / median", f"{name} used"]
-    histories = [run["prototype_history"] for run in runs.values()]
     rows = []
-    for at in range(max(map(len, histories), default=0)):
-        cells = [f"{histories[0][at]['epoch']:.2f}" if at < len(histories[0]) else "-"]
-        for history in histories:
-            row = history[at] if at < len(history) else None
-            cells += (
-                [
-                    f"{row[TEACHER + 'unique@0.025']:,} / {row[TEACHER + 'unique@0.1']:,}",
-                    f"{row[TEACHER + 'nn_distance_q0.01']:.3f} / {row[TEACHER + 'nn_distance_q0.5']:.3f}",
-                    f"{row.get(TEACHER + 'used', float('nan')):,.0f}",
-                ]
-                if row
-                else ["-"] * 3
-            )
+    for logged in itertools.zip_longest(*(run["prototype_history"] for run in runs.values())):
+        cells = [f"{logged[0]['epoch']:.2f}" if logged[0] is not None else "-"]
+        for row in logged:
+            if not row:
+                cells += ["-"] * 3
+                continue
+            cells += [
+                f"{row[TEACHER + 'unique@0.025']:,} / {row[TEACHER + 'unique@0.1']:,}",
+                f"{row[TEACHER + 'nn_distance_q0.01']:.3f} / {row[TEACHER + 'nn_distance_q0.5']:.3f}",
+                f"{row.get(TEACHER + 'used', float('nan')):,.0f}",
+            ]
         rows.append(cells)
     return header, rows
 
@@ -240,11 +221,7 @@ def write_report(spec, records: list[dict[str, Any]], left_out: dict[str, str], 
     lines = [f"# {spec.settings.get('title', spec.name)}", ""]
     for record in records:
         if record["kind"] == "side_by_side":
-            lines += (
-                render_pair(record)
-                if record["status"] == "done"
-                else [f"{record['name']}: failed: {record['error']}", ""]
-            )
+            lines += render_pair(record)
     loops = [record for record in records if record["kind"] != "side_by_side"]
     if loops:
         lines += render_records(loops).splitlines()

@@ -16,6 +16,7 @@ The verdicts test the paper's claims against these targets (a spec's ``targets``
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,8 @@ METRICS = (  # (key in a run's "evaluation", label)
     ("linear_balanced", "linear balanced acc."),
     ("shot5", "5-shot top-1"),
 )
+Groups = dict[tuple[str, int, str, str], list[dict[str, Any]]]  # runs by (dataset, K, method, length)
+GROUP_HEADER = ["K", "method", "seeds", "length"]  # the cells of a group of runs (_group_cells)
 TARGETS = {"knn": 90.0, "collapsed": 0.75, "prevented": 0.95, "collapse_min_k": 16384, "lt_gain": 1.0}
 
 
@@ -103,36 +106,50 @@ def _order(run: dict[str, Any]) -> tuple:
     return (run["dataset"], run["num_prototypes"], run["method"], length, run["seed"])
 
 
-def group_runs(runs: list[dict[str, Any]]) -> dict[tuple[str, int, str, str], list[dict[str, Any]]]:
-    """Runs by (dataset, K, method, training length), seeds in order: only runs of one length are pooled."""
+def group_runs(results: dict[str, Any]) -> Groups:
+    """The runs but the recipe candidates by (dataset, K, method, training length), seeds in order: only runs
+    of one length are pooled."""
     return group_by(
-        sorted(runs, key=_order),
+        sorted((run for run in results["runs"] if run["stage"] != "recipe"), key=_order),
         lambda run: (run["dataset"], run["num_prototypes"], run["method"], _length(run["settings"])),
     )
+
+
+def _group_cells(key: tuple[str, int, str, str], group: list[dict[str, Any]]) -> list[str]:
+    """The cells under :data:`GROUP_HEADER` of a group of :func:`group_runs`."""
+    _, k, method, length = key
+    return [f"{k:,}", method, str(len(group)), length]
 
 
 def _values(runs: list[dict[str, Any]], key: str) -> list[float]:
     return [run["evaluation"][key] for run in runs]
 
 
-def _unique_fractions(runs: list[dict[str, Any]], eps: str = HEADLINE_EPS) -> list[float]:
-    return [teacher_curve(run)[eps] / run["num_prototypes"] for run in runs]
+def _unique_fractions(runs: list[dict[str, Any]]) -> list[float]:
+    return [teacher_curve(run)[HEADLINE_EPS] / run["num_prototypes"] for run in runs]
 
 
-def _beats_pixels(results: dict[str, Any], groups, targets: dict[str, float]) -> dict[str, str]:
+def _unique_evidence(groups: Groups) -> str:
+    return "; ".join(
+        f"{dataset} K = {k:,}, {length}: {mean_std([100 * f for f in _unique_fractions(runs)])} % unique@{HEADLINE_EPS}"
+        for (dataset, k, _, length), runs in groups.items()
+    )
+
+
+def _beats_pixels(results: dict[str, Any], groups: Groups, targets: dict[str, float]) -> dict[str, str]:
     """kNN@20 of the recipe (KoLeo-proto at the recipe's K, chosen on validation) against raw pixels; without
     the config, the best group on the test split (an optimistic choice, said so)."""
     claim = {"claim": "features beat raw pixels"}
     pixels = results["pixels"].get("fashion_mnist", {}).get("knn_top1")
-    balanced = {key: runs for key, runs in groups.items() if key[0] == "fashion_mnist"}
+    candidates = {key: runs for key, runs in groups.items() if key[0] == "fashion_mnist"}
     recipe = results.get("recipe_group")
     if recipe is not None:
-        keys = [key for key in groups if key[:3] == ("fashion_mnist", recipe["num_prototypes"], "koleo_proto")]
-        chosen, how = (keys[0], groups[keys[0]]) if keys else (None, None), "the recipe"
+        how = "the recipe"
+        ours = [item for item in candidates.items() if item[0][1:3] == (recipe["num_prototypes"], "koleo_proto")]
+        key, runs = ours[0] if ours else (None, None)
     else:
-        chosen = max(balanced.items(), key=lambda item: mean(_values(item[1], "knn_top1")), default=(None, None))
-        how = f"best of {len(balanced)} groups on the test split (optimistic)"
-    (key, runs) = chosen
+        how = f"best of {len(candidates)} groups on the test split (optimistic)"
+        key, runs = max(candidates.items(), key=lambda item: mean(_values(item[1], "knn_top1")), default=(None, None))
     if runs is None or pixels is None:
         return {**claim, "verdict": "not measured", "evidence": "no run" if runs is None else "no pixel baseline"}
     knn = mean(_values(runs, "knn_top1"))
@@ -144,116 +161,86 @@ def _beats_pixels(results: dict[str, Any], groups, targets: dict[str, float]) ->
     }
 
 
-def claims(results: dict[str, Any]) -> list[dict[str, str]]:
-    """One ``{"claim", "verdict", "evidence"}`` per target; "not measured" when its runs are missing."""
-    groups = group_runs([run for run in results["runs"] if run["stage"] != "recipe"])
-    targets = results.get("targets", TARGETS)
-    verdicts = []
-
-    verdicts.append(_beats_pixels(results, groups, targets))
-
-    baselines = {
-        key: runs for key, runs in groups.items() if key[2] == "baseline" and key[1] >= targets["collapse_min_k"]
-    }
+def _collapse(groups: Groups, targets: dict[str, float]) -> tuple[dict[str, str], Groups]:
+    """The collapse verdict, and the groups of baselines (at K >= ``collapse_min_k``) that collapsed."""
+    claim = {"claim": "the baseline partially collapses"}
+    min_k = targets["collapse_min_k"]
+    baselines = {key: runs for key, runs in groups.items() if key[2] == "baseline" and key[1] >= min_k}
     collapsed = {key: runs for key, runs in baselines.items() if mean(_unique_fractions(runs)) <= targets["collapsed"]}
     if not baselines:
-        verdicts.append({"claim": "the baseline partially collapses", "verdict": "not measured", "evidence": "no run"})
-    else:
-        shown = collapsed or baselines
-        evidence = "; ".join(
-            f"{dataset} K = {k:,}, {length}: {mean_std([100 * f for f in _unique_fractions(runs)])} % "
-            f"unique@{HEADLINE_EPS}"
-            for (dataset, k, _, length), runs in shown.items()
-        )
-        verdicts.append(
-            {
-                "claim": "the baseline partially collapses",
-                "verdict": "confirmed" if collapsed else "not confirmed",
-                "evidence": f"{evidence} (target <= {100 * targets['collapsed']:g} % at K >= "
-                f"{targets['collapse_min_k']:,})",
-            }
-        )
+        return {**claim, "verdict": "not measured", "evidence": "no run"}, collapsed
+    target = f"target <= {100 * targets['collapsed']:g} % at K >= {min_k:,}"
+    evidence = f"{_unique_evidence(collapsed or baselines)} ({target})"
+    return {**claim, "verdict": "confirmed" if collapsed else "not confirmed", "evidence": evidence}, collapsed
 
-    prevented = []
-    for dataset, k, _, length in collapsed:
-        koleo = groups.get((dataset, k, "koleo_proto", length))
-        if koleo:
-            prevented.append((dataset, f"{k:,}, {length}", mean(_unique_fractions(koleo)), _unique_fractions(koleo)))
-    if not prevented:
+
+def _prevention(groups: Groups, collapsed: Groups, targets: dict[str, float]) -> dict[str, str]:
+    """Whether the KoLeo-proto twin of each collapsed baseline (same data, K and length) kept its prototypes."""
+    claim = {"claim": "KoLeo-proto prevents it"}
+    wanted = {(dataset, k, "koleo_proto", length) for dataset, k, _, length in collapsed}
+    twins = {key: runs for key, runs in groups.items() if key in wanted}
+    if not twins:
         reason = "no collapsed baseline to compare with" if not collapsed else "no KoLeo-proto run beside it"
-        verdicts.append({"claim": "KoLeo-proto prevents it", "verdict": "not measured", "evidence": reason})
-    else:
-        held = all(mean >= targets["prevented"] for _, _, mean, _ in prevented)
-        verdicts.append(
-            {
-                "claim": "KoLeo-proto prevents it",
-                "verdict": "confirmed" if held else "not confirmed",
-                "evidence": "; ".join(
-                    f"{dataset} K = {k}: {mean_std([100 * f for f in fractions])} % unique@{HEADLINE_EPS}"
-                    for dataset, k, _, fractions in prevented
-                )
-                + f" (target >= {100 * targets['prevented']:g} %)",
-            }
-        )
+        return {**claim, "verdict": "not measured", "evidence": reason}
+    held = all(mean(_unique_fractions(runs)) >= targets["prevented"] for runs in twins.values())
+    evidence = f"{_unique_evidence(twins)} (target >= {100 * targets['prevented']:g} %)"
+    return {**claim, "verdict": "confirmed" if held else "not confirmed", "evidence": evidence}
 
+
+def _long_tail_gain(groups: Groups, targets: dict[str, float]) -> dict[str, str]:
+    """KoLeo-proto's kNN balanced accuracy gain on Fashion-MNIST-LT over the baseline, against the seed spread."""
+    claim = {"claim": "KoLeo-proto helps on long-tailed data"}
     gains = []
     for (dataset, k, method, length), runs in groups.items():
-        if dataset == "fashion_mnist_lt" and method == "baseline" and (dataset, k, "koleo_proto", length) in groups:
-            koleo = _values(groups[(dataset, k, "koleo_proto", length)], "knn_balanced")
-            base = _values(runs, "knn_balanced")
+        twin = groups.get((dataset, k, "koleo_proto", length))
+        if dataset == "fashion_mnist_lt" and method == "baseline" and twin:
+            koleo, base = _values(twin, "knn_balanced"), _values(runs, "knn_balanced")
             spread, seeds = max(sample_sd(base), sample_sd(koleo)), min(len(base), len(koleo))
             gains.append((f"{k:,}, {length}", mean(koleo) - mean(base), spread, seeds))
     if not gains:
-        verdicts.append(
-            {"claim": "KoLeo-proto helps on long-tailed data", "verdict": "not measured", "evidence": "no run"}
-        )
+        return {**claim, "verdict": "not measured", "evidence": "no run"}
+    k, gain, spread, seeds = max(gains, key=lambda item: item[3])  # the K with the most seeds
+    if seeds < 2:
+        verdict = "not confirmed (one seed: no spread to compare with)"
+    elif gain >= targets["lt_gain"] and gain > spread:
+        verdict = "confirmed"
+    elif gain <= -targets["lt_gain"] and -gain > spread:
+        verdict = "contradicted"
     else:
-        k, gain, spread, seeds = max(gains, key=lambda item: item[3])  # the K with the most seeds
-        if seeds < 2:
-            verdict = "not confirmed (one seed: no spread to compare with)"
-        elif gain >= targets["lt_gain"] and gain > spread:
-            verdict = "confirmed"
-        elif gain <= -targets["lt_gain"] and -gain > spread:
-            verdict = "contradicted"
-        else:
-            verdict = "not confirmed"
-        verdicts.append(
-            {
-                "claim": "KoLeo-proto helps on long-tailed data",
-                "verdict": verdict,
-                "evidence": f"K = {k}: kNN balanced accuracy gain {gain:+.2f} points, seed sd {spread:.2f} "
-                f"({seeds} seeds); other settings: "
-                + (", ".join(f"K = {other}: {g:+.2f}" for other, g, _, _ in gains if other != k) or "none"),
-            }
-        )
-    return verdicts
+        verdict = "not confirmed"
+    others = ", ".join(f"K = {other}: {g:+.2f}" for other, g, _, _ in gains if other != k) or "none"
+    evidence = f"K = {k}: kNN balanced accuracy gain {gain:+.2f} points, seed sd {spread:.2f} ({seeds} seeds)"
+    return {**claim, "verdict": verdict, "evidence": f"{evidence}; other settings: {others}"}
 
 
-def validation_score(run: dict[str, Any]) -> float:
-    """A recipe candidate's score: kNN@20 top-1 on its validation split (a dataset whose test split is
-    held out of training)."""
-    return run["evaluation"]["knn_top1"]
+def claims(results: dict[str, Any]) -> list[dict[str, str]]:
+    """One ``{"claim", "verdict", "evidence"}`` per target; "not measured" when its runs are missing."""
+    groups = group_runs(results)
+    targets = results.get("targets", TARGETS)
+    collapse, collapsed = _collapse(groups, targets)
+    return [
+        _beats_pixels(results, groups, targets),
+        collapse,
+        _prevention(groups, collapsed, targets),
+        _long_tail_gain(groups, targets),
+    ]
 
 
 def recipe_rows(results: dict[str, Any]) -> list[list[str]]:
-    """The recipe candidates scored on a validation split, best first."""
-    runs = sorted((run for run in results["runs"] if run["stage"] == "recipe"), key=lambda run: -validation_score(run))
+    """The recipe candidates best first by their score: kNN@20 top-1 on their validation split (a dataset whose
+    test split is held out of training)."""
+    runs = [run for run in results["runs"] if run["stage"] == "recipe"]
     return [
         [
             run["method"],
             _length(run["settings"]),
-            f"{validation_score(run):.1f}",
+            f"{run['evaluation']['knn_top1']:.1f}",
             f"{run['evaluation']['linear_top1']:.1f}" if "linear_top1" in run["evaluation"] else "-",
             f"{teacher_curve(run)[HEADLINE_EPS]:,} / {run['num_prototypes']:,}",
             f"{run['pretraining']['seconds']:.0f}",
         ]
-        for run in runs
+        for run in sorted(runs, key=lambda run: -run["evaluation"]["knn_top1"])
     ]
-
-
-def _teacher(run: dict[str, Any], key: str) -> float:
-    teacher = run["final_prototypes"]["teacher/cls"]
-    return teacher["utilisation"]["used"] if key == "used" else teacher["nn_distance_quantiles"]["q0.5"]
 
 
 def render_markdown(results: dict[str, Any], title: str = "the study") -> str:
@@ -262,14 +249,8 @@ def render_markdown(results: dict[str, Any], title: str = "the study") -> str:
         return f"No run of {title} has finished yet.\n"
     devices = sorted({run["device"] for run in runs})
     minutes = sum(run["pretraining"]["seconds"] for run in runs) / 60
-    lines = [
-        f"Runs: {len(runs)} on {', '.join(devices)}; pretraining time {minutes:.1f} min in all "
-        "(evaluation not included).",
-        "",
-        "### Claims",
-        "",
-    ]
-    lines += verdict_table(claims(results))
+    summary = f"Runs: {len(runs)} on {', '.join(devices)}; pretraining time {minutes:.1f} min in all"
+    lines = [f"{summary} (evaluation not included).", "", "### Claims", "", *verdict_table(claims(results))]
     lines += ["", "Only this study's runs count in these verdicts; [results.md](results.md) weighs every source's."]
     lines += left_out_lines(results.get("left_out"))
     recipe = recipe_rows(results)
@@ -278,31 +259,31 @@ def render_markdown(results: dict[str, Any], title: str = "the study") -> str:
         lines += markdown_table(
             ["candidate", "length", "val kNN@20", "val linear", f"unique@{HEADLINE_EPS}", "pretraining s"], recipe
         )
-    groups = group_runs([run for run in runs if run["stage"] != "recipe"])
+    groups = group_runs(results)
     for dataset in sorted({key[0] for key in groups}):
         lines += ["", f"### {dataset}", ""]
         rows = []
         of_dataset = {key: group for key, group in groups.items() if key[0] == dataset}
-        for (_, k, method, length), group in of_dataset.items():
-            curve_cells = [mean_std([teacher_curve(run)[eps] for run in group], 0) for eps in TABLE_EPS]
-            prototype_cells = [mean_std([_teacher(run, "used") for run in group], 0)]
-            prototype_cells.append(mean_std([_teacher(run, "nn") for run in group], 3))
+        for key, group in of_dataset.items():
+            teachers = [run["final_prototypes"]["teacher/cls"] for run in group]
             rows.append(
-                [f"{k:,}", method, str(len(group)), length, *curve_cells, *prototype_cells]
-                + [mean_std(_values(group, key)) for key, _ in METRICS]
+                _group_cells(key, group)
+                + [mean_std([teacher["unique_curve"][eps] for teacher in teachers], 0) for eps in TABLE_EPS]
+                + [mean_std([teacher["utilisation"]["used"] for teacher in teachers], 0)]
+                + [mean_std([teacher["nn_distance_quantiles"]["q0.5"] for teacher in teachers], 3)]
+                + [mean_std(_values(group, metric)) for metric, _ in METRICS]
             )
         pixels = results["pixels"].get(dataset)
         if pixels:
             cells = [f"{pixels[key]:.1f}" if key in pixels else "-" for key, _ in METRICS]
             rows.append(["-", "raw pixels", "-", "-", *["-"] * (len(TABLE_EPS) + 2), *cells])
-        eps_header = [f"unique@{eps}" for eps in TABLE_EPS]
-        header = ["K", "method", "seeds", "length", *eps_header, "used (arg-max)", "NN median"]
+        header = [*GROUP_HEADER, *[f"unique@{eps}" for eps in TABLE_EPS], "used (arg-max)", "NN median"]
         lines += markdown_table([*header, *[label for _, label in METRICS]], rows)
         lines += cluster_table(dataset, of_dataset)
     return "\n".join(lines) + "\n"
 
 
-def cluster_table(dataset: str, groups: dict[tuple[str, int, str, str], list[dict[str, Any]]]) -> list[str]:
+def cluster_table(dataset: str, groups: Groups) -> list[str]:
     """The teacher's arg-max on the test images as a clustering, per group of ``dataset``'s runs
     (:func:`group_runs`); on an imbalanced training set, whether its rarest classes own clusters (where
     they are the majority) and what share of their images sit in them, and which classes own none
@@ -312,15 +293,15 @@ def cluster_table(dataset: str, groups: dict[tuple[str, int, str, str], list[dic
     counts = next(iter(groups.values()))[0]["evaluation"].get("rarest_classes", {})
     rare = list(counts) if len(set(counts.values())) > 1 else []  # balanced: no rare class
     rows = []
-    for (_, k, method, length), group in groups.items():
+    for key, group in groups.items():
         clusters = [run["evaluation"]["clusters"] for run in group]
         cells = cluster_cells(clusters)
         for label in rare:
             own = mean_std([c["own_clusters"][label] for c in clusters], 0)
             cells.append(f"{own} ({mean_std([100 * c['in_own_clusters'][label] for c in clusters], 0)} %)")
         absorbed = [", ".join(label for label, n in c["own_clusters"].items() if n == 0) or "none" for c in clusters]
-        rows.append([f"{k:,}", method, str(len(group)), length, *cells, " / ".join(dict.fromkeys(absorbed))])
-    header = ["K", "method", "seeds", "length", *[label for _, label, _ in CLUSTER_COLUMNS]]
+        rows.append([*_group_cells(key, group), *cells, " / ".join(dict.fromkeys(absorbed))])
+    header = [*GROUP_HEADER, *[label for _, label, _ in CLUSTER_COLUMNS]]
     header += [f"class {label} ({counts[label]:,} training images): own clusters (its share in them)" for label in rare]
     title = f"### {dataset}: the teacher's arg-max on the test images as clusters"
     return ["", title, "", *markdown_table([*header, "classes owning no cluster (per seed)"], rows)]
@@ -350,13 +331,12 @@ def results_json(results: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def plot_results(results: dict[str, Any], figures_dir: str | Path, prefix: str = "study") -> list[Path]:
+def plot_results(results: dict[str, Any], figures_dir: Path, prefix: str = "study") -> list[Path]:
     """Unique prototypes vs epoch, eps curves at the end, kNN / balanced accuracy vs K; the PNG paths."""
+    groups = group_runs(results)
+    if not groups:
+        return []
     plt = pyplot()
-
-    figures_dir = Path(figures_dir)
-    figures_dir.mkdir(parents=True, exist_ok=True)
-    groups = group_runs([run for run in results["runs"] if run["stage"] != "recipe"])
     datasets = sorted({key[0] for key in groups})
     ks = sorted({key[1] for key in groups})
     methods = sorted({key[2] for key in groups})
@@ -368,9 +348,6 @@ def plot_results(results: dict[str, Any], figures_dir: str | Path, prefix: str =
         return method + (f" K = {k:,}" if k else "") + (f", {length}" if length != lengths[0] else "")
 
     written = []
-    if not groups:
-        return written
-
     figure, axes = plt.subplots(len(datasets), len(ks), figsize=(4.5 * len(ks), 3.5 * len(datasets)), squeeze=False)
     key = f"prototypes/teacher_cls/unique@{float(HEADLINE_EPS):g}"
     for (dataset, k, method, length), runs in groups.items():
@@ -416,22 +393,20 @@ def plot_results(results: dict[str, Any], figures_dir: str | Path, prefix: str =
     figure, axes = plt.subplots(1, 2, figsize=(10, 3.8), squeeze=False)
     for column, (metric, title) in enumerate((("knn_top1", "kNN@20 top-1"), ("knn_balanced", "kNN@20 balanced acc."))):
         axis = axes[0][column]
-        for dataset in datasets:
-            for method in methods:
-                for length in lengths:
-                    points = [(k, _values(groups[(dataset, k, method, length)], metric)) for k in ks
-                              if (dataset, k, method, length) in groups]  # fmt: skip
-                    if points:
-                        axis.errorbar(
-                            [k for k, _ in points],
-                            [mean(values) for _, values in points],
-                            yerr=[sample_sd(values) for _, values in points],
-                            marker="o" if length == lengths[0] else "s",
-                            capsize=3,
-                            color=colours[method],
-                            linestyle="-" if dataset == "fashion_mnist" else "--",
-                            label=f"{dataset} {label(method, length)}",
-                        )
+        for dataset, method, length in itertools.product(datasets, methods, lengths):
+            present = [k for k in ks if (dataset, k, method, length) in groups]
+            points = [(k, _values(groups[(dataset, k, method, length)], metric)) for k in present]
+            if points:
+                axis.errorbar(
+                    [k for k, _ in points],
+                    [mean(values) for _, values in points],
+                    yerr=[sample_sd(values) for _, values in points],
+                    marker="o" if length == lengths[0] else "s",
+                    capsize=3,
+                    color=colours[method],
+                    linestyle="-" if dataset == "fashion_mnist" else "--",
+                    label=f"{dataset} {label(method, length)}",
+                )
         k_axis(axis, ks, "K (prototypes)")
         axis.set(ylabel=title, title=f"{title} vs K")
         axis.legend(fontsize=7)
