@@ -23,6 +23,7 @@ from .markdown import (
     mean,
     mean_std,
     pyplot,
+    report_outputs,
     sample_sd,
     save_figure,
 )
@@ -130,8 +131,8 @@ def write_k_report(spec, records: list[dict[str, Any]], left_out: dict[str, str]
     machines = distinct((record["environment"]["machine"] for record in _done(records)), "-")
     lines = [f"# {spec.settings.get('title', spec.name)}", "", f"Machine: {machines}.", ""]
     lines += markdown_table(header, table) + left_out_lines(left_out)
-    report_dir.mkdir(parents=True, exist_ok=True)
-    markdown, data = report_dir / f"{spec.name}.md", report_dir / f"{spec.name}.json"
+    outputs = report_outputs(spec, report_dir)
+    markdown, data = report_dir / outputs["markdown"], report_dir / outputs["json"]
     figures = [plot_k(rows, report_dir / "figures" / f"{spec.name}.png")] if rows else []
     if figures:
         lines += [

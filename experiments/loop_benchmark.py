@@ -32,7 +32,7 @@ from accelerate import Accelerator
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from experiments.benchmarks import synchronize, timed
-from experiments.markdown import distinct, markdown_table, write_generated
+from experiments.markdown import distinct, markdown_table, report_outputs, write_generated
 from experiments.neighbour_churn import DEFAULT_CANDIDATES, DEFAULT_REFRESH_DTYPE
 from hf_koleo import koleo_proto_loss
 from hf_koleo.training.arguments import parse_pretraining_args
@@ -374,7 +374,7 @@ def candidate_search_table(rows: list[dict[str, Any]]) -> list[str]:
 def write_report(spec, records: list[dict[str, Any]], left_out: dict[str, str], report_dir: Path) -> list[Path]:
     """One table per config, then the single measurements: the whole ``outputs.markdown`` (default
     ``<spec name>.md``), or with ``outputs.region`` only that generated region of it."""
-    outputs = {"markdown": f"{spec.name}.md", **(spec.settings.get("outputs") or {})}
+    outputs = report_outputs(spec, report_dir)
     path = report_dir / outputs["markdown"]
     loads = sorted({tuple(record["environment"].get("load_average") or ()) for record in records})
     text = render_records(records, spec.settings.get("title"))
@@ -383,7 +383,6 @@ def write_report(spec, records: list[dict[str, Any]], left_out: dict[str, str], 
     if outputs.get("region"):
         write_generated(path, {outputs["region"]: text.splitlines()})
     else:
-        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
     return [path]
 

@@ -90,6 +90,18 @@ def verdict_table(verdicts: Sequence[dict[str, str]]) -> list[str]:
     )
 
 
+def report_outputs(spec, report_dir: Path) -> dict[str, str]:
+    """The file names a report writes in ``report_dir`` (created): the spec's ``outputs`` over the defaults,
+    ``<spec name>.md``, ``<spec name>.json`` and the figures' prefix ``<spec name>``."""
+    report_dir.mkdir(parents=True, exist_ok=True)
+    return {
+        "markdown": f"{spec.name}.md",
+        "json": f"{spec.name}.json",
+        "figures": spec.name,
+        **(spec.settings.get("outputs") or {}),
+    }
+
+
 def _markers(name: str) -> tuple[str, str]:
     return f"<!-- generated: {name} -->", f"<!-- end generated: {name} -->"
 

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .markdown import left_out_lines, markdown_table, pyplot, save_figure
+from .markdown import left_out_lines, markdown_table, pyplot, report_outputs, save_figure
 from .store import cpu_model
 
 
@@ -114,10 +114,8 @@ def plot_curves(runs: list[dict[str, Any]], path: Path) -> Path:
 
 def write_report(spec, records: list[dict[str, Any]], left_out: dict[str, str], report_dir: Path) -> list[Path]:
     """The markdown table, its JSON and the curve figure the spec's ``outputs`` name, in ``report_dir``."""
-    outputs = {"markdown": f"{spec.name}.md", "json": f"{spec.name}.json", "figures": spec.name}
-    outputs.update(spec.settings.get("outputs") or {})
+    outputs = report_outputs(spec, report_dir)
     runs = recipe_runs(records)
-    report_dir.mkdir(parents=True, exist_ok=True)
     markdown, headline = report_dir / outputs["markdown"], report_dir / outputs["json"]
     markdown.write_text(render_markdown(runs, spec.settings.get("title", spec.name), left_out))
     headline.write_text(json.dumps({"runs": runs, "left_out": left_out}, indent=1) + "\n")

@@ -41,7 +41,7 @@ from hf_koleo.training.checkpoint import list_checkpoints
 from hf_koleo.training.run_outputs import read_metrics
 
 from .loop_benchmark import render_records
-from .markdown import left_out_lines, markdown_table
+from .markdown import left_out_lines, markdown_table, report_outputs
 from .pretrain_eval import evaluate_run, evaluation_settings, run_outputs
 from .runner import RunContext
 from .spec import merge_settings
@@ -217,7 +217,7 @@ def _epoch_table(runs: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
 
 def write_report(spec, records: list[dict[str, Any]], left_out: dict[str, str], report_dir: Path) -> list[Path]:
     """The window's report: each side-by-side pair, then the loop benchmark's rows (``outputs.markdown``)."""
-    path = report_dir / (spec.settings.get("outputs") or {}).get("markdown", f"{spec.name}.md")
+    path = report_dir / report_outputs(spec, report_dir)["markdown"]
     lines = [f"# {spec.settings.get('title', spec.name)}", ""]
     for record in records:
         if record["kind"] == "side_by_side":
@@ -226,7 +226,6 @@ def write_report(spec, records: list[dict[str, Any]], left_out: dict[str, str], 
     if loops:
         lines += render_records(loops).splitlines()
     lines += left_out_lines(left_out)
-    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
     return [path]
 

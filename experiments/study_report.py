@@ -32,6 +32,7 @@ from .markdown import (
     mean,
     mean_std,
     pyplot,
+    report_outputs,
     sample_sd,
     save_figure,
     verdict_table,
@@ -77,9 +78,7 @@ def load_results(records: list[dict[str, Any]], left_out: dict[str, str] | None 
 def write_report(spec, records: list[dict[str, Any]], left_out: dict[str, str], report_dir: Path) -> list[Path]:
     """The markdown, the headline JSON and the figures the spec's ``outputs`` name, in ``report_dir``."""
     results = load_results(records, left_out, spec)
-    outputs = {"markdown": f"{spec.name}.md", "json": f"{spec.name}.json", "figures": spec.name}
-    outputs.update(spec.settings.get("outputs") or {})
-    report_dir.mkdir(parents=True, exist_ok=True)
+    outputs = report_outputs(spec, report_dir)
     markdown, headline = report_dir / outputs["markdown"], report_dir / outputs["json"]
     figures = plot_results(results, report_dir / "figures", outputs["figures"])
     text = render_markdown(results, spec.settings.get("title", "the study"))
