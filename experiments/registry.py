@@ -37,8 +37,8 @@ REPORTS: dict[str, str] = {
     "pretrain_study": "experiments.study_report:write_report",
     "frozen_head": "experiments.frozen_head_report:write_report",
     "frozen_head_k": "experiments.frozen_head_report:write_k_report",
-    "benchmarks": "experiments.benchmarks:write_report",
-    "loop_benchmark": "experiments.loop_benchmark:write_report",
+    "benchmarks": "experiments.benchmarks_report:write_report",
+    "loop_benchmark": "experiments.loop_benchmark_report:write_report",
     "recipe": "experiments.recipe_report:write_report",
     "gpu_window": "experiments.side_by_side:write_report",
 }

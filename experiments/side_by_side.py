@@ -40,7 +40,7 @@ from hf_koleo.hub import export_checkpoint
 from hf_koleo.training.checkpoint import list_checkpoints
 from hf_koleo.training.run_outputs import read_metrics
 
-from .loop_benchmark import render_records
+from .loop_benchmark_report import render_records
 from .markdown import left_out_lines, markdown_table, report_outputs
 from .pretrain_eval import evaluate_run, evaluation_settings, run_outputs
 from .runner import RunContext

@@ -1,24 +1,16 @@
-"""The benchmark suite (experiments/benchmarks.py): each figure is computed from the record's own timings."""
+"""The benchmark suite (experiments/benchmarks.py, its report, the peer comparisons): each figure is
+computed from the record's own timings."""
 
 import statistics
 
 import pytest
 from conftest import ROOT, TINY_RUN, tiny_config
 
-from experiments.benchmarks import (
-    KOLEO_IMPLEMENTATIONS,
-    benchmark_sections,
-    check_targets,
-    compare_feature_extraction,
-    compare_training_steps,
-    koleo_implementation,
-    koleo_timing,
-    load_results,
-    measure_data_pipeline,
-    write_report,
-)
+from experiments.benchmarks import KOLEO_IMPLEMENTATIONS, koleo_implementation, koleo_timing, measure_data_pipeline
+from experiments.benchmarks_report import benchmark_sections, check_targets, load_results, write_report
 from experiments.koleo_reference import dinov2_koleo_loss
 from experiments.markdown import verdict_list
+from experiments.peers import compare_feature_extraction, compare_training_steps
 from experiments.runner import run_pending
 from experiments.spec import load_spec
 from experiments.store import Store

@@ -1,4 +1,4 @@
-"""The training-loop benchmark (experiments/loop_benchmark.py, configs/experiments/loop_benchmark.yaml)."""
+"""The training-loop benchmark (experiments/loop_benchmark.py, its report, configs/experiments/loop_benchmark.yaml)."""
 
 import statistics
 import warnings
@@ -7,14 +7,8 @@ import pytest
 import torch
 from conftest import ROOT
 
-from experiments.loop_benchmark import (
-    MATMUL_DTYPES,
-    load_results,
-    matmul_gflops,
-    render_loop_suite_markdown,
-    sync_warnings,
-    write_report,
-)
+from experiments.loop_benchmark import MATMUL_DTYPES, matmul_gflops, sync_warnings
+from experiments.loop_benchmark_report import load_results, render_loop_suite_markdown, write_report
 from experiments.registry import run_kind
 from experiments.runner import run_pending
 from experiments.spec import load_spec
