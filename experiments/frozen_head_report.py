@@ -318,14 +318,14 @@ def render_markdown(results: dict[str, Any]) -> str:
         "",
         "## Against the paper and the first measurement",
         "",
-        ISSUE_CONTEXT,
+        STUDY_CONTEXT,
     ]
     if results["notes"]:
         lines += ["", "## Reading (written after the run)", "", results["notes"].strip()]
     return "\n".join(lines) + "\n"
 
 
-ISSUE_CONTEXT = (
+STUDY_CONTEXT = (
     "The experiment's first measurement (K = 4,096, batch 256, lr 5e-4, 3,000 steps, one seed) found unique@0.025 at "
     "4,096 until step ~1,200, then 1,165 (28 %) at step 3,000 with 412 prototypes used, and 4,096 of 4,096 with "
     "KoLeo-proto 0.1 (293 used). The full study here changes K, batch and lr to fit its CPU budget (see Setup), so "

@@ -1,16 +1,10 @@
-"""Head-only DINO on a frozen backbone (experiments/frozen_head.py; the study itself: tests/test_experiments.py)."""
+"""Head-only DINO on a frozen backbone (experiments/frozen_head.py, its views; the study: tests/test_experiments.py)."""
 
 import pytest
 import torch
 
-from experiments.frozen_head import (
-    FeatureBankViews,
-    FrozenHeadConfig,
-    PixelViews,
-    head_step,
-    init_state,
-    run_frozen_head,
-)
+from experiments.frozen_head import FrozenHeadConfig, head_step, init_state, run_frozen_head
+from experiments.frozen_head_views import FeatureBankViews, PixelViews
 from experiments.runner import Unfinished
 from hf_koleo.data.counter_rng import sample_keys
 from hf_koleo.prototypes import nearest_neighbour_distances
