@@ -65,6 +65,11 @@ def cluster_cells(scores: Sequence[dict]) -> list[str]:
     return [mean_std([score[key] for score in scores], digits) for key, _, digits in CLUSTER_COLUMNS]
 
 
+def finished(records: Sequence[dict]) -> list[dict]:
+    """The records of runs that finished (``status: done``), in order."""
+    return [record for record in records if record.get("status") == "done"]
+
+
 def failed_left_out(records: Sequence[dict], left_out: dict[str, str]) -> dict[str, str]:
     """``left_out`` and every failed record (``{name: "failed: error"}``): for a report without failed rows."""
     failed = {record["name"]: f"failed: {record['error']}" for record in records if record.get("status") == "failed"}

@@ -36,7 +36,7 @@ PLAN_NOTES: dict[str, str] = {
 REPORTS: dict[str, str] = {
     "pretrain_study": "experiments.study_report:write_report",
     "frozen_head": "experiments.frozen_head_report:write_report",
-    "frozen_head_k": "experiments.frozen_head_report:write_k_report",
+    "frozen_head_k": "experiments.frozen_head_k_report:write_k_report",
     "benchmarks": "experiments.benchmarks_report:write_report",
     "loop_benchmark": "experiments.loop_benchmark_report:write_report",
     "recipe": "experiments.recipe_report:write_report",

@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .markdown import markdown_table, mean, verdict_table, write_generated
+from .markdown import finished, markdown_table, mean, verdict_table, write_generated
 from .spec import load_spec
 from .store import Store
 from .study_report import claims as study_claims
@@ -184,7 +184,7 @@ def recipe_claim(sources) -> dict[str, str]:
     test score."""
     claim = {"claim": "features beat raw pixels (the CPU recipe, <= 60 min of 2 CPU cores)"}
     _, records = sources.get("cpu_recipe", (None, []))
-    done = [r for r in records if r.get("status") == "done"]
+    done = finished(records)
     released = [r for r in done if is_shipped_release(r["stage"], r["params"])]
     shipped = _trained(released[-1]) if released else None
     winners = [r for r in done if r["kind"] == "pretrain_eval" and _trained(r) == shipped]
