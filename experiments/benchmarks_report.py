@@ -45,7 +45,7 @@ def benchmark_sections(results: dict[str, Any]) -> dict[str, list[str]]:
     sections: dict[str, list[str]] = {}
     koleo = _koleo_runs(results)
     rows = []
-    for size in dict.fromkeys(size for size, _ in koleo):
+    for size in dict.fromkeys(size for size, _ in koleo):  # each K once, in the records' order
         blocked, dense = (koleo.get((size, name), {"error": "-"}) for name in ("blocked", "dense"))
         ratio = "-"
         if _measured(blocked) and _measured(dense):

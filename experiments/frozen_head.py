@@ -11,7 +11,8 @@ into augmented views on the fly, or a trained backbone's features over cached au
 
 :func:`run_frozen_head` trains one head and returns its metrics over time; :func:`frozen_head_run`
 is the run kind of ``configs/experiments/frozen_head.yaml`` (backbones x variants x seeds), and
-:mod:`experiments.frozen_head_report` renders its records.
+:mod:`experiments.frozen_head_report` renders its records (:mod:`experiments.frozen_head_k_report` those of
+a K sweep).
 """
 
 from __future__ import annotations

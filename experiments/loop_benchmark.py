@@ -29,7 +29,7 @@ import torch
 from accelerate import Accelerator
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from experiments.peers import synchronize, timed
+from experiments.timing import synchronize, timed
 from hf_koleo import koleo_proto_loss
 from hf_koleo.training.arguments import parse_pretraining_args
 from hf_koleo.training.checkpoint import TrainerState
@@ -65,7 +65,9 @@ class Loop:
         values.last_layer_lr = values.lr  # measured past the freeze: every parameter updates
         apply_schedules(run.optimizer, values)
         guard = NonFiniteGuard()
-        return cls(run.accelerator, run.model, run.optimizer, run.data, values, run.state, guard, arguments.compile)
+        return cls(
+            run.accelerator, run.model, run.optimizer, run.data, values, run.state, guard, compiled=arguments.compile
+        )
 
     @property
     def device(self) -> torch.device:

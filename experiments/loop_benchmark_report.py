@@ -1,7 +1,7 @@
 """The loop benchmark's report (``configs/experiments/loop_benchmark.yaml``, ``cpu_speed.yaml``): one table per
 loop configuration (data, step and end-to-end img/s, their ratios, step-time scaling, MFU, host syncs), then
 the single measurements (host overhead, KoLeo-proto on the device, the peer step, neighbour churn), from the
-records of :mod:`experiments.loop_benchmark` only.
+records of the run kinds of :mod:`experiments.loop_benchmark`, ``step_vs_peer`` and ``neighbour_churn`` only.
 """
 
 from __future__ import annotations

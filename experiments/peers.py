@@ -12,12 +12,12 @@ import importlib.abc
 import importlib.machinery
 import statistics
 import sys
-import time
-from collections.abc import Callable
 from typing import Any
 from unittest import mock
 
 import torch
+
+from experiments.timing import alternate
 
 
 class _TorchvisionStub(importlib.abc.MetaPathFinder, importlib.abc.Loader):
@@ -133,37 +133,6 @@ def peer_steps(model_config, batch, global_size, local_size, n_local, device, co
     local_crops = torch.randn(batch, n_local, 3, local_size, local_size, device=device)
     steps = {"ours": _make_ours(model_config, device, compile), "lightly": _make_lightly(model_config, device, compile)}
     return {name: functools.partial(step, global_crops, local_crops) for name, step in steps.items()}
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for the work queued on ``device`` (nothing to wait for on a CPU)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(device: torch.device, function: Callable[[], Any], repeats: int = 1) -> float:
-    """Seconds per call, the device waited for before and after."""
-    synchronize(device)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        function()
-    synchronize(device)
-    return (time.perf_counter() - start) / repeats
-
-
-def alternate(
-    calls: dict[str, Callable[[], Any]], rounds: int, warmup: int, device: torch.device
-) -> dict[str, list[float]]:
-    """Seconds of each call in each of ``rounds`` rounds (``{name: [seconds]}``), the calls taking turns
-    after ``warmup`` untimed rounds, so that a machine's drift weighs on all of them alike."""
-    for _ in range(warmup):
-        for call in calls.values():
-            call()
-    seconds: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(rounds):
-        for name, call in calls.items():
-            seconds[name].append(timed(device, call))
-    return seconds
 
 
 def compare_training_steps(

@@ -194,7 +194,7 @@ def pretrain_and_evaluate(params: dict[str, Any], context: RunContext) -> dict[s
         "settings": settings,
         "device": timing["device"],
         "pretraining": timing,
-        **run_outputs(run_dir, json.loads((run_dir / "prototype_report.json").read_text())),
+        **training_history(run_dir, json.loads((run_dir / "prototype_report.json").read_text())),
         "collapse_alarms": summary.get("collapse_alarms") or [],  # every chunk's, as the trainer restores them
         "evaluation": evaluation,
     }
@@ -243,7 +243,7 @@ def _slug(source: str) -> str:
     return "".join(character if character.isalnum() else "_" for character in source)
 
 
-def run_outputs(run_dir: Path, report: dict[str, Any]) -> dict[str, Any]:
+def training_history(run_dir: Path, report: dict[str, Any]) -> dict[str, Any]:
     """Per-epoch prototype statistics and ``[epoch, loss]`` pairs from the run's ``metrics.jsonl``, and the
     headline entries of its prototype ``report`` (``prototype_report.json``) for each head (teacher and student)."""
     prototype_rows: dict[int, dict[str, Any]] = {}

@@ -12,15 +12,15 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .markdown import left_out_lines, markdown_table, pyplot, report_outputs, save_figure
+from .markdown import finished, left_out_lines, markdown_table, pyplot, report_outputs, save_figure
 from .store import cpu_model
 
 
 def recipe_runs(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Finished runs as flat rows, best validation kNN@20 first."""
     rows = []
-    for record in records:
-        if record.get("status") != "done" or record["kind"] != "pretrain_eval":
+    for record in finished(records):
+        if record["kind"] != "pretrain_eval":
             continue
         result = record["result"]
         settings, evaluation = result["settings"], result["evaluation"]

@@ -157,9 +157,7 @@ def side_by_side_rows(source: str, record: dict[str, Any]) -> list[dict[str, Any
 def headline_runs(sources) -> list[dict[str, Any]]:
     rows = []
     for source, (_, records) in sources.items():
-        for record in records:
-            if record.get("status") != "done":
-                continue
+        for record in finished(records):
             if record["kind"] == "pretrain_eval":
                 rows.append(pretrain_row(source, record))
             elif record["kind"] == "frozen_head":

@@ -42,7 +42,7 @@ from hf_koleo.training.run_outputs import read_metrics
 
 from .loop_benchmark_report import render_records
 from .markdown import left_out_lines, markdown_table, report_outputs
-from .pretrain_eval import evaluate_run, evaluation_settings, run_outputs
+from .pretrain_eval import evaluate_run, evaluation_settings, training_history
 from .runner import RunContext
 from .spec import merge_settings
 
@@ -126,7 +126,7 @@ def side_by_side(params: dict[str, Any], context: RunContext) -> dict[str, Any]:
         report_path = run_dir / "prototype_report.json"
         if not report_path.exists():  # a cut run: the report its exported checkpoint carries
             report_path = backbone / "prototype_report.json"
-        outputs = run_outputs(run_dir, json.loads(report_path.read_text()) if report_path.exists() else {})
+        outputs = training_history(run_dir, json.loads(report_path.read_text()) if report_path.exists() else {})
         results[name] = {
             "images_per_second": _images_per_second(run_dir),
             "cut_by_max_time": cut,
