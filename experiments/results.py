@@ -277,9 +277,10 @@ def recipe_collapse(rows: list[dict[str, Any]], verdict: dict[str, str]) -> dict
     runs = _recipe_long_runs(rows, "baseline")
     if not runs:
         return verdict
-    # the recipe's runs decide only where the study measured nothing; beside its verdict they are evidence alone
-    holds = verdict["verdict"] != "not measured" or any(_share(row) <= MERGED for row in runs)
-    return _with_recipe(verdict, holds, "; ".join(_recipe_evidence(row, "") for row in runs))
+    evidence = "; ".join(_recipe_evidence(row, "") for row in runs)
+    if verdict["verdict"] != "not measured":  # beside the study's verdict the recipe's runs are evidence alone
+        return {**verdict, "evidence": f"{verdict['evidence']}; {evidence}"}
+    return _with_recipe(verdict, any(_share(row) <= MERGED for row in runs), evidence)
 
 
 def recipe_prevention(rows: list[dict[str, Any]], verdict: dict[str, str]) -> dict[str, str]:

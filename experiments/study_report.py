@@ -264,14 +264,14 @@ def render_markdown(results: dict[str, Any], title: str = "the study") -> str:
         rows = []
         of_dataset = {key: group for key, group in groups.items() if key[0] == dataset}
         for key, group in of_dataset.items():
+            curve_cells = [mean_std([teacher_curve(run)[eps] for run in group], 0) for eps in TABLE_EPS]
             teachers = [run["final_prototypes"]["teacher/cls"] for run in group]
-            rows.append(
-                _group_cells(key, group)
-                + [mean_std([teacher["unique_curve"][eps] for teacher in teachers], 0) for eps in TABLE_EPS]
-                + [mean_std([teacher["utilisation"]["used"] for teacher in teachers], 0)]
-                + [mean_std([teacher["nn_distance_quantiles"]["q0.5"] for teacher in teachers], 3)]
-                + [mean_std(_values(group, metric)) for metric, _ in METRICS]
-            )
+            prototype_cells = [
+                mean_std([teacher["utilisation"]["used"] for teacher in teachers], 0),
+                mean_std([teacher["nn_distance_quantiles"]["q0.5"] for teacher in teachers], 3),
+            ]
+            metric_cells = [mean_std(_values(group, metric)) for metric, _ in METRICS]
+            rows.append([*_group_cells(key, group), *curve_cells, *prototype_cells, *metric_cells])
         pixels = results["pixels"].get(dataset)
         if pixels:
             cells = [f"{pixels[key]:.1f}" if key in pixels else "-" for key, _ in METRICS]
